@@ -1,0 +1,13 @@
+"""connected-content-proxy: flat, Liquid-friendly JSON for Braze Connected Content."""
+
+__version__ = "0.1.0"
+
+
+def create_app(settings=None, **kwargs):
+    """Build the Flask app (see `proxy.app.create_app`)."""
+    from .app import create_app as _create_app
+
+    return _create_app(settings, **kwargs)
+
+
+__all__ = ["create_app", "__version__"]

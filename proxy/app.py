@@ -1,0 +1,82 @@
+"""The app factory: settings, services, routes and the one error handler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+
+from . import config
+from .cache import Timer
+from .endpoints import Endpoint, load_all
+from .errors import ProxyError, UpstreamError
+from .responses import cache_headers, json_response
+from .services import Services
+
+log = logging.getLogger("ccproxy")
+
+
+def create_app(
+    settings: config.Settings | Mapping[str, Any] | None = None, *, timer: Timer | None = None
+) -> Flask:
+    """Build an app; `settings` is a Settings or a mapping of overrides on env/file settings."""
+    if not isinstance(settings, config.Settings):
+        settings = config.load(overrides=settings)
+    app = Flask(__name__)
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    services = Services(settings, timer) if timer else Services(settings)
+    app.extensions["ccproxy"] = services
+
+    for endpoint in load_all().values():
+        app.add_url_rule(
+            endpoint.path, endpoint=endpoint.path, view_func=_view(endpoint, services),
+            methods=["GET"],
+        )
+
+    @app.get("/healthz")
+    def healthz():
+        return json_response({"ok": True})
+
+    _register_error_handlers(app)
+    return app
+
+
+def _view(endpoint: Endpoint, services: Services):
+    def view():
+        result = endpoint.handler(services, request.args)
+        return json_response(result.body, headers=cache_headers(result.lookup))
+
+    view.__name__ = endpoint.path
+    return view
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ProxyError)
+    def proxy_error(error: ProxyError):
+        if isinstance(error, UpstreamError):
+            # What failed and how, never the credential or the full upstream URL.
+            log.warning(
+                "upstream failure: upstream=%s code=%s upstream_status=%s path=%s",
+                error.upstream, error.code, error.upstream_status, request.path,
+            )
+        return json_response(error.body(), error.status, error.headers())
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        code = (error.name or "error").lower().replace(" ", "_")
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
+            error.code or 500, error.description or "error"
+        )
+        return json_response(
+            {"ok": False, "error": {"code": code, "message": message}}, error.code or 500
+        )
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unexpected error on %s", request.path)
+        return json_response(
+            {"ok": False, "error": {"code": "internal_error", "message": "the proxy failed; see its logs"}},
+            500,
+        )

@@ -1,0 +1,1 @@
+"""One client per upstream; each speaks HTTP and raises the typed errors of `errors.py`."""

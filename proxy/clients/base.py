@@ -1,0 +1,151 @@
+"""HTTP plumbing shared by the upstream clients: one pooled session, timeouts, a size cap,
+and the mapping of transport failures and HTTP statuses to the typed errors in `errors.py`.
+
+Clients never import Flask and never cache; they return parsed JSON or raise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .. import __version__
+from ..errors import (
+    UpstreamAuthError,
+    UpstreamBadAnswer,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+USER_AGENT = f"connected-content-proxy/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A usable upstream answer. `missing` marks "no such user/profile" (cached briefly)."""
+
+    data: Any
+    missing: bool = False
+
+
+def make_session(pool_size: int = 64) -> requests.Session:
+    """A session with a connection pool big enough for many concurrent requests per host."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+def retry_after_seconds(value: str | None, default: int = 1) -> int:
+    """Seconds from a Retry-After header (delta-seconds form); a sane default otherwise."""
+    try:
+        return max(1, min(3600, int(float(value)))) if value else default
+    except ValueError:
+        return default
+
+
+class HttpClient:
+    """Base of the upstream clients: GET/PUT/POST JSON with typed failures."""
+
+    name = "upstream"
+
+    def __init__(
+        self,
+        session: requests.Session,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_bytes: int,
+    ):
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.max_bytes = max_bytes
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        ok_statuses: tuple[int, ...] = (200,),
+    ) -> tuple[int, Any]:
+        """Send one request; answer (status, parsed JSON) for a status in ok_statuses."""
+        url = self.base_url + path
+        try:
+            response = self.session.request(
+                method,
+                url,
+                params=params,
+                headers=headers,
+                json=json_body,
+                timeout=self.timeout,
+                stream=True,
+                allow_redirects=False,
+            )
+        except requests.Timeout:
+            raise UpstreamTimeout(self.name, f"{self.name} did not answer in time") from None
+        except requests.RequestException:
+            raise UpstreamUnavailable(self.name, f"{self.name} could not be reached") from None
+        with response:
+            status = response.status_code
+            try:
+                body = self._read_capped(response)
+            except requests.Timeout:
+                raise UpstreamTimeout(self.name, f"{self.name} did not answer in time") from None
+            except requests.RequestException:
+                raise UpstreamUnavailable(self.name, f"{self.name} broke the connection") from None
+        if status not in ok_statuses:
+            self.raise_for_status(status, response.headers.get("Retry-After"))
+        try:
+            return status, json.loads(body) if body else None
+        except ValueError:
+            raise UpstreamBadAnswer(
+                self.name, f"{self.name} answered with something that is not JSON",
+                upstream_status=status,
+            ) from None
+
+    def _read_capped(self, response: requests.Response) -> bytes:
+        # Read at most max_bytes + 1 so a huge body is refused without buffering it all.
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise UpstreamBadAnswer(self.name, f"{self.name} answered with an oversized body")
+        chunks, size = [], 0
+        for chunk in response.iter_content(chunk_size=65536):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise UpstreamBadAnswer(self.name, f"{self.name} answered with an oversized body")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def raise_for_status(self, status: int, retry_after: str | None) -> None:
+        """Map an unexpected HTTP status to a typed error; messages never carry secrets."""
+        if status in (401, 403):
+            raise UpstreamAuthError(
+                self.name, f"{self.name} refused the proxy's credentials", upstream_status=status
+            )
+        if status == 429:
+            raise UpstreamRateLimited(
+                self.name,
+                f"{self.name} is rate limiting the proxy; try again later",
+                upstream_status=status,
+                retry_after=retry_after_seconds(retry_after),
+            )
+        if status >= 500:
+            raise UpstreamUnavailable(
+                self.name, f"{self.name} failed with HTTP {status}", upstream_status=status
+            )
+        raise UpstreamError(
+            self.name, f"{self.name} answered with unexpected HTTP {status}", upstream_status=status
+        )

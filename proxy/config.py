@@ -1,0 +1,210 @@
+"""Settings: the only module that reads the environment.
+
+Order of precedence (lowest first): defaults, an optional TOML config file
+(`CCPROXY_CONFIG` or the `config_file` argument), `CCPROXY_*` environment
+variables, then explicit overrides (tests, the `demo` command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "CCPROXY_"
+
+# Amplitude Experiment evaluation hosts by data region (seeds/amplitude-experiment-evaluation-api.txt).
+EXPERIMENT_REGION_URLS = {
+    "us": "https://api.lab.amplitude.com",
+    "eu": "https://api.lab.eu.amplitude.com",
+}
+
+CACHE_KINDS = (
+    "recommendations",
+    "properties",
+    "computations",
+    "cohorts",
+    "profile",
+    "variants",
+    "target_profile",
+    "mediarithmics_profile",
+    "choices",
+)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _secret() -> Any:
+    # repr=False keeps secrets out of logs and tracebacks that print the settings.
+    return field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the proxy; the env name of `foo_bar` is `CCPROXY_FOO_BAR`."""
+
+    # Amplitude User Profile API
+    amplitude_url: str = "https://profile-api.amplitude.com"
+    amplitude_secret_key: str = _secret()
+    # Amplitude Experiment Evaluation API
+    experiment_url: str = ""  # empty: the region's URL
+    experiment_region: str = "us"
+    experiment_deployment_key: str = _secret()
+    # Adobe Target Profile API
+    target_client_code: str = ""
+    target_url: str = ""  # empty: https://<client-code>.tt.omtrdc.net
+    target_token: str = _secret()
+    # mediarithmics
+    mediarithmics_url: str = "https://api.mediarithmics.com"
+    mediarithmics_token: str = _secret()
+    mediarithmics_datamart_id: str = ""
+
+    # Cache: seconds an answer stays fresh, by kind; not-found answers get their own TTL.
+    cache_ttl_recommendations: float = 300.0
+    cache_ttl_properties: float = 300.0
+    cache_ttl_computations: float = 300.0
+    cache_ttl_cohorts: float = 300.0
+    cache_ttl_profile: float = 300.0
+    cache_ttl_variants: float = 60.0
+    cache_ttl_target_profile: float = 300.0
+    cache_ttl_mediarithmics_profile: float = 300.0
+    cache_ttl_choices: float = 60.0
+    cache_ttl_negative: float = 60.0
+    cache_maxsize: int = 100_000
+    # How long a caller waits for an identical in-flight upstream call before failing.
+    coalesce_wait: float = 1.5
+
+    # Upstream HTTP: timeouts in seconds, answer size cap in bytes.
+    upstream_connect_timeout: float = 0.5
+    upstream_read_timeout: float = 1.4
+    upstream_max_bytes: int = 1_000_000
+
+    log_level: str = "INFO"
+
+    def ttl(self, kind: str) -> float:
+        """Fresh lifetime in seconds of one cache kind."""
+        return float(getattr(self, f"cache_ttl_{kind}"))
+
+    @property
+    def experiment_base_url(self) -> str:
+        return self.experiment_url or EXPERIMENT_REGION_URLS[self.experiment_region]
+
+    @property
+    def target_base_url(self) -> str:
+        if self.target_url:
+            return self.target_url
+        return f"https://{self.target_client_code}.tt.omtrdc.net" if self.target_client_code else ""
+
+    def replace(self, **changes: Any) -> Settings:
+        return validate(dataclasses.replace(self, **changes))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def secret_names() -> list[str]:
+    """Names of the settings that hold credentials."""
+    return [f.name for f in fields(Settings) if not f.repr]
+
+
+def credential_id(secret: str) -> str:
+    """A short, one-way tag of a credential: cache keys and logs use this, never the secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16] if secret else "none"
+
+
+def mask(secret: str) -> str:
+    """What an operator may see of a secret: its length and last two characters at most."""
+    if not secret:
+        return "(unset)"
+    return "*" * min(len(secret) - 2, 8) + secret[-2:] if len(secret) > 6 else "*" * len(secret)
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    if isinstance(raw, kind) and not isinstance(raw, bool):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)} must be a number, got {text!r}") from None
+    return text
+
+
+def _field_types() -> dict[str, type]:
+    hints = {"str": str, "int": int, "float": float}
+    return {f.name: hints[str(f.type)] for f in fields(Settings)}
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    # Accept both `amplitude_url` and `CCPROXY_AMPLITUDE_URL` spellings.
+    return {key.lower().removeprefix(ENV_PREFIX.lower()): value for key, value in data.items()}
+
+
+def load(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build validated settings from defaults, file, environment and overrides."""
+    environ = os.environ if environ is None else environ
+    types = _field_types()
+    values: dict[str, Any] = {}
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    layers: list[Mapping[str, Any]] = [_read_file(path)] if path else []
+    layers.append(
+        {name: environ[env_name(name)] for name in types if env_name(name) in environ}
+    )
+    layers.append(overrides or {})
+    for layer in layers:
+        for name, raw in layer.items():
+            if name not in types:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _coerce(name, types[name], raw)
+    return validate(Settings(**values))
+
+
+def _check_base_url(name: str, value: str) -> None:
+    if not value:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{env_name(name)} must look like scheme://host[:port], got {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SettingsError(
+            f"{env_name(name)} must be scheme://host[:port] only; the proxy appends the API path"
+        )
+
+
+def validate(settings: Settings) -> Settings:
+    """Reject malformed settings with a message naming the setting."""
+    for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url"):
+        _check_base_url(name, getattr(settings, name))
+    if settings.experiment_region not in EXPERIMENT_REGION_URLS:
+        raise SettingsError(
+            f"{env_name('experiment_region')} must be one of {sorted(EXPERIMENT_REGION_URLS)}"
+        )
+    for kind in CACHE_KINDS + ("negative",):
+        if settings.ttl(kind) < 0:
+            raise SettingsError(f"{env_name('cache_ttl_' + kind)} must not be negative")
+    if settings.cache_maxsize < 1:
+        raise SettingsError(f"{env_name('cache_maxsize')} must be at least 1")
+    if settings.upstream_connect_timeout <= 0 or settings.upstream_read_timeout <= 0:
+        raise SettingsError("upstream timeouts must be positive")
+    return settings

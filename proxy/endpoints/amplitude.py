@@ -1,0 +1,88 @@
+"""Amplitude User Profile endpoints: recommendations, properties, computations, cohorts, profile."""
+
+from __future__ import annotations
+
+from .. import params
+from ..shape import amplitude as shape
+from . import Result, endpoint
+
+USER = ("user_id", "device_id")
+
+
+def _userprofile(services, args, kind: str, flags: dict[str, str]):
+    """Validate the user, then one cached call to /v1/userprofile with `flags`."""
+    user_id, device_id = params.user_ref(args)
+    query = {k: v for k, v in (("user_id", user_id), ("device_id", device_id)) if v}
+    query.update(flags)
+    client = services.amplitude
+    lookup = services.cached(kind, client, "userprofile", query, lambda: client.userprofile(query))
+    return user_id, device_id, lookup
+
+
+def _rec_flags(args, rec_ids: list[str]) -> dict[str, str]:
+    rec_type = params.choice(args, "rec_type", ("model", "random"))
+    # Sorted so that rec_id=a,b and rec_id=b,a share one cache entry; order is
+    # restored by the shaper.
+    flags = {"get_recs": "true", "rec_id": ",".join(sorted(rec_ids))}
+    if rec_type:
+        flags["rec_type"] = rec_type
+    return flags
+
+
+@endpoint(
+    "/v1/amplitude/recommendations",
+    "Recommendations for one user; top level describes the first rec_id.",
+    USER + ("rec_id", "rec_type"),
+)
+def recommendations(services, args) -> Result:
+    rec_ids = params.id_list(args, "rec_id", required=True)
+    flags = _rec_flags(args, rec_ids)
+    user_id, device_id, lookup = _userprofile(services, args, "recommendations", flags)
+    return Result(shape.recommendations(lookup.value.data, rec_ids, user_id, device_id), lookup)
+
+
+@endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER)
+def properties(services, args) -> Result:
+    user_id, device_id, lookup = _userprofile(
+        services, args, "properties", {"get_amp_props": "true"}
+    )
+    return Result(shape.properties(lookup.value.data, user_id, device_id), lookup)
+
+
+@endpoint(
+    "/v1/amplitude/computations",
+    "Computed properties as numbers where numeric; comp_id picks one into `value`.",
+    USER + ("comp_id",),
+)
+def computations(services, args) -> Result:
+    comp_id = params.identifier(args, "comp_id")
+    flags = {"comp_id": comp_id} if comp_id else {"get_computations": "true"}
+    user_id, device_id, lookup = _userprofile(services, args, "computations", flags)
+    return Result(shape.computations(lookup.value.data, comp_id, user_id, device_id), lookup)
+
+
+@endpoint(
+    "/v1/amplitude/cohorts",
+    "Tracked cohort membership; cohort_id answers `member`.",
+    USER + ("cohort_id",),
+)
+def cohorts(services, args) -> Result:
+    cohort_id = params.identifier(args, "cohort_id")
+    user_id, device_id, lookup = _userprofile(
+        services, args, "cohorts", {"get_cohort_ids": "true"}
+    )
+    return Result(shape.cohorts(lookup.value.data, cohort_id, user_id, device_id), lookup)
+
+
+@endpoint(
+    "/v1/amplitude/profile",
+    "Properties, computations, cohorts and (with rec_id) recommendations from one upstream call.",
+    USER + ("rec_id", "rec_type"),
+)
+def profile(services, args) -> Result:
+    rec_ids = params.id_list(args, "rec_id")
+    flags = {"get_amp_props": "true", "get_cohort_ids": "true", "get_computations": "true"}
+    if rec_ids:
+        flags.update(_rec_flags(args, rec_ids))
+    user_id, device_id, lookup = _userprofile(services, args, "profile", flags)
+    return Result(shape.profile(lookup.value.data, rec_ids, user_id, device_id), lookup)

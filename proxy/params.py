@@ -1,0 +1,83 @@
+"""Query-string validation shared by every endpoint; raises BadRequest with a clear message.
+
+Only the parameters an endpoint names are read, so unknown names (Braze users
+add cache busters) never reach an upstream call or a cache key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from .errors import BadRequest
+
+MAX_ID_LENGTH = 256
+MAX_LIST_LENGTH = 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+Args = Mapping[str, str]
+
+
+def identifier(args: Args, name: str, *, required: bool = False) -> str | None:
+    """One id-like value: at most 256 characters, no control characters."""
+    value = args.get(name)
+    if value is None or value == "":
+        if required:
+            raise BadRequest(f"the query parameter {name} is required", code="missing_parameter")
+        return None
+    if len(value) > MAX_ID_LENGTH:
+        raise BadRequest(
+            f"{name} is longer than {MAX_ID_LENGTH} characters", code="invalid_parameter"
+        )
+    if _CONTROL.search(value):
+        raise BadRequest(f"{name} contains control characters", code="invalid_parameter")
+    return value
+
+
+def id_list(args: Args, name: str, *, required: bool = False) -> list[str]:
+    """A comma-separated list of ids (`rec_id=a,b`), blanks dropped, duplicates removed."""
+    raw = identifier(args, name, required=required) if name in args else None
+    if raw is None:
+        if required:
+            raise BadRequest(f"the query parameter {name} is required", code="missing_parameter")
+        return []
+    values = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not values and required:
+        raise BadRequest(f"the query parameter {name} is required", code="missing_parameter")
+    if len(values) > MAX_LIST_LENGTH:
+        raise BadRequest(f"{name} lists more than {MAX_LIST_LENGTH} values", code="invalid_parameter")
+    return values
+
+
+def choice(args: Args, name: str, allowed: tuple[str, ...]) -> str | None:
+    """An optional value that must be one of `allowed`."""
+    value = args.get(name)
+    if value is None or value == "":
+        return None
+    if value not in allowed:
+        raise BadRequest(
+            f"{name} must be one of {', '.join(allowed)}", code="invalid_parameter"
+        )
+    return value
+
+
+def boolean(args: Args, name: str, default: bool) -> bool:
+    """true/false (also 1/0, yes/no); anything else is a 400."""
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise BadRequest(f"{name} must be true or false", code="invalid_parameter")
+
+
+def user_ref(args: Args) -> tuple[str, str]:
+    """`user_id` and/or `device_id`; at least one is required (Amplitude's own rule)."""
+    user_id = identifier(args, "user_id")
+    device_id = identifier(args, "device_id")
+    if not user_id and not device_id:
+        raise BadRequest("give user_id or device_id", code="missing_parameter")
+    return user_id or "", device_id or ""

@@ -1,0 +1,142 @@
+"""What every sandbox upstream shares: call counting, latency, a rate limit and injectable faults.
+
+Control endpoints live under `/__sandbox/` (never part of the real APIs):
+- `GET /__sandbox/stats` -> {"calls": n, "paths": {...}}
+- `POST /__sandbox/faults` {"mode": "slow|hang|error|ratelimit|reset|malformed|oversized|none",
+  "seconds": 2, "count": null} -> the next `count` calls (all when null) misbehave.
+- `POST /__sandbox/reset` clears counters and faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from .server import RateWindow
+
+FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized")
+
+
+class SandboxState:
+    """Mutable knobs of one sandbox server, safe to change from tests while it runs."""
+
+    def __init__(self, latency: float = 0.0, rate_per_minute: int | None = None):
+        self.latency = latency
+        self.rate = RateWindow(rate_per_minute)
+        self.calls = 0
+        self.paths: Counter[str] = Counter()
+        self.fault = "none"
+        self.fault_seconds = 0.0
+        self.fault_count: int | None = None
+        self.lock = threading.Lock()
+
+    def record(self, path: str) -> str:
+        """Count a call and say which fault (if any) applies to it."""
+        with self.lock:
+            self.calls += 1
+            self.paths[path] += 1
+            fault = self.fault
+            if fault != "none" and self.fault_count is not None:
+                self.fault_count -= 1
+                if self.fault_count <= 0:
+                    self.fault, self.fault_count = "none", None
+            return fault
+
+    def set_fault(self, mode: str, seconds: float = 0.0, count: int | None = None) -> None:
+        if mode not in FAULT_MODES:
+            raise ValueError(f"unknown fault {mode!r}")
+        with self.lock:
+            self.fault, self.fault_seconds, self.fault_count = mode, seconds, count
+
+    def reset(self) -> None:
+        with self.lock:
+            self.calls = 0
+            self.paths.clear()
+            self.fault, self.fault_count = "none", None
+
+
+def _broken_stream():
+    # Start a body, then fail: the server drops the connection mid-answer.
+    yield b'{"partial": '
+    raise ConnectionResetError("sandbox: injected connection reset")
+
+
+def sandbox_app(name: str, state: SandboxState) -> Flask:
+    """A Flask app with the shared control endpoints and per-call behaviour hooks."""
+    app = Flask(f"sandbox_{name}")
+    app.config["SANDBOX"] = state
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
+
+    @app.get("/__sandbox/stats")
+    def stats():
+        with state.lock:
+            return jsonify({"calls": state.calls, "paths": dict(state.paths)})
+
+    @app.post("/__sandbox/faults")
+    def faults():
+        body = request.get_json(silent=True) or {}
+        try:
+            state.set_fault(body.get("mode", "none"), float(body.get("seconds", 0)), body.get("count"))
+        except ValueError as exc:
+            return jsonify({"error": str(exc)}), 400
+        return jsonify({"ok": True})
+
+    @app.post("/__sandbox/reset")
+    def reset():
+        state.reset()
+        return jsonify({"ok": True})
+
+    @app.before_request
+    def behave() -> Any:
+        if request.path.startswith("/__sandbox/"):
+            return None
+        fault = state.record(request.path)
+        if state.latency:
+            time.sleep(state.latency)
+        if fault == "slow":
+            time.sleep(state.fault_seconds or 2.0)
+        elif fault == "hang":
+            time.sleep(state.fault_seconds or 30.0)
+        elif fault == "error":
+            return Response('{"error":"internal error"}', 500, mimetype="application/json")
+        elif fault == "ratelimit":
+            return _too_many(30)
+        elif fault == "reset":
+            return Response(_broken_stream(), 200, mimetype="application/json")
+        elif fault == "malformed":
+            return Response('{"userData": {"recommendations": [', 200, mimetype="application/json")
+        elif fault == "oversized":
+            return Response(b'{"pad": "' + b"x" * 3_000_000 + b'"}', 200, mimetype="application/json")
+        wait = state.rate.retry_after()
+        if wait is not None:
+            return _too_many(wait)
+        return None
+
+    return app
+
+
+def _too_many(seconds: int) -> Response:
+    response = jsonify({"error": "Number of requests per minute exceeds system limit. Contact Support for higher limit."})
+    response.status_code = 429
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
+def digest(*parts: str) -> int:
+    """A stable integer from strings: the same id always gets the same sandbox data."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "big")
+
+
+def pick(seed: int, pool: list[Any], count: int) -> list[Any]:
+    """`count` distinct elements of `pool`, chosen deterministically by `seed`."""
+    remaining, chosen = list(pool), []
+    for _ in range(min(count, len(remaining))):
+        seed, index = divmod(seed, len(remaining)) if seed else (0, 0)
+        seed = seed * 2654435761 % (2**61 - 1) + 1
+        chosen.append(remaining.pop(index))
+    return chosen

@@ -1,0 +1,1 @@
+"""Pure reshaping of upstream JSON into flat, Liquid-friendly dicts (no I/O, no Flask)."""

@@ -1,0 +1,184 @@
+"""Amplitude User Profile API answers -> flat template dicts (pure functions).
+
+Input is the upstream's `userData` object, or None when Amplitude answered
+`{"error": "User id and device id not seen before"}`. Output keeps every key a
+Liquid identifier and never puts null where a template expects a value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from .common import (
+    deep_identifier_keys,
+    identifier_keys,
+    iso_from_epoch_seconds,
+    list_fields,
+    number_or_text,
+    to_identifier,
+)
+
+UserData = dict[str, Any]
+
+
+class Recommendation(TypedDict, total=False):
+    rec_id: str
+    child_rec_id: str
+    found: bool
+    items: list[Any]
+    item_count: int
+    items_joined: str
+    is_control: bool
+    source: str
+    last_updated: str
+    # plus item_1 .. item_N
+
+
+class Identity(TypedDict):
+    ok: bool
+    found: bool
+    user_id: str
+    device_id: str
+
+
+class RecommendationsAnswer(Identity, Recommendation, total=False):
+    recommendations: dict[str, Recommendation]
+
+
+class PropertiesAnswer(Identity):
+    properties: dict[str, Any]
+
+
+class ComputationsAnswer(Identity, total=False):
+    computations: dict[str, Any]
+    value: Any
+
+
+class CohortsAnswer(Identity, total=False):
+    cohort_ids: list[str]
+    cohort_count: int
+    cohort_ids_joined: str
+    cohorts: dict[str, bool]
+    member: bool
+
+
+class ProfileAnswer(RecommendationsAnswer, total=False):
+    properties: dict[str, Any]
+    cohort_ids: list[str]
+    cohort_count: int
+    cohort_ids_joined: str
+    cohorts: dict[str, bool]
+
+
+def identity(user_data: UserData | None, user_id: str, device_id: str) -> Identity:
+    """`ok`, `found` and the ids as the upstream resolved them (the asked ones if unknown)."""
+    data = user_data or {}
+    return {
+        "ok": True,
+        "found": user_data is not None,
+        "user_id": data.get("user_id") or user_id or "",
+        "device_id": data.get("device_id") or device_id or "",
+    }
+
+
+def recommendation(rec: dict[str, Any] | None, rec_id: str) -> Recommendation:
+    """One recommendation, or an empty one (found false) when Amplitude has none."""
+    rec = rec or {}
+    items = rec.get("items") or []
+    shaped: dict[str, Any] = {
+        "rec_id": rec_id,
+        "child_rec_id": rec.get("child_rec_id") or rec_id,
+        "found": bool(rec),
+        "items": items,
+        **list_fields(items),
+        "is_control": bool(rec.get("is_control", False)),
+        "source": rec.get("recommendation_source") or "",
+        "last_updated": iso_from_epoch_seconds(rec.get("last_updated")),
+    }
+    return shaped  # type: ignore[return-value]
+
+
+def recommendations(
+    user_data: UserData | None, rec_ids: list[str], user_id: str = "", device_id: str = ""
+) -> RecommendationsAnswer:
+    """Top level describes the first rec id; `recommendations.<rec_id>` holds each."""
+    by_id = {rec.get("rec_id"): rec for rec in (user_data or {}).get("recommendations") or []}
+    per_id = {rec_id: recommendation(by_id.get(rec_id), rec_id) for rec_id in rec_ids}
+    first = per_id[rec_ids[0]]
+    answer: dict[str, Any] = {**identity(user_data, user_id, device_id), **first}
+    # found: the user is known AND Amplitude had recs (null for users inactive > 90 days).
+    answer["found"] = user_data is not None and first["found"]
+    answer["recommendations"] = identifier_keys(per_id)
+    return answer  # type: ignore[return-value]
+
+
+def properties(user_data: UserData | None, user_id: str = "", device_id: str = "") -> PropertiesAnswer:
+    """`properties.<name>` with JSON types kept."""
+    props = (user_data or {}).get("amp_props")
+    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
+    answer["found"] = props is not None
+    answer["properties"] = deep_identifier_keys(props or {})
+    return answer  # type: ignore[return-value]
+
+
+def computations(
+    user_data: UserData | None, comp_id: str | None = None, user_id: str = "", device_id: str = ""
+) -> ComputationsAnswer:
+    """Computations arrive in `amp_props` as strings (`"3"`); numbers become numbers."""
+    props = (user_data or {}).get("amp_props")
+    comps = {key: number_or_text(value) for key, value in (props or {}).items()}
+    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
+    answer["found"] = bool(comps)
+    answer["computations"] = identifier_keys(comps)
+    if comp_id is not None:
+        # Amplitude answers one comp_id with the computation's own name as key
+        # (comp_id=testCompId -> {"computed-prop-2": "3"}), so take the single value.
+        answer["value"] = next(iter(comps.values())) if comps else ""
+    return answer  # type: ignore[return-value]
+
+
+def cohort_fields(cohort_ids: list[Any] | None) -> dict[str, Any]:
+    ids = [str(c) for c in cohort_ids or []]
+    return {
+        "cohort_ids": ids,
+        "cohort_count": len(ids),
+        "cohort_ids_joined": ", ".join(ids),
+        "cohorts": identifier_keys({c: True for c in ids}),
+    }
+
+
+def cohorts(
+    user_data: UserData | None, cohort_id: str | None = None, user_id: str = "", device_id: str = ""
+) -> CohortsAnswer:
+    """Cohort membership; `member` answers "is this user in cohort_id?"."""
+    ids = (user_data or {}).get("cohort_ids")
+    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
+    answer["found"] = ids is not None
+    answer.update(cohort_fields(ids))
+    if cohort_id is not None:
+        answer["member"] = cohort_id in answer["cohort_ids"]
+    return answer  # type: ignore[return-value]
+
+
+def profile(
+    user_data: UserData | None, rec_ids: list[str] | None = None, user_id: str = "", device_id: str = ""
+) -> ProfileAnswer:
+    """Everything from one upstream call: properties (amp_props as returned), cohorts, recs."""
+    answer: dict[str, Any] = {}
+    if rec_ids:
+        answer.update(recommendations(user_data, rec_ids, user_id, device_id))
+    answer.update(identity(user_data, user_id, device_id))
+    answer["properties"] = deep_identifier_keys((user_data or {}).get("amp_props") or {})
+    answer.update(cohort_fields((user_data or {}).get("cohort_ids")))
+    return answer  # type: ignore[return-value]
+
+
+__all__ = [
+    "recommendation",
+    "recommendations",
+    "properties",
+    "computations",
+    "cohorts",
+    "profile",
+    "to_identifier",
+]

@@ -1,0 +1,123 @@
+"""Pure helpers every shaper uses: Liquid-safe keys, flattening, list fields, dates, numbers.
+
+Liquid reads `a.b` but needs `a["b-c"]` for a hyphen or dot, which template
+authors get wrong (Braze docs), so every key the proxy emits matches IDENTIFIER.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NOT_IDENT = re.compile(r"[^A-Za-z0-9_]+")
+# Plain decimal numbers only: "007" (a code, not a number), "1e5", "NaN" stay strings.
+_NUMBER = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$")
+
+
+def to_identifier(key: str) -> str:
+    """`computed-prop-2` -> `computed_prop_2`; runs of other characters become `_`."""
+    ident = _NOT_IDENT.sub("_", str(key))
+    if not ident:
+        return "_"
+    return "_" + ident if ident[0].isdigit() else ident
+
+
+def identifier_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Rename keys to identifiers at this depth only, values untouched.
+
+    Keys that collide after renaming (`a-b`, `a.b`) are resolved the same way
+    whatever the input order: sorted by original key, the first keeps the name,
+    the next get `_2`, `_3`...
+    """
+    if all(type(k) is str and IDENTIFIER.match(k) for k in mapping):
+        return mapping
+    out: dict[str, Any] = {}
+    renamed: list[tuple[str, str]] = []
+    for key in mapping:
+        if type(key) is str and IDENTIFIER.match(key):
+            out[key] = mapping[key]
+        else:
+            renamed.append((str(key), key))
+    for text, key in sorted(renamed):
+        out[_free_name(out, to_identifier(text))] = mapping[key]
+    return out
+
+
+def _free_name(taken: dict[str, Any], name: str) -> str:
+    if name not in taken:
+        return name
+    n = 2
+    while f"{name}_{n}" in taken:
+        n += 1
+    return f"{name}_{n}"
+
+
+def deep_identifier_keys(value: Any) -> Any:
+    """Identifier keys at every depth of a JSON value; values and list order kept."""
+    if isinstance(value, dict):
+        return {k: deep_identifier_keys(v) for k, v in identifier_keys(value).items()}
+    if isinstance(value, list):
+        return [deep_identifier_keys(v) for v in value]
+    return value
+
+
+def flatten(value: dict[str, Any], drop_prefix: str = "") -> dict[str, Any]:
+    """Nested objects become `parent_child` keys; `drop_prefix` (e.g. `$`) is removed from keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: dict[str, Any]) -> None:
+        for key in sorted(obj, key=str):
+            name = str(key).removeprefix(drop_prefix) if drop_prefix else str(key)
+            full = f"{prefix}_{name}" if prefix else name
+            child = obj[key]
+            if isinstance(child, dict) and child:
+                walk(full, child)
+            else:
+                flat[full] = child
+
+    walk("", value)
+    return deep_identifier_keys(flat)
+
+
+def list_fields(items: Iterable[Any], prefix: str = "item") -> dict[str, Any]:
+    """`item_1`..`item_N`, `item_count` and a `, `-joined string, for `{{x.item_1}}` templates."""
+    items = list(items)
+    fields: dict[str, Any] = {f"{prefix}_{i}": item for i, item in enumerate(items, 1)}
+    fields[f"{prefix}_count"] = len(items)
+    fields[f"{prefix}s_joined"] = ", ".join(display(item) for item in items)
+    return fields
+
+
+def display(value: Any) -> str:
+    """How a value reads in a joined string: JSON-ish for bools and null."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def iso_from_epoch_seconds(value: Any) -> str:
+    """1608670720 -> `2020-12-22T20:58:40Z`; anything unusable -> empty string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    try:
+        moment = datetime.fromtimestamp(value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_from_epoch_millis(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return iso_from_epoch_seconds(value / 1000)
+
+
+def number_or_text(value: Any) -> Any:
+    """`"3"` -> 3, `"5000000.0"` -> 5000000.0; other values unchanged."""
+    if isinstance(value, str) and _NUMBER.match(value):
+        return float(value) if "." in value else int(value)
+    return value

@@ -1,0 +1,79 @@
+"""Fixtures: sandbox upstreams on loopback (real HTTP), a proxy app wired to them, a fake clock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy import config, create_app
+from proxy.sandbox import stack
+
+DATA = Path(__file__).parent / "data"
+
+
+def load_json(relative: str):
+    return json.loads((DATA / relative).read_text())
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: TTL tests do not sleep."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def sandboxes():
+    running = stack.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sandboxes(request):
+    """Each test starts with sandbox counters and faults cleared."""
+    if "sandboxes" in request.fixturenames:
+        running = request.getfixturevalue("sandboxes")
+        for name in running.servers:
+            running.state(name).reset()
+    yield
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def make_app(sandboxes, clock):
+    """Build a proxy app on the sandboxes; keyword overrides change settings."""
+
+    def build(**overrides):
+        settings = config.load(overrides={**sandboxes.proxy_settings(), **overrides}, environ={})
+        app = create_app(settings, timer=clock)
+        app.config["TESTING"] = True
+        return app
+
+    return build
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def upstream_calls(sandboxes, name: str = "amplitude") -> int:
+    return sandboxes.state(name).calls
