@@ -8,7 +8,8 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
     ├── UpstreamTimeout (504)     no answer in time
     ├── UpstreamRateLimited (503) the upstream said 429; carries Retry-After
     ├── UpstreamBadAnswer (502)   an answer we cannot use (not JSON, too big)
-    └── UpstreamUnavailable (502) connection refused/reset, 5xx
+    ├── UpstreamUnavailable (502) connection refused/reset, 5xx
+    └── NotConfigured (503)       the upstream's settings are missing
 """
 
 from __future__ import annotations
@@ -83,3 +84,8 @@ class UpstreamBadAnswer(UpstreamError):
 
 class UpstreamUnavailable(UpstreamError):
     code = "upstream_unavailable"
+
+
+class NotConfigured(UpstreamError):
+    status = 503
+    code = "upstream_not_configured"

@@ -6,10 +6,12 @@ add cache busters) never reach an upstream call or a cache key.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Mapping
 
 from .errors import BadRequest
+from .shape.common import number_or_text
 
 MAX_ID_LENGTH = 256
 MAX_LIST_LENGTH = 20
@@ -81,3 +83,61 @@ def user_ref(args: Args) -> tuple[str, str]:
     if not user_id and not device_id:
         raise BadRequest("give user_id or device_id", code="missing_parameter")
     return user_id or "", device_id or ""
+
+
+def json_object(args: Args, name: str) -> dict:
+    """A JSON object passed as one query parameter (`context={"user_properties":{...}}`)."""
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return {}
+    if len(raw) > 8192:
+        raise BadRequest(f"{name} is longer than 8192 characters", code="invalid_parameter")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise BadRequest(f"{name} is not valid JSON", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be a JSON object", code="invalid_json")
+    return value
+
+
+def prefixed(args: Args, prefix: str) -> dict[str, str]:
+    """Parameters named `<prefix><name>` (e.g. `user_properties.premium=true`) as {name: value}."""
+    found: dict[str, str] = {}
+    for key in args:
+        if key.startswith(prefix) and len(key) > len(prefix):
+            found[key[len(prefix):]] = identifier(args, key) or ""
+    if len(found) > MAX_LIST_LENGTH:
+        raise BadRequest(f"more than {MAX_LIST_LENGTH} {prefix}* parameters", code="invalid_parameter")
+    return found
+
+
+def scalar(text: str):
+    """`true`/`false` and plain numbers as JSON values, other text as is."""
+    if text in ("true", "false"):
+        return text == "true"
+    return number_or_text(text)
+
+
+USER_POINT_SELECTORS = ("user_point_id", "user_agent_id", "email_hash")
+
+
+def user_point_selector(args: Args) -> dict[str, str]:
+    """Exactly one mediarithmics selector: user_point_id, user_agent_id, email_hash,
+    or compartment_id together with user_account_id."""
+    given = {name: identifier(args, name) for name in USER_POINT_SELECTORS}
+    chosen = {name: value for name, value in given.items() if value}
+    account = {name: identifier(args, name) for name in ("compartment_id", "user_account_id")}
+    if any(account.values()):
+        if not all(account.values()):
+            raise BadRequest(
+                "compartment_id and user_account_id go together", code="invalid_selector"
+            )
+        chosen.update(account)  # type: ignore[arg-type]
+    if not chosen or (len(chosen) > 1 and set(chosen) != {"compartment_id", "user_account_id"}):
+        raise BadRequest(
+            "give exactly one of user_point_id, user_agent_id, email_hash, "
+            "or compartment_id with user_account_id",
+            code="invalid_selector",
+        )
+    return chosen  # type: ignore[return-value]

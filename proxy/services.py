@@ -11,6 +11,9 @@ from typing import Any, Callable
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
 from .clients.base import Answer, make_session
+from .clients.experiment import ExperimentClient
+from .clients.mediarithmics import MediarithmicsClient
+from .clients.target import TargetClient
 from .config import Settings
 
 
@@ -28,6 +31,17 @@ class Services:
         )
         self.amplitude = AmplitudeClient(
             self.session, settings.amplitude_url, settings.amplitude_secret_key, **http
+        )
+        self.experiment = ExperimentClient(
+            self.session, settings.experiment_base_url, settings.experiment_deployment_key, **http
+        )
+        self.target = TargetClient(
+            self.session, settings.target_base_url, settings.target_client_code,
+            settings.target_token, **http
+        )
+        self.mediarithmics = MediarithmicsClient(
+            self.session, settings.mediarithmics_url, settings.mediarithmics_token,
+            settings.mediarithmics_datamart_id, **http
         )
 
     def ttl_of(self, kind: str) -> Callable[[Answer], float]:

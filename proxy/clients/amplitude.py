@@ -21,6 +21,7 @@ class AmplitudeClient(HttpClient):
         super().__init__(session, base_url, **http)
         # Amplitude's documented header form; the key itself never leaves this object.
         self._headers = {"Authorization": f"Api-Key {secret_key}"}
+        self.required = (("CCPROXY_AMPLITUDE_SECRET_KEY", secret_key),)
         self.credential = credential_id(secret_key)
 
     def userprofile(self, params: Mapping[str, str]) -> Answer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from urllib.parse import quote
 from typing import Any, Mapping
 
 import requests
@@ -15,6 +16,7 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..errors import (
+    NotConfigured,
     UpstreamAuthError,
     UpstreamBadAnswer,
     UpstreamError,
@@ -52,10 +54,20 @@ def retry_after_seconds(value: str | None, default: int = 1) -> int:
         return default
 
 
+def path_segment(value: str) -> str:
+    """Percent-encode an id for use as one URL path segment: it cannot add segments,
+    a query or a host, and `.`/`..` cannot be collapsed by URL normalisation."""
+    if value.strip(".") == "":
+        return value.replace(".", "%2E")
+    return quote(value, safe="")
+
+
 class HttpClient:
     """Base of the upstream clients: GET/PUT/POST JSON with typed failures."""
 
     name = "upstream"
+    # Settings that must be set before this client can be used (env names for the message).
+    required: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -71,6 +83,12 @@ class HttpClient:
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
 
+    def require(self) -> None:
+        """Fail clearly (503, naming the setting) when a required setting is empty."""
+        for env_name, value in self.required:
+            if not value:
+                raise NotConfigured(self.name, f"{self.name} is not configured: set {env_name}")
+
     def request(
         self,
         method: str,
@@ -82,6 +100,7 @@ class HttpClient:
         ok_statuses: tuple[int, ...] = (200,),
     ) -> tuple[int, Any]:
         """Send one request; answer (status, parsed JSON) for a status in ok_statuses."""
+        self.require()
         url = self.base_url + path
         try:
             response = self.session.request(

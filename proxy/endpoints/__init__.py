@@ -44,6 +44,6 @@ def endpoint(path: str, summary: str, params: tuple[str, ...] = ()) -> Callable[
 
 def load_all() -> dict[str, Endpoint]:
     """Import every endpoint module so the registry is complete."""
-    from . import amplitude  # noqa: F401
+    from . import amplitude, experiment, mediarithmics, target  # noqa: F401
 
     return REGISTRY

@@ -30,6 +30,8 @@ class SandboxState:
         self.rate = RateWindow(rate_per_minute)
         self.calls = 0
         self.paths: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # sandbox-specific events (e.g. tracked assignments)
+        self.last_uri = ""  # the request target exactly as sent, before any decoding
         self.fault = "none"
         self.fault_seconds = 0.0
         self.fault_count: int | None = None
@@ -57,6 +59,8 @@ class SandboxState:
         with self.lock:
             self.calls = 0
             self.paths.clear()
+            self.counters.clear()
+            self.last_uri = ""
             self.fault, self.fault_count = "none", None
 
 
@@ -75,7 +79,9 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
     @app.get("/__sandbox/stats")
     def stats():
         with state.lock:
-            return jsonify({"calls": state.calls, "paths": dict(state.paths)})
+            return jsonify(
+                {"calls": state.calls, "paths": dict(state.paths), "counters": dict(state.counters)}
+            )
 
     @app.post("/__sandbox/faults")
     def faults():
@@ -96,6 +102,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
         if request.path.startswith("/__sandbox/"):
             return None
         fault = state.record(request.path)
+        state.last_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI", "")
         if state.latency:
             time.sleep(state.latency)
         if fault == "slow":

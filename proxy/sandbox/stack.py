@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import amplitude
+from . import amplitude, experiment, mediarithmics, target
 from .base import SandboxState
 from .server import RunningServer
 
@@ -22,6 +22,13 @@ class SandboxStack:
         return {
             "amplitude_url": self.servers["amplitude"].url,
             "amplitude_secret_key": amplitude.DEFAULT_KEY,
+            "experiment_url": self.servers["experiment"].url,
+            "experiment_deployment_key": experiment.DEFAULT_KEY,
+            "target_url": self.servers["target"].url,
+            "target_client_code": target.DEFAULT_CLIENT,
+            "mediarithmics_url": self.servers["mediarithmics"].url,
+            "mediarithmics_token": mediarithmics.DEFAULT_TOKEN,
+            "mediarithmics_datamart_id": mediarithmics.DEFAULT_DATAMART,
         }
 
     def stop(self) -> None:
@@ -32,7 +39,10 @@ class SandboxStack:
 def start(host: str = "127.0.0.1", latency: float = 0.0, rate_per_minute: int | None = None) -> SandboxStack:
     """Start all sandbox servers on free ports."""
     stack = SandboxStack()
-    stack.servers["amplitude"] = RunningServer(
-        amplitude.make_app(state=SandboxState(latency, rate_per_minute)), host
-    ).start()
+    for name, module in (
+        ("amplitude", amplitude), ("experiment", experiment),
+        ("target", target), ("mediarithmics", mediarithmics),
+    ):
+        app = module.make_app(state=SandboxState(latency, rate_per_minute))
+        stack.servers[name] = RunningServer(app, host).start()
     return stack

@@ -1,0 +1,30 @@
+"""Client of the Amplitude Experiment Evaluation API (`GET /v1/vardata`)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..config import credential_id
+from ..errors import UpstreamBadAnswer
+from .base import Answer, HttpClient
+
+
+class ExperimentClient(HttpClient):
+    name = "experiment"
+    path = "/v1/vardata"
+
+    def __init__(self, session, base_url: str, deployment_key: str, **http):
+        super().__init__(session, base_url, **http)
+        self._headers = {"Authorization": f"Api-Key {deployment_key}"}
+        self.credential = credential_id(deployment_key)
+        self.required = (("CCPROXY_EXPERIMENT_DEPLOYMENT_KEY", deployment_key),)
+
+    def vardata(self, params: Mapping[str, str], track: bool) -> Answer:
+        """Variants keyed by flag key; `track=False` evaluates without an assignment event."""
+        headers = dict(self._headers)
+        if not track:
+            headers["X-Amp-Exp-Track"] = "no-track"
+        _status, body = self.request("GET", self.path, params=params, headers=headers)
+        if not isinstance(body, dict):
+            raise UpstreamBadAnswer(self.name, "experiment answered with something not an object")
+        return Answer(body)

@@ -1,0 +1,49 @@
+"""Amplitude Experiment endpoint: variants (and payloads) for one user."""
+
+from __future__ import annotations
+
+import json
+
+from .. import params
+from ..errors import BadRequest
+from ..shape import experiment as shape
+from . import Result, endpoint
+
+PROPERTY_PREFIX = "user_properties."
+
+
+def evaluation_context(args) -> dict:
+    """`context` JSON merged with `user_properties.<name>=<value>` parameters."""
+    context = params.json_object(args, "context")
+    extra = {name: params.scalar(value) for name, value in params.prefixed(args, PROPERTY_PREFIX).items()}
+    if extra:
+        existing = context.get("user_properties") or {}
+        if not isinstance(existing, dict):
+            raise BadRequest("context.user_properties must be an object", code="invalid_json")
+        context["user_properties"] = {**existing, **extra}
+    return context
+
+
+@endpoint(
+    "/v1/experiment/variants",
+    "Experiment variants and payloads for one user; requested flags without a variant read `off`.",
+    ("user_id", "device_id", "flag_keys", "context", "user_properties.<name>", "track"),
+)
+def variants(services, args) -> Result:
+    user_id, device_id = params.user_ref(args)
+    flags = params.id_list(args, "flag_keys")
+    context = evaluation_context(args)
+    track = params.boolean(args, "track", True)
+    query = {k: v for k, v in (("user_id", user_id), ("device_id", device_id)) if v}
+    if flags:
+        query["flag_keys"] = ",".join(sorted(flags))
+    if context:
+        # Canonical JSON so equal contexts share one cache entry.
+        query["context"] = json.dumps(context, sort_keys=True, separators=(",", ":"))
+    client = services.experiment
+    # Tracked and untracked evaluations are different calls: never one cache entry.
+    operation = "vardata" if track else "vardata-no-track"
+    lookup = services.cached(
+        "variants", client, operation, query, lambda: client.vardata(query, track)
+    )
+    return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
