@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 from flask import Flask, request
@@ -34,6 +35,13 @@ def create_app(
             endpoint.path, endpoint=endpoint.path, view_func=_view(endpoint, services),
             methods=["GET"],
         )
+
+    from .messages import bp as messages_bp
+    from .rendering import TemplateLibrary, default_templates_dir
+
+    templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
+    app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
+    app.register_blueprint(messages_bp)
 
     @app.get("/healthz")
     def healthz():

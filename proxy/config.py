@@ -86,6 +86,10 @@ class Settings:
     upstream_max_bytes: int = 1_000_000
 
     log_level: str = "INFO"
+    # Where message templates live (default: the repository's templates/).
+    templates_dir: str = ""
+    # The proxy's public base URL, used in Braze snippets and allowed in Liquid previews.
+    public_url: str = ""
 
     def ttl(self, kind: str) -> float:
         """Fresh lifetime in seconds of one cache kind."""
@@ -194,7 +198,7 @@ def _check_base_url(name: str, value: str) -> None:
 
 def validate(settings: Settings) -> Settings:
     """Reject malformed settings with a message naming the setting."""
-    for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url"):
+    for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url"):
         _check_base_url(name, getattr(settings, name))
     if settings.experiment_region not in EXPERIMENT_REGION_URLS:
         raise SettingsError(

@@ -6,6 +6,7 @@ it never sees Flask, so the render layer can call the same handlers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -47,3 +48,40 @@ def load_all() -> dict[str, Endpoint]:
     from . import amplitude, experiment, mediarithmics, target  # noqa: F401
 
     return REGISTRY
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One in-process endpoint call, as previews and the render layer report it."""
+
+    path: str
+    status: int
+    body: dict[str, Any]
+    cache: str  # HIT, MISS, COALESCED, or "-" when the call failed before the cache
+    ms: float
+    max_age: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {"path": self.path, "status": self.status, "cache": self.cache,
+                "ms": round(self.ms, 2), "body": self.body}
+
+
+def call(services: Any, path: str, args: Mapping[str, str]) -> Call:
+    """Run a registered endpoint without HTTP; errors become their JSON answer and status.
+
+    A bad request is raised (the caller's input is wrong); an upstream failure is
+    returned, so a template can show its fallback instead of failing the message.
+    """
+    from ..errors import BadRequest, ProxyError
+
+    started = time.perf_counter()
+    try:
+        result = REGISTRY[path].handler(services, args)
+    except BadRequest:
+        raise
+    except ProxyError as error:
+        return Call(path, error.status, error.body(), "-", (time.perf_counter() - started) * 1000)
+    ms = (time.perf_counter() - started) * 1000
+    lookup = result.lookup
+    return Call(path, 200, result.body, lookup.state if lookup else "-", ms,
+                lookup.max_age if lookup else None)

@@ -1,0 +1,160 @@
+"""HTTP side of message templates and previews: listing, rendering, the preview page and
+Braze Liquid previews. Previews never track experiment assignments and never write.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Mapping
+from urllib.parse import urlencode, urlsplit
+
+from flask import Blueprint, Response, current_app, request
+
+from .endpoints import REGISTRY, call
+from .errors import BadRequest, ProxyError
+from .liquid_preview import Fetched, render_liquid
+from .rendering import FORMATS, MessageTemplate, TemplateLibrary, render, template_args
+from .responses import json_response
+
+bp = Blueprint("messages", __name__)
+USER_KEYS = ("user_id", "device_id", "third_party_id", "tntid", "email_hash", "user_point_id",
+             "user_agent_id", "user_account_id")
+
+
+def _services():
+    return current_app.extensions["ccproxy"]
+
+
+def _library() -> TemplateLibrary:
+    return current_app.extensions["ccproxy_templates"]
+
+
+def _preview_args(args: Mapping[str, str]) -> dict[str, str]:
+    """A preview's query: never tracks an experiment assignment."""
+    return {**args, "track": "false"}
+
+
+def _template_globals() -> dict[str, Any]:
+    # One-click consent links need a link secret; without one, templates show no link.
+    return {"consent_link": lambda accept: ""}
+
+
+def base_url() -> str:
+    configured = _services().settings.public_url
+    return (configured or request.host_url).rstrip("/")
+
+
+@bp.get("/v1/templates")
+def list_templates():
+    return json_response({"ok": True, "templates": [t.listing() for t in _library().templates.values()]})
+
+
+@bp.get("/v1/render/<name>")
+def render_template(name: str):
+    fmt = request.args.get("format", "html")
+    if fmt not in FORMATS:
+        raise BadRequest("format must be html or text", code="invalid_parameter")
+    rendered = render(_library(), _services(), name, request.args, [fmt], _template_globals())
+    mimetype = "text/html" if fmt == "html" else "text/plain"
+    response = Response(rendered.output[fmt], mimetype=mimetype)
+    response.headers["X-Cache"] = rendered.cache
+    response.headers["Cache-Control"] = f"max-age={int(rendered.max_age)}"
+    return response
+
+
+@bp.get("/v1/preview/render/<name>")
+def preview_template(name: str):
+    """Everything the preview page shows for one user: both forms, each data call, snippets."""
+    library = _library()
+    template = library.get(name)
+    args = _preview_args(request.args)
+    rendered = render(library, _services(), name, args, template.formats, _template_globals())
+    return json_response({
+        "ok": True,
+        "template": name,
+        "html": rendered.output.get("html", ""),
+        "text": rendered.output.get("text", ""),
+        "calls": {data: c.report() for data, c in rendered.calls.items()},
+        "snippets": braze_snippets(template, template_args(template, request.args), base_url()),
+    })
+
+
+def _liquid_query(template: MessageTemplate, args: Mapping[str, str], keep: tuple[str, ...]) -> str:
+    """The query string of a snippet: the user's id as a Braze attribute, other inputs literal."""
+    parts = []
+    for name in template.params:
+        if name not in keep and name not in args:
+            continue
+        value = args.get(name, "")
+        if name in USER_KEYS and value:
+            parts.append(f"{name}={{{{${{user_id}}}}}}" if name == "user_id" else f"{name}={value}")
+        elif value:
+            parts.append(urlencode({name: value}))
+    return "&".join(parts)
+
+
+def braze_snippets(template: MessageTemplate, args: Mapping[str, str], base: str) -> dict[str, str]:
+    """Copy-paste Connected Content for the rendered block and for the JSON data."""
+    query = _liquid_query(template, args, ())
+    render_tag = f"{{% connected_content {base}/v1/render/{template.name}?{query} %}}"
+    text_tag = f"{{% connected_content {base}/v1/render/{template.name}?{query}&format=text %}}"
+    data_tags = [
+        f"{{% connected_content {base}{path}?{query} :save {data} %}}"
+        for data, path in template.data.items()
+    ]
+    return {
+        "render_html": render_tag,
+        "render_text": text_tag,
+        "data": "\n".join(data_tags) + ("\n" + template.liquid if template.liquid else ""),
+    }
+
+
+@bp.post("/v1/preview/liquid")
+def preview_liquid():
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("liquid"), str):
+        raise BadRequest('send JSON {"liquid": "<message>", "attributes": {...}}', code="invalid_body")
+    attributes = payload.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise BadRequest("attributes must be an object", code="invalid_body")
+    if len(payload["liquid"]) > 100_000:
+        raise BadRequest("the message is longer than 100000 characters", code="invalid_body")
+    services, library = _services(), _library()
+    own_hosts = {request.host}
+    if services.settings.public_url:
+        own_hosts.add(urlsplit(services.settings.public_url).netloc)
+
+    def resolve(path: str, args: dict[str, str]) -> Fetched:
+        args = _preview_args(args)
+        try:
+            if path in REGISTRY:
+                done = call(services, path, args)
+                return Fetched(done.status, done.body, done.cache)
+            if path.startswith("/v1/render/"):
+                name = path.removeprefix("/v1/render/")
+                fmt = args.get("format", "html") if args.get("format") in FORMATS else "html"
+                rendered = render(library, services, name, args, [fmt], _template_globals())
+                return Fetched(200, rendered.output[fmt], rendered.cache)
+        except ProxyError as error:
+            return Fetched(error.status, error.body())
+        # Braze renders a 404 as an empty string.
+        return Fetched(404, "")
+
+    try:
+        answer = render_liquid(payload["liquid"], attributes, resolve, own_hosts)
+    except ProxyError:
+        raise
+    except Exception as exc:  # Liquid syntax or render errors, shown to the author
+        raise LiquidError(f"Liquid error: {exc}") from None
+    return json_response(answer)
+
+
+class LiquidError(ProxyError):
+    status = 422
+    code = "liquid_error"
+
+
+@bp.get("/preview")
+def preview_page():
+    html = resources.files("proxy.web").joinpath("preview.html").read_text(encoding="utf-8")
+    return Response(html, mimetype="text/html")

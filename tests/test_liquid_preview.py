@@ -1,0 +1,69 @@
+"""POST /v1/preview/liquid: Braze Liquid rendered with python-liquid against the proxy itself."""
+
+from conftest import upstream_calls
+
+HOST = "http://localhost"
+
+
+def preview(client, liquid, **attributes):
+    return client.post("/v1/preview/liquid", json={"liquid": liquid, "attributes": attributes})
+
+
+def test_connected_content_save_and_use(client):
+    liquid = (
+        f"{{% connected_content {HOST}/v1/amplitude/recommendations?user_id={{{{${{user_id}}}}}}&rec_id=testRecId :save recs %}}"
+        "Hi {{${first_name} | default: 'there'}}: {{recs.item_1}} ({{recs.__http_status_code__}})"
+    )
+    body = preview(client, liquid, user_id="testUser").get_json()
+    assert body["ok"] and body["aborted"] is False and body["abort_reason"] is None
+    assert body["output"] == "Hi there: cookie (200)"
+    call = body["calls"][0]
+    assert call["url"].endswith("user_id=testUser&rec_id=testRecId") and call["status"] == 200
+    assert call["cache"] in ("HIT", "MISS") and call["ms"] >= 0
+
+
+def test_abort_message(client):
+    liquid = (
+        "{% connected_content /v1/amplitude/recommendations?user_id={{${user_id}}}&rec_id=r :save recs %}"
+        '{% if recs.found == false %}{% abort_message("no recs for this user") %}{% endif %}Hello'
+    )
+    body = preview(client, liquid, user_id="unknown-9").get_json()
+    assert body["aborted"] is True and body["abort_reason"] == "no recs for this user"
+    assert preview(client, liquid, user_id="testUser").get_json()["output"] == "Hello"
+
+
+def test_outside_urls_are_refused_without_a_request(client, sandboxes):
+    for url in ("http://169.254.169.254/latest/meta-data", "https://evil.example/v1/amplitude/profile?user_id=x",
+                "file:///etc/passwd"):
+        body = preview(client, f"{{% connected_content {url} :save x %}}[{{{{x.ok}}}}]").get_json()
+        assert body["output"] == "[]"
+        assert "refused" in body["calls"][0]
+    assert upstream_calls(sandboxes) == 0
+
+
+def test_render_endpoint_inserted_as_text_and_never_tracks(client, sandboxes):
+    body = preview(client, "{% connected_content /v1/render/hero_banner?user_id=treatment-4&format=text %}").get_json()
+    assert body["output"].startswith("Summer sale: up to 40% off")
+    assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
+
+
+def test_unknown_proxy_path_is_a_404_rendering_empty(client):
+    body = preview(client, "[{% connected_content /v1/nothing-here %}]").get_json()
+    assert body["output"] == "[]" and body["calls"][0]["status"] == 404
+
+
+def test_post_is_refused_previews_never_write(client):
+    body = preview(client, "{% connected_content /v1/amplitude/profile?user_id=u :method post :save x %}").get_json()
+    assert "never write" in body["calls"][0]["refused"]
+
+
+def test_braze_filters(client):
+    body = preview(client, "{{ 'a b&c' | url_param_escape }} {{ 'say \"hi\"' | json_escape }}").get_json()
+    assert body["output"] == 'a%20b%26c say \\"hi\\"'
+
+
+def test_bad_liquid_and_bad_body(client):
+    r = preview(client, "{% if %}")
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "liquid_error"
+    r = client.post("/v1/preview/liquid", data="nope", content_type="text/plain")
+    assert r.status_code == 400 and r.get_json()["ok"] is False

@@ -1,0 +1,98 @@
+"""The preview page in real headless Chromium (Debian's package) driven by Playwright."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from proxy import config, create_app
+from proxy.sandbox.server import RunningServer
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# The machine's network is closed: keep Chromium from calling home (and waiting on it).
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def live_proxy(sandboxes):
+    settings = config.load(overrides=sandboxes.proxy_settings(), environ={})
+    server = RunningServer(create_app(settings)).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1300, "height": 1000})
+        yield context.new_page()
+        browser.close()
+
+
+def test_preview_two_users_side_by_side(page, live_proxy):
+    page.goto(f"{live_proxy}/preview")
+    page.wait_for_selector("body[data-ready=true]")
+    page.select_option("#template-select", "recs_block")
+    columns = page.locator(".user-column")
+    expect(columns).to_have_count(2)
+    # Fill the form as a person would: a known user and an unknown one, then render.
+    columns.nth(0).locator('.param-input[data-param="user_id"]').fill("testUser")
+    columns.nth(1).locator('.param-input[data-param="user_id"]').fill("unknown-42")
+    page.click("#render-all")
+
+    first, second = columns.nth(0), columns.nth(1)
+    expect(first.locator(".status")).to_contain_text("Rendered")
+    expect(second.locator(".status")).to_contain_text("Rendered")
+    items = first.frame_locator("iframe.result-frame").locator(".rec-item")
+    expect(items).to_have_count(5)
+    expect(items.nth(0)).to_contain_text("cookie")
+    expect(second.frame_locator("iframe.result-frame").locator(".rec-item").nth(0)).to_contain_text(
+        "Classic croissant"
+    )
+    expect(first.locator(".result-text")).to_contain_text("1. cookie")
+    expect(first.locator(".result-json")).to_contain_text('"item_1": "cookie"')
+    # The page renders its default users on load, so this one may already be cached.
+    expect(first.locator(".result-json .badge").first).to_have_text(re.compile(r"^(HIT|MISS|COALESCED)$"))
+    snippet = first.locator(".snippet")
+    value = snippet.input_value()
+    assert f"{{% connected_content {live_proxy}/v1/render/recs_block?user_id={{{{${{user_id}}}}}}&rec_id=testRecId %}}" in value
+    assert ":save recs %}" in value and "{{recs.item_1}}" in value
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "preview-recs.png"), full_page=True)
+
+
+def test_experiment_control_vs_treatment(page, live_proxy):
+    page.goto(f"{live_proxy}/preview")
+    page.wait_for_selector("body[data-ready=true]")
+    page.select_option("#template-select", "hero_banner")
+    page.click("#render-all")
+    columns = page.locator(".user-column")
+    expect(columns.nth(1).locator(".status")).to_contain_text("Rendered")
+    expect(columns.nth(0).frame_locator("iframe").locator(".hero-headline")).to_have_text("Spring picks are in")
+    expect(columns.nth(1).frame_locator("iframe").locator(".hero-headline")).to_have_text(
+        "Summer sale: up to 40% off"
+    )
+    expect(columns.nth(1).locator(".result-json")).to_contain_text('"tracked": false')
+
+
+def test_liquid_tab_aborts_and_renders(page, live_proxy):
+    page.goto(f"{live_proxy}/preview")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-liquid")
+    page.fill("#liquid-user-id", "testUser")
+    page.click("#liquid-render")
+    expect(page.locator("#liquid-output")).to_contain_text("picked for you: cookie, cracker and chocolate milk")
+    page.fill("#liquid-user-id", "unknown-5")
+    page.click("#liquid-render")
+    expect(page.locator("#liquid-status")).to_contain_text("aborted: no recommendations")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "preview-liquid.png"), full_page=True)

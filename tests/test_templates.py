@@ -1,0 +1,104 @@
+"""Message templates: listing, rendering per template (found / not found / fallback), errors."""
+
+import pytest
+
+from conftest import upstream_calls
+
+
+def test_listing_describes_every_template(client):
+    body = client.get("/v1/templates").get_json()
+    names = {t["name"]: t for t in body["templates"]}
+    assert set(names) >= {"recs_block", "hero_banner", "loyalty_badge", "consent_footer"}
+    for t in names.values():
+        assert t["formats"] == ["html", "text"] and t["description"] and t["params"]
+    assert "rec_id" in names["recs_block"]["params"]
+
+
+def test_recs_block_found_and_fallback(client):
+    found = client.get("/v1/render/recs_block?user_id=testUser&rec_id=testRecId")
+    assert found.status_code == 200 and found.mimetype == "text/html"
+    html = found.get_data(as_text=True)
+    assert "cookie" in html and "croissant" in html and "<table" in html and 'style="' in html
+    text = client.get("/v1/render/recs_block?user_id=unknown-1&format=text")
+    assert text.mimetype == "text/plain"
+    assert text.get_data(as_text=True).splitlines()[:4] == [
+        "Customer favourites this week", "1. Classic croissant", "2. Sourdough loaf", "3. Almond financier",
+    ]
+
+
+def test_render_shares_the_json_cache(client, sandboxes):
+    client.get("/v1/amplitude/recommendations?user_id=alice&rec_id=testRecId")
+    r = client.get("/v1/render/recs_block?user_id=alice&rec_id=testRecId")
+    assert r.headers["X-Cache"] == "HIT" and upstream_calls(sandboxes) == 1
+
+
+def test_upstream_failure_renders_the_fallback(client, sandboxes):
+    sandboxes.state("amplitude").set_fault("error", count=1)
+    r = client.get("/v1/render/recs_block?user_id=bob&format=text")
+    assert r.status_code == 200 and "Customer favourites this week" in r.get_data(as_text=True)
+
+
+def test_hero_banner_control_treatment_and_outsider(client, sandboxes):
+    control = client.get("/v1/render/hero_banner?user_id=control-1&format=text").get_data(as_text=True)
+    treatment = client.get("/v1/render/hero_banner?user_id=treatment-1").get_data(as_text=True)
+    outsider = client.get("/v1/render/hero_banner?user_id=outsider-1&format=text").get_data(as_text=True)
+    assert control.startswith("Spring picks are in")
+    assert "Summer sale: up to 40% off" in treatment and 'data-variant="summer-sale"' in treatment
+    assert outsider.startswith("New season, new favourites")
+
+
+def test_loyalty_badge(client):
+    gold = client.get("/v1/render/loyalty_badge?third_party_id=a1-mbox3rdPartyId&format=text")
+    assert gold.get_data(as_text=True).strip() == "GOLD MEMBER - 2450 points to spend"
+    html = client.get("/v1/render/loyalty_badge?tntid=unknown-1").get_data(as_text=True)
+    assert "Join our loyalty club" in html
+
+
+def test_consent_footer(client):
+    subscribed = client.get("/v1/render/consent_footer?email_hash=h1&format=text").get_data(as_text=True)
+    refused = client.get("/v1/render/consent_footer?email_hash=optout-1&format=text").get_data(as_text=True)
+    assert subscribed.startswith("You receive this newsletter")
+    assert refused.startswith("You are not subscribed")
+
+
+def test_html_values_are_escaped(client):
+    html = client.get("/v1/render/loyalty_badge?third_party_id=<script>x</script>").get_data(as_text=True)
+    assert "<script>" not in html
+
+
+@pytest.mark.parametrize("name", ["nope", "..%2Fsetup.cfg", "catalog", "recs_block.html"])
+def test_unknown_templates_are_404_json(client, name):
+    r = client.get(f"/v1/render/{name}?user_id=u")
+    assert r.status_code == 404 and r.get_json()["ok"] is False
+
+
+def test_bad_format_and_missing_user(client):
+    assert client.get("/v1/render/recs_block?user_id=u&format=pdf").status_code == 400
+    r = client.get("/v1/render/recs_block")
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "missing_parameter"
+
+
+def test_template_errors_name_file_and_line(make_app, tmp_path):
+    (tmp_path / "catalog.toml").write_text(
+        '[broken]\ndescription = "x"\nparams = ["user_id"]\n'
+        '[crashes]\ndescription = "y"\nparams = ["user_id"]\n'
+    )
+    (tmp_path / "broken.html").write_text("ok\n{% if %}\n")
+    (tmp_path / "crashes.html").write_text("line one\n{{ 1 // 0 }}\n")
+    client = make_app(templates_dir=str(tmp_path)).test_client()
+    r = client.get("/v1/render/broken?user_id=u")
+    assert r.status_code == 422
+    error = r.get_json()["error"]
+    assert error["code"] == "template_error" and error["template"] == "broken.html" and error["line"] == 2
+    r = client.get("/v1/render/crashes?user_id=u")
+    assert r.status_code == 422 and r.get_json()["error"]["line"] == 2
+    assert "Traceback" not in r.get_data(as_text=True)
+    assert client.get("/v1/render/crashes?user_id=u&format=text").status_code == 404
+
+
+def test_preview_render_never_tracks(client, sandboxes):
+    body = client.get("/v1/preview/render/hero_banner?user_id=treatment-2").get_json()
+    assert body["calls"]["exp"]["body"]["tracked"] is False
+    assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
+    assert "/v1/render/hero_banner?user_id={{${user_id}}}&flag_keys=hero-banner" in body["snippets"]["render_html"]
+    assert ":save exp %}" in body["snippets"]["data"]
