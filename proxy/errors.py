@@ -3,13 +3,16 @@
 ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 ├── BadRequest (400)              the caller's query is wrong
 ├── NotFound (404)                no such endpoint or template
-└── UpstreamError (upstream=...)  an upstream call failed; never cached
-    ├── UpstreamAuthError (502)   the upstream refused our credential
-    ├── UpstreamTimeout (504)     no answer in time
-    ├── UpstreamRateLimited (503) the upstream said 429; carries Retry-After
-    ├── UpstreamBadAnswer (502)   an answer we cannot use (not JSON, too big)
-    ├── UpstreamUnavailable (502) connection refused/reset, 5xx
-    └── NotConfigured (503)       the upstream's settings are missing
+└── UpstreamError (upstream=...)  an upstream call failed; never cached (502: unexpected 4xx)
+    ├── UpstreamAuthError (502)   the upstream refused our credential (not worth a retry)
+    ├── NotConfigured (503)       the upstream's settings are missing
+    └── TransientError (503 + Retry-After, so Braze's :retry can work)
+        ├── UpstreamTimeout       no answer within the deadline
+        ├── UpstreamRateLimited   429 upstream, or the proxy's own budget is spent
+        ├── UpstreamBadAnswer     an answer we cannot use (not JSON, too big)
+        └── UpstreamUnavailable   connection refused/reset, 5xx, circuit open
+
+Where the operator configured a fallback, transient errors become HTTP 200 with it.
 """
 
 from __future__ import annotations
@@ -68,21 +71,31 @@ class UpstreamAuthError(UpstreamError):
     code = "upstream_auth_failed"
 
 
-class UpstreamTimeout(UpstreamError):
-    status = 504
+class TransientError(UpstreamError):
+    """A failure that may pass: worth serving stale data, a fallback, or a retry later."""
+
+    status = 503
+    default_retry_after = 2
+
+    def __init__(self, upstream: str, message: str, **kwargs):
+        super().__init__(upstream, message, **kwargs)
+        if self.retry_after is None:
+            self.retry_after = self.default_retry_after
+
+
+class UpstreamTimeout(TransientError):
     code = "upstream_timeout"
 
 
-class UpstreamRateLimited(UpstreamError):
-    status = 503
+class UpstreamRateLimited(TransientError):
     code = "upstream_rate_limited"
 
 
-class UpstreamBadAnswer(UpstreamError):
+class UpstreamBadAnswer(TransientError):
     code = "upstream_bad_answer"
 
 
-class UpstreamUnavailable(UpstreamError):
+class UpstreamUnavailable(TransientError):
     code = "upstream_unavailable"
 
 

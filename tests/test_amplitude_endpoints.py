@@ -145,16 +145,18 @@ def test_wrong_key_is_502_without_the_secret(make_app):
 
 def test_errors_are_not_cached(client, sandboxes):
     sandboxes.state("amplitude").set_fault("error", count=1)
-    assert client.get(f"{RECS}?user_id=u1&rec_id=a").status_code == 502
+    failed = client.get(f"{RECS}?user_id=u1&rec_id=a")
+    assert failed.status_code == 503 and failed.headers["Retry-After"] == "2"
     r = client.get(f"{RECS}?user_id=u1&rec_id=a")
     assert r.status_code == 200 and r.headers["X-Cache"] == "MISS"
 
 
-def test_timeout_is_504(make_app, sandboxes):
+def test_timeout_is_503_with_retry_after(make_app, sandboxes):
     client = make_app(upstream_read_timeout=0.2).test_client()
     sandboxes.state("amplitude").set_fault("slow", seconds=1, count=1)
     r = client.get(f"{RECS}?user_id=slowpoke&rec_id=a")
-    assert r.status_code == 504 and r.get_json()["error"]["code"] == "upstream_timeout"
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "upstream_timeout"
+    assert r.headers["Retry-After"]
 
 
 def test_upstream_429_is_503_with_retry_after(client, sandboxes):
@@ -165,16 +167,16 @@ def test_upstream_429_is_503_with_retry_after(client, sandboxes):
 
 
 @pytest.mark.parametrize("fault", ["malformed", "oversized", "reset"])
-def test_broken_answers_are_502(client, sandboxes, fault):
-    sandboxes.state("amplitude").set_fault(fault, count=1)
+def test_broken_answers_are_503(client, sandboxes, fault):
+    sandboxes.state("amplitude").set_fault(fault, count=2)  # count 2: a reset is retried once
     r = client.get(f"{RECS}?user_id=u3&rec_id=a")
-    assert r.status_code == 502 and r.get_json()["ok"] is False
+    assert r.status_code == 503 and r.get_json()["ok"] is False and r.headers["Retry-After"]
 
 
-def test_unreachable_upstream_is_502(make_app):
+def test_unreachable_upstream_is_503(make_app):
     client = make_app(amplitude_url="http://127.0.0.1:9").test_client()
     r = client.get(f"{RECS}?user_id=u&rec_id=a")
-    assert r.status_code == 502 and r.get_json()["error"]["code"] == "upstream_unavailable"
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "upstream_unavailable"
 
 
 def test_credential_changes_the_cache_key(make_app, sandboxes, clock):

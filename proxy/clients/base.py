@@ -7,6 +7,8 @@ Clients never import Flask and never cache; they return parsed JSON or raise.
 from __future__ import annotations
 
 import json
+import random
+import time
 from dataclasses import dataclass
 from urllib.parse import quote
 from typing import Any, Mapping
@@ -15,6 +17,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .. import __version__
+from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
 from ..errors import (
     NotConfigured,
     UpstreamAuthError,
@@ -34,6 +37,14 @@ class Answer:
 
     data: Any
     missing: bool = False
+
+
+class _Retryable(Exception):
+    """A failure worth one retry of an idempotent call; carries the error to raise otherwise."""
+
+    def __init__(self, error: UpstreamError):
+        super().__init__(error.message)
+        self.error = error
 
 
 def make_session(pool_size: int = 64) -> requests.Session:
@@ -82,6 +93,10 @@ class HttpClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
+        # Replaced by Services with configured ones; these never refuse a call.
+        self.breaker = CircuitBreaker(self.name, threshold=10**9)
+        self.limiter: RateLimiter = RateLimiter(self.name, 0)
+        self.retry_budget = RetryBudget()
 
     def require(self) -> None:
         """Fail clearly (503, naming the setting) when a required setting is empty."""
@@ -99,41 +114,78 @@ class HttpClient:
         json_body: Any = None,
         ok_statuses: tuple[int, ...] = (200,),
     ) -> tuple[int, Any]:
-        """Send one request; answer (status, parsed JSON) for a status in ok_statuses."""
+        """Send one request within the request's deadline, through the breaker and limiter;
+        answer (status, parsed JSON) for a status in ok_statuses.
+
+        GETs are retried once, on a broken connection (e.g. a stale pooled one) or a 502-504,
+        when the retry budget and the deadline allow it.
+        """
         self.require()
+        self.retry_budget.record_call()
+        retries_left = 1 if method in ("GET", "HEAD") else 0
+        while True:
+            left = check_time_left(self.name)
+            self.breaker.allow()
+            try:
+                self.limiter.acquire()
+            except UpstreamError:
+                self.breaker.release()
+                raise
+            try:
+                return self._attempt(method, path, params, headers, json_body, ok_statuses, left)
+            except _Retryable as retryable:
+                self.breaker.failure()
+                error = retryable.error
+                if retries_left <= 0 or not self._retry_allowed():
+                    raise error from None
+                retries_left -= 1
+
+    def _retry_allowed(self) -> bool:
+        backoff = random.uniform(0.005, 0.03)  # jitter: concurrent retries do not align
+        if remaining() < backoff + 0.1 or not self.retry_budget.try_retry():
+            return False
+        time.sleep(backoff)
+        return True
+
+    def _attempt(self, method, path, params, headers, json_body, ok_statuses, left):
         url = self.base_url + path
+        timeout = (min(self.timeout[0], left), min(self.timeout[1], left))
         try:
             response = self.session.request(
-                method,
-                url,
-                params=params,
-                headers=headers,
-                json=json_body,
-                timeout=self.timeout,
-                stream=True,
-                allow_redirects=False,
+                method, url, params=params, headers=headers, json=json_body,
+                timeout=timeout, stream=True, allow_redirects=False,
             )
         except requests.Timeout:
+            self.breaker.failure()
             raise UpstreamTimeout(self.name, f"{self.name} did not answer in time") from None
         except requests.RequestException:
-            raise UpstreamUnavailable(self.name, f"{self.name} could not be reached") from None
+            raise _Retryable(UpstreamUnavailable(self.name, f"{self.name} could not be reached")) from None
         with response:
             status = response.status_code
             try:
                 body = self._read_capped(response)
             except requests.Timeout:
+                self.breaker.failure()
                 raise UpstreamTimeout(self.name, f"{self.name} did not answer in time") from None
             except requests.RequestException:
-                raise UpstreamUnavailable(self.name, f"{self.name} broke the connection") from None
+                raise _Retryable(
+                    UpstreamUnavailable(self.name, f"{self.name} broke the connection")
+                ) from None
+            except UpstreamBadAnswer:
+                self.breaker.failure()
+                raise
         if status not in ok_statuses:
             self.raise_for_status(status, response.headers.get("Retry-After"))
         try:
-            return status, json.loads(body) if body else None
+            parsed = json.loads(body) if body else None
         except ValueError:
+            self.breaker.failure()
             raise UpstreamBadAnswer(
                 self.name, f"{self.name} answered with something that is not JSON",
                 upstream_status=status,
             ) from None
+        self.breaker.success()
+        return status, parsed
 
     def _read_capped(self, response: requests.Response) -> bytes:
         # Read at most max_bytes + 1 so a huge body is refused without buffering it all.
@@ -149,12 +201,23 @@ class HttpClient:
         return b"".join(chunks)
 
     def raise_for_status(self, status: int, retry_after: str | None) -> None:
-        """Map an unexpected HTTP status to a typed error; messages never carry secrets."""
+        """Map an unexpected HTTP status to a typed error (and tell the breaker and limiter);
+        messages never carry secrets."""
+        if status in (502, 503, 504):
+            raise _Retryable(UpstreamUnavailable(
+                self.name, f"{self.name} failed with HTTP {status}", upstream_status=status
+            ))
+        if status >= 500:
+            self.breaker.failure()
+        else:
+            # The upstream is up and answering: a 4xx says nothing about its health.
+            self.breaker.success()
         if status in (401, 403):
             raise UpstreamAuthError(
                 self.name, f"{self.name} refused the proxy's credentials", upstream_status=status
             )
         if status == 429:
+            self.limiter.pause(retry_after_seconds(retry_after))
             raise UpstreamRateLimited(
                 self.name,
                 f"{self.name} is rate limiting the proxy; try again later",
