@@ -54,7 +54,7 @@ def create_app(
 def _view(endpoint: Endpoint, services: Services):
     def view():
         result = endpoint.handler(services, request.args)
-        return json_response(result.body, headers=cache_headers(result.lookup))
+        return json_response(result.final_body(), headers=cache_headers(result.lookup))
 
     view.__name__ = endpoint.path
     return view

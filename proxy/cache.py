@@ -4,6 +4,11 @@ Routes never touch storage: they call `AnswerCache.fetch(key, load, ttl_of)`.
 Storage is a small `Store` interface (get/put) so a shared backend (Redis)
 can replace the in-memory one without changing callers; coalescing and
 freshness policy live here, above the store.
+
+Freshness follows RFC 5861 and Varnish grace: an entry is fresh for its TTL; for
+`grace` seconds after that it is served at once while one background refresh runs
+(stale-while-revalidate); for `max_stale` seconds after its TTL it is served when
+the upstream fails (stale-if-error). A failed load never replaces a stored entry.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from urllib.parse import urlencode
 
 from cachetools import TLRUCache
 
-from .errors import UpstreamTimeout
+from .errors import TransientError, UpstreamTimeout
+from .guards import remaining
 
 Timer = Callable[[], float]
 
@@ -28,6 +34,12 @@ class Entry:
     value: Any
     stored_at: float
     ttl: float
+    keep: float = 0.0  # seconds past the TTL it may still be served stale
+
+    @property
+    def expires(self) -> float:
+        """When the store may drop it."""
+        return self.stored_at + self.ttl + self.keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +47,7 @@ class Lookup:
     """What `fetch` gives a route: the value and how it was obtained."""
 
     value: Any
-    state: str  # HIT, MISS or COALESCED (waited for an identical in-flight call)
+    state: str  # HIT, MISS, STALE, COALESCED (waited for an identical in-flight call), FALLBACK
     age: float  # seconds since the upstream answered
     max_age: float  # seconds it stays fresh from now
 
@@ -53,7 +65,7 @@ class MemoryStore:
 
     def __init__(self, maxsize: int, timer: Timer = time.monotonic):
         self._data: TLRUCache = TLRUCache(
-            maxsize=maxsize, ttu=lambda _key, entry, _now: entry.stored_at + entry.ttl, timer=timer
+            maxsize=maxsize, ttu=lambda _key, entry, _now: entry.expires, timer=timer
         )
         # cachetools containers are not thread-safe; reads reorder the LRU list.
         self._lock = threading.Lock()
@@ -87,20 +99,70 @@ class _Flight:
 class AnswerCache:
     """Fetch-through cache: fresh entries are served, misses load once per key."""
 
-    def __init__(self, store: Store, timer: Timer = time.monotonic, coalesce_wait: float = 1.5):
+    def __init__(
+        self,
+        store: Store,
+        timer: Timer = time.monotonic,
+        coalesce_wait: float = 1.5,
+        grace: float = 0.0,
+        max_stale: float = 0.0,
+    ):
         self.store = store
         self.timer = timer
         self.coalesce_wait = coalesce_wait
+        self.grace = grace
+        self.max_stale = max_stale
         self._flights: dict[str, _Flight] = {}
         self._flights_lock = threading.Lock()
+        self._refreshes: list[threading.Thread] = []
+        self.counts = {"HIT": 0, "MISS": 0, "STALE": 0, "COALESCED": 0, "REFRESH": 0}
 
     def fetch(self, key: str, load: Callable[[], Any], ttl_of: Callable[[Any], float]) -> Lookup:
-        """Serve `key` from the store, or call `load` (once for concurrent callers) and store it."""
+        """Serve `key` fresh, else stale within grace (refreshing in the background), else
+        load it (once for concurrent callers), else serve it stale if the load failed."""
         now = self.timer()
         entry = self.store.get(key)
-        if entry is not None and now - entry.stored_at < entry.ttl:
-            return Lookup(entry.value, "HIT", now - entry.stored_at, entry.ttl - (now - entry.stored_at))
+        if entry is not None:
+            age = now - entry.stored_at
+            if age < entry.ttl:
+                return self._counted(Lookup(entry.value, "HIT", age, entry.ttl - age))
+            if age < entry.ttl + self.grace:
+                self._refresh_in_background(key, load, ttl_of)
+                return self._counted(Lookup(entry.value, "STALE", age, 0.0))
+        try:
+            return self._counted(self._load_once(key, load, ttl_of))
+        except TransientError:
+            if entry is not None and self.timer() - entry.stored_at < entry.ttl + self.max_stale:
+                return self._counted(Lookup(entry.value, "STALE", self.timer() - entry.stored_at, 0.0))
+            raise
 
+    def _counted(self, lookup: Lookup) -> Lookup:
+        self.counts[lookup.state] += 1
+        return lookup
+
+    def _refresh_in_background(self, key: str, load: Callable[[], Any], ttl_of) -> None:
+        """One refresh per key at a time; its failure leaves the stored entry as it was."""
+        with self._flights_lock:
+            if key in self._flights:
+                return
+        self.counts["REFRESH"] += 1
+
+        def refresh() -> None:
+            try:
+                self._load_once(key, load, ttl_of)
+            except Exception:  # logged by the client's error path; the old entry stays
+                pass
+
+        thread = threading.Thread(target=refresh, name="cache-refresh", daemon=True)
+        self._refreshes = [t for t in self._refreshes if t.is_alive()] + [thread]
+        thread.start()
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait for background refreshes (tests, shutdown)."""
+        for thread in list(self._refreshes):
+            thread.join(timeout)
+
+    def _load_once(self, key: str, load: Callable[[], Any], ttl_of) -> Lookup:
         with self._flights_lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -120,11 +182,12 @@ class AnswerCache:
                 self._flights.pop(key, None)
             flight.done.set()
         ttl = ttl_of(flight.value)
-        self.store.put(key, Entry(flight.value, self.timer(), ttl))
+        self.store.put(key, Entry(flight.value, self.timer(), ttl, max(self.grace, self.max_stale)))
         return Lookup(flight.value, "MISS", 0.0, ttl)
 
     def _wait(self, key: str, flight: _Flight) -> Lookup:
-        if not flight.done.wait(self.coalesce_wait):
+        # Bounded by the request's own deadline too: never wait past what Braze allows.
+        if not flight.done.wait(max(0.0, min(self.coalesce_wait, remaining()))):
             raise UpstreamTimeout(key.split(":", 1)[0], "the upstream did not answer in time")
         if flight.error is not None:
             raise flight.error

@@ -79,6 +79,25 @@ class Settings:
     cache_maxsize: int = 100_000
     # How long a caller waits for an identical in-flight upstream call before failing.
     coalesce_wait: float = 1.5
+    # Seconds past its TTL an entry is served at once while it is refreshed (RFC 5861).
+    cache_grace: float = 30.0
+    # Seconds past its TTL an entry is served when the upstream fails (stale-if-error).
+    cache_max_stale: float = 3600.0
+
+    # Every request's total budget; Braze gives a Connected Content call 2 s.
+    request_deadline: float = 1.5
+    # Calls per minute per upstream for the whole deployment (0: no limit).
+    rate_limit_amplitude: float = 600.0
+    rate_limit_experiment: float = 0.0
+    rate_limit_target: float = 0.0
+    rate_limit_mediarithmics: float = 0.0
+    # Processes sharing the rate limits above (set by `ccproxy serve`; Redis shares them instead).
+    workers: int = 1
+    # Circuit breaker: consecutive failures that open it, seconds before a probe.
+    breaker_threshold: int = 5
+    breaker_reset: float = 10.0
+    # TOML file of fallback content per endpoint path (see README, Operations).
+    fallbacks_file: str = ""
 
     # Upstream HTTP: timeouts in seconds, answer size cap in bytes.
     upstream_connect_timeout: float = 0.5
@@ -90,6 +109,10 @@ class Settings:
     templates_dir: str = ""
     # The proxy's public base URL, used in Braze snippets and allowed in Liquid previews.
     public_url: str = ""
+
+    def rate_limit(self, upstream: str) -> float:
+        """Calls per minute this process may make (the deployment's limit split over workers)."""
+        return float(getattr(self, f"rate_limit_{upstream}")) / max(1, self.workers)
 
     def ttl(self, kind: str) -> float:
         """Fresh lifetime in seconds of one cache kind."""
@@ -211,4 +234,12 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError(f"{env_name('cache_maxsize')} must be at least 1")
     if settings.upstream_connect_timeout <= 0 or settings.upstream_read_timeout <= 0:
         raise SettingsError("upstream timeouts must be positive")
+    if not 0 < settings.request_deadline <= 30:
+        raise SettingsError(f"{env_name('request_deadline')} must be between 0 and 30 seconds")
+    for name in ("cache_grace", "cache_max_stale", "rate_limit_amplitude", "rate_limit_experiment",
+                 "rate_limit_target", "rate_limit_mediarithmics", "breaker_reset"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)} must not be negative")
+    if settings.workers < 1 or settings.breaker_threshold < 1:
+        raise SettingsError("workers and breaker_threshold must be at least 1")
     return settings

@@ -29,8 +29,10 @@ def cache_headers(lookup: Lookup | None) -> dict[str, str]:
     """X-Cache says how the answer was obtained; max-age is what remains of its TTL."""
     if lookup is None:
         return {"Cache-Control": "no-store"}
+    if lookup.state == "FALLBACK":
+        return {"X-Cache": "FALLBACK", "Cache-Control": "no-store"}
     headers = {
-        "X-Cache": "HIT" if lookup.state == "HIT" else "MISS",
+        "X-Cache": {"HIT": "HIT", "STALE": "STALE"}.get(lookup.state, "MISS"),
         "Cache-Control": f"max-age={max(0, math.floor(lookup.max_age))}",
     }
     if lookup.age >= 1:

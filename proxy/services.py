@@ -1,4 +1,5 @@
-"""What a request handler may use: the settings, the answer cache and one client per upstream.
+"""What a request handler may use: the settings, the answer cache and one client per upstream
+(each with its circuit breaker, rate limiter and retry budget), and operator fallbacks.
 
 Built once per app by `create_app`; a test app gets fresh ones.
 """
@@ -6,20 +7,36 @@ Built once per app by `create_app`; a test app gets fresh ones.
 from __future__ import annotations
 
 import time
+import tomllib
 from typing import Any, Callable
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
-from .clients.base import Answer, make_session
+from .clients.base import Answer, HttpClient, make_session
 from .clients.experiment import ExperimentClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
-from .config import Settings
+from .config import Settings, SettingsError
+from .errors import TransientError
+from .guards import CircuitBreaker, RateLimiter, RetryBudget
+
+
+def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
+    """Fallback content by endpoint path, from a TOML file (empty without one)."""
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"CCPROXY_FALLBACKS_FILE {path} cannot be read: {exc}") from None
+    return {path: dict(content) for path, content in data.items() if isinstance(content, dict)}
 
 
 class Services:
-    def __init__(self, settings: Settings, timer: Timer = time.monotonic):
+    def __init__(self, settings: Settings, timer: Timer = time.monotonic, store=None):
         self.settings = settings
+        self.timer = timer
         self.session = make_session()
         http = {
             "connect_timeout": settings.upstream_connect_timeout,
@@ -27,22 +44,39 @@ class Services:
             "max_bytes": settings.upstream_max_bytes,
         }
         self.cache = AnswerCache(
-            MemoryStore(settings.cache_maxsize, timer), timer, settings.coalesce_wait
+            store or MemoryStore(settings.cache_maxsize, timer),
+            timer,
+            settings.coalesce_wait,
+            grace=settings.cache_grace,
+            max_stale=settings.cache_max_stale,
         )
-        self.amplitude = AmplitudeClient(
+        self.fallbacks = load_fallbacks(settings.fallbacks_file)
+        self.amplitude = self._guarded(AmplitudeClient(
             self.session, settings.amplitude_url, settings.amplitude_secret_key, **http
-        )
-        self.experiment = ExperimentClient(
+        ))
+        self.experiment = self._guarded(ExperimentClient(
             self.session, settings.experiment_base_url, settings.experiment_deployment_key, **http
-        )
-        self.target = TargetClient(
+        ))
+        self.target = self._guarded(TargetClient(
             self.session, settings.target_base_url, settings.target_client_code,
             settings.target_token, **http
-        )
-        self.mediarithmics = MediarithmicsClient(
+        ))
+        self.mediarithmics = self._guarded(MediarithmicsClient(
             self.session, settings.mediarithmics_url, settings.mediarithmics_token,
             settings.mediarithmics_datamart_id, **http
+        ))
+
+    def _guarded(self, client):
+        client.breaker = CircuitBreaker(
+            client.name, self.settings.breaker_threshold, self.settings.breaker_reset, self.timer
         )
+        client.limiter = RateLimiter(client.name, self.settings.rate_limit(client.name), self.timer)
+        client.retry_budget = RetryBudget(timer=self.timer)
+        return client
+
+    @property
+    def clients(self) -> list[HttpClient]:
+        return [self.amplitude, self.experiment, self.target, self.mediarithmics]
 
     def ttl_of(self, kind: str) -> Callable[[Answer], float]:
         """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""
@@ -51,8 +85,18 @@ class Services:
 
     def cached(
         self, kind: str, client: Any, operation: str, params: dict[str, str],
-        call: Callable[[], Answer],
+        call: Callable[[], Answer], fallback: Callable[[], Any] | None = None,
     ) -> Lookup:
-        """One upstream call through the cache, keyed without any secret in clear."""
+        """One upstream call through the cache, keyed without any secret in clear. When it
+        fails and nothing stale is left, `fallback()` (raw upstream-shaped data built from
+        the operator's content) stands in, if given."""
         key = cache_key(client.name, client.credential, operation, params)
-        return self.cache.fetch(key, call, self.ttl_of(kind))
+        try:
+            return self.cache.fetch(key, call, self.ttl_of(kind))
+        except TransientError:
+            if fallback is None:
+                raise
+            return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+
+    def fallback_content(self, path: str) -> dict[str, Any] | None:
+        return self.fallbacks.get(path)

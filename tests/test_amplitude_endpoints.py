@@ -37,8 +37,13 @@ def test_second_call_is_a_hit_and_ttl_counts_down(client, sandboxes, clock):
     assert r.headers["Cache-Control"] == "max-age=200" and r.headers["Age"] == "100"
     assert upstream_calls(sandboxes) == 1
     clock.advance(200)
-    assert client.get(f"{RECS}?user_id=testUser&rec_id=testRecId").headers["X-Cache"] == "MISS"
+    # Past its TTL but within grace: served at once, refreshed in the background.
+    stale = client.get(f"{RECS}?user_id=testUser&rec_id=testRecId")
+    assert stale.headers["X-Cache"] == "STALE" and stale.get_json()["stale"] is True
+    client.application.extensions["ccproxy"].cache.drain()
     assert upstream_calls(sandboxes) == 2
+    fresh = client.get(f"{RECS}?user_id=testUser&rec_id=testRecId")
+    assert fresh.headers["X-Cache"] == "HIT" and fresh.get_json()["stale"] is False
 
 
 def test_rec_id_order_shares_the_upstream_call(client, sandboxes):
@@ -50,9 +55,11 @@ def test_rec_id_order_shares_the_upstream_call(client, sandboxes):
 
 
 def test_per_kind_ttl_setting(make_app, clock):
-    client = make_app(cache_ttl_cohorts=10).test_client()
+    client = make_app(cache_ttl_cohorts=10, cache_grace=0, cache_max_stale=0).test_client()
     client.get("/v1/amplitude/cohorts?user_id=alice")
-    clock.advance(11)
+    clock.advance(9)
+    assert client.get("/v1/amplitude/cohorts?user_id=alice").headers["X-Cache"] == "HIT"
+    clock.advance(2)
     assert client.get("/v1/amplitude/cohorts?user_id=alice").headers["X-Cache"] == "MISS"
 
 

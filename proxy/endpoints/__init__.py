@@ -18,6 +18,12 @@ class Result:
     body: dict[str, Any]
     lookup: Lookup | None = None
 
+    def final_body(self) -> dict[str, Any]:
+        """The answer with its provenance: `stale` (older than its TTL, served because the
+        upstream is slow or failing) and `fallback` (operator default content)."""
+        state = self.lookup.state if self.lookup else ""
+        return {**self.body, "stale": state == "STALE", "fallback": state == "FALLBACK"}
+
 
 Handler = Callable[[Any, Mapping[str, str]], Result]
 
@@ -83,5 +89,5 @@ def call(services: Any, path: str, args: Mapping[str, str]) -> Call:
         return Call(path, error.status, error.body(), "-", (time.perf_counter() - started) * 1000)
     ms = (time.perf_counter() - started) * 1000
     lookup = result.lookup
-    return Call(path, 200, result.body, lookup.state if lookup else "-", ms,
+    return Call(path, 200, result.final_body(), lookup.state if lookup else "-", ms,
                 lookup.max_age if lookup else None)

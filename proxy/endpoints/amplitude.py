@@ -9,14 +9,33 @@ from . import Result, endpoint
 USER = ("user_id", "device_id")
 
 
-def _userprofile(services, args, kind: str, flags: dict[str, str]):
+def _userprofile(services, args, kind: str, path: str, flags: dict[str, str], rec_ids=()):
     """Validate the user, then one cached call to /v1/userprofile with `flags`."""
     user_id, device_id = params.user_ref(args)
     query = {k: v for k, v in (("user_id", user_id), ("device_id", device_id)) if v}
     query.update(flags)
     client = services.amplitude
-    lookup = services.cached(kind, client, "userprofile", query, lambda: client.userprofile(query))
+    content = services.fallback_content(path)
+    fallback = None
+    if content is not None:
+        fallback = lambda: fallback_user_data(content, list(rec_ids), user_id, device_id)  # noqa: E731
+    lookup = services.cached(
+        kind, client, "userprofile", query, lambda: client.userprofile(query), fallback
+    )
     return user_id, device_id, lookup
+
+
+def fallback_user_data(content: dict, rec_ids: list[str], user_id: str, device_id: str) -> dict:
+    """The operator's fallback content as a `userData` answer, so it is shaped like real data:
+    `items` (for every rec id), `properties`, `computations`, `cohort_ids`."""
+    recs = [
+        {"rec_id": r, "child_rec_id": r, "items": list(content.get("items", [])),
+         "is_control": False, "recommendation_source": "fallback"}
+        for r in rec_ids
+    ] if "items" in content else None
+    props = {**content.get("properties", {}), **content.get("computations", {})}
+    return {"recommendations": recs, "user_id": user_id, "device_id": device_id,
+            "amp_props": props or None, "cohort_ids": content.get("cohort_ids")}
 
 
 def _rec_flags(args, rec_ids: list[str]) -> dict[str, str]:
@@ -37,14 +56,16 @@ def _rec_flags(args, rec_ids: list[str]) -> dict[str, str]:
 def recommendations(services, args) -> Result:
     rec_ids = params.id_list(args, "rec_id", required=True)
     flags = _rec_flags(args, rec_ids)
-    user_id, device_id, lookup = _userprofile(services, args, "recommendations", flags)
+    user_id, device_id, lookup = _userprofile(
+        services, args, "recommendations", "/v1/amplitude/recommendations", flags, rec_ids
+    )
     return Result(shape.recommendations(lookup.value.data, rec_ids, user_id, device_id), lookup)
 
 
 @endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER)
 def properties(services, args) -> Result:
     user_id, device_id, lookup = _userprofile(
-        services, args, "properties", {"get_amp_props": "true"}
+        services, args, "properties", "/v1/amplitude/properties", {"get_amp_props": "true"}
     )
     return Result(shape.properties(lookup.value.data, user_id, device_id), lookup)
 
@@ -57,7 +78,9 @@ def properties(services, args) -> Result:
 def computations(services, args) -> Result:
     comp_id = params.identifier(args, "comp_id")
     flags = {"comp_id": comp_id} if comp_id else {"get_computations": "true"}
-    user_id, device_id, lookup = _userprofile(services, args, "computations", flags)
+    user_id, device_id, lookup = _userprofile(
+        services, args, "computations", "/v1/amplitude/computations", flags
+    )
     return Result(shape.computations(lookup.value.data, comp_id, user_id, device_id), lookup)
 
 
@@ -69,7 +92,7 @@ def computations(services, args) -> Result:
 def cohorts(services, args) -> Result:
     cohort_id = params.identifier(args, "cohort_id")
     user_id, device_id, lookup = _userprofile(
-        services, args, "cohorts", {"get_cohort_ids": "true"}
+        services, args, "cohorts", "/v1/amplitude/cohorts", {"get_cohort_ids": "true"}
     )
     return Result(shape.cohorts(lookup.value.data, cohort_id, user_id, device_id), lookup)
 
@@ -84,5 +107,7 @@ def profile(services, args) -> Result:
     flags = {"get_amp_props": "true", "get_cohort_ids": "true", "get_computations": "true"}
     if rec_ids:
         flags.update(_rec_flags(args, rec_ids))
-    user_id, device_id, lookup = _userprofile(services, args, "profile", flags)
+    user_id, device_id, lookup = _userprofile(
+        services, args, "profile", "/v1/amplitude/profile", flags, rec_ids
+    )
     return Result(shape.profile(lookup.value.data, rec_ids, user_id, device_id), lookup)

@@ -43,7 +43,19 @@ def variants(services, args) -> Result:
     client = services.experiment
     # Tracked and untracked evaluations are different calls: never one cache entry.
     operation = "vardata" if track else "vardata-no-track"
+    content = services.fallback_content("/v1/experiment/variants")
     lookup = services.cached(
-        "variants", client, operation, query, lambda: client.vardata(query, track)
+        "variants", client, operation, query, lambda: client.vardata(query, track),
+        (lambda: fallback_vardata(content)) if content is not None else None,
     )
     return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
+
+
+def fallback_vardata(content: dict) -> dict:
+    """Operator defaults `variants = {flag = "variant"}`, `payloads = {flag = {...}}` as a
+    vardata answer."""
+    payloads = content.get("payloads", {})
+    return {
+        flag: {"key": str(key), **({"payload": payloads[flag]} if flag in payloads else {})}
+        for flag, key in content.get("variants", {}).items()
+    }

@@ -24,8 +24,10 @@ def processing_id(args, required: bool = False) -> str | None:
 def profile(services, args) -> Result:
     selector = params.user_point_selector(args)
     client = services.mediarithmics
+    content = services.fallback_content("/v1/mediarithmics/profile")
     lookup = services.cached(
-        "mediarithmics_profile", client, "user_profiles", selector, lambda: client.profiles(selector)
+        "mediarithmics_profile", client, "user_profiles", selector, lambda: client.profiles(selector),
+        (lambda: [dict(content.get("profile", {}))]) if content is not None else None,
     )
     return Result(shape.profile(lookup.value.data), lookup)
 
@@ -40,8 +42,10 @@ def choices(services, args) -> Result:
     processing = processing_id(args)
     client = services.mediarithmics
     query = {**selector, **({"processing_id": processing} if processing else {})}
+    content = services.fallback_content("/v1/mediarithmics/choices")
     lookup = services.cached(
-        "choices", client, "user_choices", query, lambda: client.choices(selector, processing)
+        "choices", client, "user_choices", query, lambda: client.choices(selector, processing),
+        (lambda: fallback_choices(content)) if content is not None else None,
     )
     return Result(shape.choices(lookup.value.data, processing), lookup)
 
@@ -62,3 +66,11 @@ def choice_history(services, args) -> Result:
         lambda: client.choice_history(selector, processing),
     )
     return Result(shape.history(lookup.value.data, processing), lookup)
+
+
+def fallback_choices(content: dict) -> list[dict]:
+    """Operator defaults `choices = {"101" = false}` as a user choices list."""
+    return [
+        {"$processing_id": str(pid), "$choice_acceptance_value": bool(accepted)}
+        for pid, accepted in content.get("choices", {}).items()
+    ]
