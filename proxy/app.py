@@ -13,6 +13,7 @@ from . import config
 from .cache import Timer
 from .endpoints import Endpoint, load_all
 from .errors import ProxyError, UpstreamError
+from .guards import end_deadline, start_deadline
 from .responses import cache_headers, json_response
 from .services import Services
 
@@ -42,6 +43,17 @@ def create_app(
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
+
+    @app.before_request
+    def _start_deadline():
+        # Every upstream call, retry and coalesced wait of this request fits in this budget.
+        request.environ["ccproxy.deadline"] = start_deadline(settings.request_deadline)
+
+    @app.teardown_request
+    def _end_deadline(_exc):
+        token = request.environ.pop("ccproxy.deadline", None)
+        if token is not None:
+            end_deadline(token)
 
     @app.get("/healthz")
     def healthz():
