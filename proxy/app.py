@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
-from . import config
+from . import auth, config
 from .cache import Timer
 from .endpoints import Endpoint, load_all
 from .errors import ProxyError, UpstreamError
@@ -43,6 +43,12 @@ def create_app(
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
+
+    api_keys = auth.parse_keys(settings.api_keys)
+
+    @app.before_request
+    def _authenticate():
+        auth.check(request.path, request.headers, api_keys)
 
     @app.before_request
     def _start_deadline():

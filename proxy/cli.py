@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
@@ -12,10 +13,22 @@ log = logging.getLogger("ccproxy")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serving import serve
+    from .serving import default_workers, serve
 
     settings = config.load(config_file=args.config)
-    log.info("ccproxy listening on http://%s:%s", args.host, args.port)
+    if not settings.api_keys and not args.no_auth:
+        print(
+            "ccproxy: refusing to serve without API keys: set CCPROXY_API_KEYS "
+            "(or pass --no-auth to serve without authentication)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.workers:
+        settings = settings.replace(workers=args.workers)
+    else:
+        settings = settings.replace(workers=default_workers())
+    log.info("ccproxy listening on http://%s:%s (auth %s)", args.host, args.port,
+             "on" if settings.api_keys else "off")
     serve(settings, args.host, args.port, args.workers)
     return 0
 
@@ -24,10 +37,16 @@ def _demo(args: argparse.Namespace) -> int:
     from .sandbox import stack
     from .serving import serve
 
-    sandboxes = stack.start(args.host)
+    user_settings = config.load()
+    if not _is_loopback(args.host) and not user_settings.api_keys:
+        print("ccproxy: the demo is open without keys, so it only listens on loopback; "
+              "set CCPROXY_API_KEYS to listen on another address", file=sys.stderr)
+        return 2
+    sandboxes = stack.start("127.0.0.1")
     for name, server in sandboxes.servers.items():
         log.info("sandbox %s upstream listening on %s", name, server.url)
-    settings = config.load(overrides=sandboxes.proxy_settings(), environ={})
+    # The user's settings (keys, TTLs...) with the upstreams wired to the sandboxes.
+    settings = user_settings.replace(**sandboxes.proxy_settings())
     base = f"http://{args.host}:{args.port}"
     log.info("ccproxy demo listening on %s", base)
     log.info(
@@ -41,6 +60,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccproxy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=None, help="default: one per core")
     serve.add_argument("--config", default=None, help="TOML settings file (else CCPROXY_CONFIG)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve without inbound API keys (only behind your own gateway)")
     serve.set_defaults(run=_serve)
 
     demo = sub.add_parser("demo", help="run the proxy wired to built-in sandbox upstreams")

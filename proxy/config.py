@@ -105,6 +105,8 @@ class Settings:
     upstream_max_bytes: int = 1_000_000
 
     log_level: str = "INFO"
+    # Inbound API keys, comma-separated (several for rotation); empty: no auth.
+    api_keys: str = _secret()
     # Where message templates live (default: the repository's templates/).
     templates_dir: str = ""
     # The proxy's public base URL, used in Braze snippets and allowed in Liquid previews.

@@ -77,24 +77,42 @@ def test_demo_answers_curl_with_real_data(run):
     assert "sandbox amplitude upstream listening on http://127.0.0.1:" in output
 
 
-def test_serve_uses_environment_settings(run, sandboxes):
+def test_serve_uses_environment_settings_and_api_keys(run, sandboxes):
     port = free_port()
     env = {
         "CCPROXY_AMPLITUDE_URL": sandboxes.servers["amplitude"].url,
         "CCPROXY_AMPLITUDE_SECRET_KEY": amplitude.DEFAULT_KEY,
+        "CCPROXY_API_KEYS": "old-key-123,new-key-456",
     }
     proc = run(["serve", "--port", str(port), "--workers", "1"], env)
     base = f"http://127.0.0.1:{port}"
     wait_until_up(base, proc)
-    body = requests.get(f"{base}/v1/amplitude/cohorts?user_id=testUser&cohort_id=cohort7", timeout=5).json()
+    url = f"{base}/v1/amplitude/cohorts?user_id=testUser&cohort_id=cohort7"
+    denied = requests.get(url, timeout=5)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+    assert denied.headers["WWW-Authenticate"].startswith("Basic")
+    body = requests.get(url, headers={"Authorization": "Bearer new-key-456"}, timeout=5).json()
     assert body["member"] is True
+    assert requests.get(url, auth=("braze", "old-key-123"), timeout=5).status_code == 200
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=20)[0]
     assert amplitude.DEFAULT_KEY not in output
 
 
 def test_bad_setting_exits_with_a_named_error(run):
-    proc = run(["serve", "--port", str(free_port())], {"CCPROXY_CACHE_MAXSIZE": "lots"})
+    proc = run(["serve", "--port", str(free_port()), "--no-auth"], {"CCPROXY_CACHE_MAXSIZE": "lots"})
     output = proc.communicate(timeout=20)[0]
     assert proc.returncode == 2
     assert "CCPROXY_CACHE_MAXSIZE must be a number" in output
+
+
+def test_serve_refuses_to_start_without_keys(run):
+    proc = run(["serve", "--port", str(free_port())], {"CCPROXY_API_KEYS": ""})
+    output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 2 and "CCPROXY_API_KEYS" in output and "--no-auth" in output
+
+
+def test_demo_refuses_a_public_address_without_keys(run):
+    proc = run(["demo", "--host", "0.0.0.0", "--port", str(free_port())], {"CCPROXY_API_KEYS": ""})
+    output = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 2 and "loopback" in output

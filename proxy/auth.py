@@ -1,0 +1,61 @@
+"""Inbound API keys: `Authorization: Bearer <key>`, `X-Api-Key: <key>`, or HTTP Basic with the
+key as password and any user name (Braze's `:basic_auth`). Compared in constant time;
+several keys may be valid at once so they can be rotated."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from typing import Iterable, Mapping
+
+from .errors import ProxyError
+
+# Load balancers and orchestrators probe these without credentials.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        # Basic lets a browser prompt once for /preview; its fetches then carry the key.
+        return {"WWW-Authenticate": 'Basic realm="ccproxy", charset="UTF-8"'}
+
+
+def parse_keys(raw: str) -> list[str]:
+    return [key.strip() for key in raw.split(",") if key.strip()]
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a caller sent, in whichever of the accepted forms."""
+    if headers.get("X-Api-Key"):
+        return headers["X-Api-Key"]
+    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
+    return None
+
+
+def key_is_valid(presented: str | None, keys: Iterable[str]) -> bool:
+    if not presented:
+        return False
+    candidate = presented.encode()
+    # Check every key, so timing says nothing about which one (or whether one) matched.
+    matches = [hmac.compare_digest(candidate, key.encode()) for key in keys]
+    return any(matches)
+
+
+def check(path: str, headers: Mapping[str, str], keys: list[str]) -> None:
+    """Raise Unauthorized unless the request may proceed."""
+    if not keys or path in OPEN_PATHS:
+        return
+    if not key_is_valid(presented_key(headers), keys):
+        raise Unauthorized("a valid API key is required (Bearer, X-Api-Key or Basic password)")
