@@ -28,7 +28,7 @@ def create_app(
         settings = config.load(overrides=settings)
     app = Flask(__name__)
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
-    services = Services(settings, timer) if timer else Services(settings)
+    services = Services(settings, timer)
     app.extensions["ccproxy"] = services
 
     for endpoint in load_all().values():
@@ -65,8 +65,34 @@ def create_app(
     def healthz():
         return json_response({"ok": True})
 
+    @app.get("/readyz")
+    def readyz():
+        return json_response(readiness(services))
+
     _register_error_handlers(app)
     return app
+
+
+def readiness(services: Services) -> dict[str, Any]:
+    """Each upstream's configuration, breaker and limiter state, and the cache backend.
+
+    Always 200 while the process can answer: a shared-cache outage or an open breaker is
+    reported (`degraded`), not a reason for a load balancer to drop every instance.
+    """
+    upstreams = {}
+    for client in services.clients:
+        configured = all(value for _name, value in client.required)
+        upstreams[client.name] = {
+            "configured": configured,
+            "breaker": client.breaker.state,
+            "limiter": client.limiter.state,
+        }
+    if services.redis is not None:
+        cache = {"backend": "redis", "reachable": services.redis.ping(), "entries": len(services.cache)}
+    else:
+        cache = {"backend": "memory", "reachable": True, "entries": len(services.cache)}
+    degraded = not cache["reachable"] or any(u["breaker"] != "closed" for u in upstreams.values())
+    return {"ok": True, "degraded": degraded, "cache": cache, "upstreams": upstreams}
 
 
 def _view(endpoint: Endpoint, services: Services):

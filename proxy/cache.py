@@ -88,11 +88,12 @@ class MemoryStore:
 class _Flight:
     """An upstream call in progress that identical requests wait on."""
 
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("done", "value", "ttl", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: Any = None
+        self.ttl = 0.0
         self.error: BaseException | None = None
 
 
@@ -163,6 +164,7 @@ class AnswerCache:
             thread.join(timeout)
 
     def _load_once(self, key: str, load: Callable[[], Any], ttl_of) -> Lookup:
+        """Load `key` once per process for concurrent callers (nginx proxy_cache_lock)."""
         with self._flights_lock:
             flight = self._flights.get(key)
             leader = flight is None
@@ -172,7 +174,9 @@ class AnswerCache:
         if not leader:
             return self._wait(key, flight)
         try:
-            flight.value = load()
+            lookup = self._lead(key, load, ttl_of)
+            flight.value, flight.ttl = lookup.value, lookup.max_age
+            return lookup
         except BaseException as exc:
             # Errors are never stored: the next caller tries the upstream again.
             flight.error = exc
@@ -181,9 +185,35 @@ class AnswerCache:
             with self._flights_lock:
                 self._flights.pop(key, None)
             flight.done.set()
-        ttl = ttl_of(flight.value)
-        self.store.put(key, Entry(flight.value, self.timer(), ttl, max(self.grace, self.max_stale)))
-        return Lookup(flight.value, "MISS", 0.0, ttl)
+
+    def _lead(self, key: str, load: Callable[[], Any], ttl_of) -> Lookup:
+        # A shared store (Redis) extends coalescing across processes with a short lock.
+        try_lock = getattr(self.store, "try_lock", None)
+        token = try_lock(key) if try_lock else ""
+        if token is None:
+            shared = self._await_shared(key)
+            if shared is not None:
+                age = self.timer() - shared.stored_at
+                return Lookup(shared.value, "COALESCED", age, shared.ttl - age)
+            # The other process failed or is slow: call the upstream ourselves.
+        try:
+            value = load()
+            ttl = ttl_of(value)
+            self.store.put(key, Entry(value, self.timer(), ttl, max(self.grace, self.max_stale)))
+            return Lookup(value, "MISS", 0.0, ttl)
+        finally:
+            if token:
+                self.store.unlock(key, token)  # type: ignore[attr-defined]
+
+    def _await_shared(self, key: str, poll: float = 0.01) -> Entry | None:
+        """Wait for another process's answer to appear in the shared store."""
+        until = self.timer() + max(0.0, min(self.coalesce_wait, remaining()))
+        while self.timer() < until:
+            time.sleep(poll)
+            entry = self.store.get(key)
+            if entry is not None and self.timer() - entry.stored_at < entry.ttl:
+                return entry
+        return None
 
     def _wait(self, key: str, flight: _Flight) -> Lookup:
         # Bounded by the request's own deadline too: never wait past what Braze allows.
@@ -191,9 +221,7 @@ class AnswerCache:
             raise UpstreamTimeout(key.split(":", 1)[0], "the upstream did not answer in time")
         if flight.error is not None:
             raise flight.error
-        entry = self.store.get(key)
-        ttl = entry.ttl if entry is not None else 0.0
-        return Lookup(flight.value, "COALESCED", 0.0, ttl)
+        return Lookup(flight.value, "COALESCED", 0.0, flight.ttl)
 
     def __len__(self) -> int:
         return len(self.store)

@@ -96,6 +96,8 @@ class Settings:
     # Circuit breaker: consecutive failures that open it, seconds before a probe.
     breaker_threshold: int = 5
     breaker_reset: float = 10.0
+    # Shared cache and rate limits for several processes or machines, e.g. redis://host:6379/0.
+    redis_url: str = _secret()
     # TOML file of fallback content per endpoint path (see README, Operations).
     fallbacks_file: str = ""
 

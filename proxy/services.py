@@ -34,9 +34,22 @@ def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
 
 
 class Services:
-    def __init__(self, settings: Settings, timer: Timer = time.monotonic, store=None):
+    def __init__(self, settings: Settings, timer: Timer | None = None):
         self.settings = settings
-        self.timer = timer
+        self.redis = None
+        memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
+        store: Any = memory
+        if settings.redis_url:
+            from .redis_backend import RedisHealth, RedisStore, redis
+
+            self.redis = RedisHealth(redis.Redis.from_url(
+                settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
+            ))
+            # Entries shared between machines carry wall-clock times.
+            timer = timer or time.time
+            memory = MemoryStore(settings.cache_maxsize, timer)
+            store = RedisStore(self.redis, memory)
+        self.timer = timer = timer or time.monotonic
         self.session = make_session()
         http = {
             "connect_timeout": settings.upstream_connect_timeout,
@@ -44,7 +57,7 @@ class Services:
             "max_bytes": settings.upstream_max_bytes,
         }
         self.cache = AnswerCache(
-            store or MemoryStore(settings.cache_maxsize, timer),
+            store,
             timer,
             settings.coalesce_wait,
             grace=settings.cache_grace,
@@ -70,7 +83,14 @@ class Services:
         client.breaker = CircuitBreaker(
             client.name, self.settings.breaker_threshold, self.settings.breaker_reset, self.timer
         )
-        client.limiter = RateLimiter(client.name, self.settings.rate_limit(client.name), self.timer)
+        local = RateLimiter(client.name, self.settings.rate_limit(client.name), self.timer)
+        client.limiter = local
+        if self.redis is not None:
+            from .redis_backend import RedisRateLimiter
+
+            # Shared: the whole deployment's limit in one bucket, not split per process.
+            deployment_limit = self.settings.rate_limit(client.name) * self.settings.workers
+            client.limiter = RedisRateLimiter(client.name, deployment_limit, self.redis, local)
         client.retry_budget = RetryBudget(timer=self.timer)
         return client
 

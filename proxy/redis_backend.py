@@ -1,0 +1,200 @@
+"""Shared cache and rate limits on Redis, for deployments that outgrow one process or machine.
+
+Same semantics as the in-memory store (TTL, grace, negative TTL); coalescing across
+processes through a short `SET NX PX` lock; rate limits through one atomic Lua token
+bucket per upstream. Values are JSON, never pickle: a compromised Redis must not be able
+to run code in the proxy. If Redis goes away the proxy keeps answering from upstream and
+process memory, logs it, and reports it on /readyz; it tries Redis again after a pause.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import redis
+
+from .cache import Entry, MemoryStore
+from .clients.base import Answer
+from .errors import UpstreamRateLimited
+from .guards import RateLimiter
+
+log = logging.getLogger("ccproxy.redis")
+PREFIX = "ccproxy:"
+RETRY_AFTER_FAILURE = 5.0  # seconds before trying Redis again
+
+
+class RedisHealth:
+    """Whether Redis answered lately; shared by the store and the limiters of one process."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self.down_since: float | None = None
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def usable(self) -> bool:
+        with self._lock:
+            return self.down_since is None or time.monotonic() - self.down_since >= RETRY_AFTER_FAILURE
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            if self.down_since is None:
+                log.warning("redis unreachable (%s); serving from memory and upstream", type(exc).__name__)
+            self.down_since = time.monotonic()
+            self.last_error = type(exc).__name__
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.down_since is not None:
+                log.warning("redis reachable again; shared cache resumed")
+            self.down_since = None
+
+    def ping(self) -> bool:
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            self.failed(exc)
+            return False
+        self.ok()
+        return True
+
+    def run(self, action: Callable[[], Any], default: Any = None) -> Any:
+        """Run a Redis call; on failure note it and answer `default`."""
+        if not self.usable():
+            return default
+        try:
+            result = action()
+        except redis.RedisError as exc:
+            self.failed(exc)
+            return default
+        self.ok()
+        return result
+
+
+def _encode(entry: Entry) -> str:
+    answer: Answer = entry.value
+    return json.dumps({"d": answer.data, "m": answer.missing, "s": entry.stored_at,
+                       "t": entry.ttl, "k": entry.keep}, separators=(",", ":"))
+
+
+def _decode(raw: bytes) -> Entry | None:
+    try:
+        data = json.loads(raw)
+        return Entry(Answer(data["d"], bool(data["m"])), float(data["s"]), float(data["t"]), float(data["k"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class RedisStore:
+    """Answer entries in Redis with a memory store behind it for when Redis is away.
+
+    Entries carry wall-clock times (`time.time`), which every instance shares.
+    """
+
+    name = "redis"
+
+    def __init__(self, health: RedisHealth, fallback: MemoryStore, lock_ttl: float = 2.0):
+        self.health = health
+        self.client = health.client
+        self.fallback = fallback
+        self.lock_ttl = lock_ttl
+
+    def get(self, key: str) -> Entry | None:
+        raw = self.health.run(lambda: self.client.get(PREFIX + key), default=False)
+        if raw is False:  # Redis unusable
+            return self.fallback.get(key)
+        return _decode(raw) if raw else None
+
+    def put(self, key: str, entry: Entry) -> None:
+        if entry.ttl <= 0:
+            return
+        millis = max(1, int((entry.ttl + entry.keep) * 1000))
+        stored = self.health.run(lambda: self.client.set(PREFIX + key, _encode(entry), px=millis), False)
+        if stored is False:
+            self.fallback.put(key, entry)
+
+    def try_lock(self, key: str) -> str | None:
+        """A token when this process may call the upstream for `key` (or Redis is away)."""
+        token = uuid.uuid4().hex
+        got = self.health.run(
+            lambda: self.client.set(PREFIX + "lock:" + key, token, nx=True, px=int(self.lock_ttl * 1000)),
+            default="down",
+        )
+        if got == "down":
+            return token
+        return token if got else None
+
+    def unlock(self, key: str, token: str) -> None:
+        # Delete only our own lock (it may have expired and been taken by another process).
+        script = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        self.health.run(lambda: self.client.eval(script, 1, PREFIX + "lock:" + key, token))
+
+    def __len__(self) -> int:
+        count = self.health.run(lambda: self.client.dbsize(), default=None)
+        return int(count) if count is not None else len(self.fallback)
+
+
+_BUCKET = """
+local capacity = tonumber(ARGV[1])
+local refill = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local data = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'paused')
+local tokens = tonumber(data[1]) or capacity
+local ts = tonumber(data[2]) or now
+local paused = tonumber(data[3]) or 0
+if now < paused then return {0, tostring(paused - now)} end
+tokens = math.min(capacity, tokens + math.max(0, now - ts) * refill)
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1 ok = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], 120)
+if ok == 1 then return {1, '0'} end
+return {0, tostring((1 - tokens) / refill)}
+"""
+
+
+class RedisRateLimiter:
+    """The deployment-wide limit for one upstream, in one Redis token bucket shared by every
+    process and instance; the process-local limiter takes over while Redis is away."""
+
+    def __init__(self, upstream: str, per_minute: float, health: RedisHealth, local: RateLimiter):
+        self.upstream = upstream
+        self.per_minute = per_minute
+        self.capacity = max(1.0, per_minute / 6) if per_minute > 0 else math.inf
+        self.refill = (per_minute - self.capacity) / 60 if per_minute > 0 else math.inf
+        self.health = health
+        self.local = local
+        self.key = f"{PREFIX}rate:{upstream}"
+        self.rejected = 0
+
+    def acquire(self) -> None:
+        if self.per_minute <= 0:
+            return
+        answer = self.health.run(
+            lambda: self.health.client.eval(_BUCKET, 1, self.key, self.capacity, self.refill, time.time()),
+            default=None,
+        )
+        if answer is None:
+            self.local.acquire()
+            return
+        allowed, wait = int(answer[0]), float(answer[1])
+        if not allowed:
+            self.rejected += 1
+            raise UpstreamRateLimited(
+                self.upstream, f"the proxy's {self.upstream} call budget is spent; try again later",
+                retry_after=max(1, math.ceil(wait)),
+            )
+
+    def pause(self, seconds: float) -> None:
+        self.local.pause(seconds)
+        self.health.run(lambda: self.health.client.hset(self.key, "paused", str(time.time() + seconds)))
+
+    @property
+    def state(self) -> dict:
+        return {"per_minute": self.per_minute, "shared": True, "rejected": self.rejected}

@@ -1,0 +1,101 @@
+"""The shared cache and rate limits on a real redis-server."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from conftest import upstream_calls
+from proxy import config, create_app
+
+RECS = "/v1/amplitude/recommendations?rec_id=testRecId&user_id="
+
+
+@pytest.fixture
+def shared_app(sandboxes, redis_server):
+    redis_server["client"].flushdb()
+
+    def build(**overrides):
+        settings = config.load(
+            overrides={**sandboxes.proxy_settings(), "redis_url": redis_server["url"], **overrides},
+            environ={},
+        )
+        return create_app(settings)
+
+    return build
+
+
+def test_two_instances_share_one_cache(shared_app, sandboxes):
+    first, second = shared_app().test_client(), shared_app().test_client()
+    a = first.get(RECS + "shared1")
+    b = second.get(RECS + "shared1")
+    assert a.headers["X-Cache"] == "MISS" and b.headers["X-Cache"] == "HIT"
+    assert a.get_json()["items"] == b.get_json()["items"]
+    assert upstream_calls(sandboxes) == 1
+
+
+def test_values_are_json_not_pickle_and_keys_hold_no_secret(shared_app, redis_server):
+    shared_app().test_client().get(RECS + "shared2")
+    keys = [k.decode() for k in redis_server["client"].keys("ccproxy:*")]
+    assert keys and all("sandbox-amplitude-secret" not in k for k in keys)
+    value = redis_server["client"].get(next(k for k in keys if "userprofile" in k))
+    assert value.startswith(b"{")
+
+
+def test_negative_ttl_in_redis(shared_app, redis_server):
+    shared_app(cache_ttl_negative=7).test_client().get(RECS + "unknown-r1")
+    key = next(k for k in redis_server["client"].keys("ccproxy:*") if b"unknown-r1" in k)
+    ttl_ms = redis_server["client"].pttl(key)
+    assert 0 < ttl_ms <= (7 + 3600) * 1000  # TTL plus the stale window, not the 300 s of a hit
+
+
+def test_rate_limit_is_shared_across_instances(shared_app, sandboxes):
+    apps = [shared_app(rate_limit_amplitude=12, cache_max_stale=0).test_client() for _ in range(3)]
+    statuses = [apps[i % 3].get(RECS + f"rlshared{i}").status_code for i in range(4)]
+    assert statuses.count(200) == 2 and statuses.count(503) == 2  # a burst of 2 for everyone
+    assert upstream_calls(sandboxes) == 2
+
+
+def test_coalescing_across_instances_through_the_lock(shared_app, sandboxes):
+    import threading
+
+    sandboxes.state("amplitude").latency = 0.3
+    try:
+        apps = [shared_app().test_client() for _ in range(4)]
+        results = []
+        threads = [threading.Thread(target=lambda c=c: results.append(c.get(RECS + "lock1"))) for c in apps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+    finally:
+        sandboxes.state("amplitude").latency = 0
+    assert upstream_calls(sandboxes) == 1
+    assert len({r.get_data() for r in results}) == 1
+
+
+def test_redis_outage_keeps_answering_and_is_reported(sandboxes, tmp_path):
+    import socket
+    import shutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        settings = config.load(overrides={**sandboxes.proxy_settings(),
+                                          "redis_url": f"redis://127.0.0.1:{port}/0"}, environ={})
+        client = create_app(settings).test_client()
+        assert client.get("/readyz").get_json()["cache"] == {"backend": "redis", "reachable": True, "entries": 0}
+        assert client.get(RECS + "outage1").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    r = client.get(RECS + "outage2")
+    assert r.status_code == 200 and r.get_json()["item_count"] == 5
+    ready = client.get("/readyz").get_json()
+    assert ready["cache"]["reachable"] is False and ready["degraded"] is True
