@@ -1,4 +1,4 @@
-"""The `ccproxy` command: serve, demo."""
+"""The `ccproxy` command: serve, demo, warm."""
 
 from __future__ import annotations
 
@@ -60,6 +60,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import auth
+    from .warm import ENDPOINTS, warm
+
+    settings = config.load(config_file=args.config)
+    _path, upstream = ENDPOINTS[args.endpoint]
+    params = dict(p.split("=", 1) for p in args.param)
+    if args.rec_id:
+        params["rec_id"] = args.rec_id
+    if args.flag_keys:
+        params["flag_keys"] = args.flag_keys
+    # Leave a tenth of the upstream's budget to live traffic.
+    rate = args.rate or 0.9 * (getattr(settings, f"rate_limit_{upstream}") or 600)
+    keys = auth.parse_keys(settings.api_keys)
+    api_key = args.api_key or (keys[0] if keys else "")
+    users = Path(args.users)
+    if not users.is_file():
+        print(f"ccproxy: {users} does not exist", file=sys.stderr)
+        return 2
+    print(f"warming {args.endpoint} through {args.url} at {rate:.0f} calls/minute", file=sys.stderr)
+    try:
+        summary = warm(args.url, args.endpoint, users, params, rate, api_key, args.concurrency)
+    except KeyboardInterrupt:
+        return 130
+    print(
+        f"done: {summary.fetched} fetched, {summary.not_found} not found, {summary.failed} failed"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in summary.errors.items())})" if summary.errors else "")
+        + (f"; resumed after {summary.skipped} rows" if summary.skipped else ""),
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -85,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(run=_demo)
+
+    from .warm import ENDPOINTS
+
+    warm = sub.add_parser("warm", help="fill the cache ahead of a send, at the upstream's rate")
+    warm.add_argument("--endpoint", required=True, choices=sorted(ENDPOINTS))
+    warm.add_argument("--users", required=True,
+                      help="CSV with a header of id columns (user_id, device_id, third_party_id, "
+                           "email_hash...) or one user id per line")
+    warm.add_argument("--rec-id", default=None, help="rec_id for recommendations/profile")
+    warm.add_argument("--flag-keys", default=None, help="flag_keys for variants")
+    warm.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other query parameter (repeatable)")
+    warm.add_argument("--url", default="http://127.0.0.1:8080", help="a running proxy")
+    warm.add_argument("--rate", type=float, default=None,
+                      help="calls per minute (default: 90%% of CCPROXY_RATE_LIMIT_<UPSTREAM>)")
+    warm.add_argument("--api-key", default="", help="default: the first of CCPROXY_API_KEYS")
+    warm.add_argument("--concurrency", type=int, default=16)
+    warm.add_argument("--config", default=None)
+    warm.set_defaults(run=_warm)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""The proxy as `ccproxy serve` runs it (gunicorn + gevent), under concurrent load, and its logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import upstream_calls
+from proxy.sandbox import amplitude, experiment, mediarithmics
+from test_cli import free_port, wait_until_up
+
+SECRETS = {
+    "CCPROXY_AMPLITUDE_SECRET_KEY": amplitude.DEFAULT_KEY,
+    "CCPROXY_EXPERIMENT_DEPLOYMENT_KEY": experiment.DEFAULT_KEY,
+    "CCPROXY_MEDIARITHMICS_TOKEN": mediarithmics.DEFAULT_TOKEN,
+    "CCPROXY_API_KEYS": "inbound-key-7d1f9a",
+}
+
+
+@pytest.fixture
+def served(sandboxes):
+    port = free_port()
+    env = {**os.environ, **SECRETS, "CCPROXY_LOG_LEVEL": "DEBUG"}
+    env.update({k.upper() if k.startswith("CCPROXY") else "CCPROXY_" + k.upper(): str(v)
+                for k, v in sandboxes.proxy_settings().items()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_until_up(base, proc)
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {SECRETS['CCPROXY_API_KEYS']}"
+    yield base, session, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def stop_and_read(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=20)[0]
+
+
+def test_200_concurrent_identical_cold_requests_make_one_upstream_call(served, sandboxes):
+    base, _session, _proc = served
+    sandboxes.state("amplitude").latency = 0.3
+    url = f"{base}/v1/amplitude/recommendations?user_id=crowd&rec_id=testRecId"
+
+    def one(_):
+        return requests.get(url, headers={"X-Api-Key": SECRETS["CCPROXY_API_KEYS"]}, timeout=10)
+
+    try:
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            answers = list(pool.map(one, range(200)))
+    finally:
+        sandboxes.state("amplitude").latency = 0
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert upstream_calls(sandboxes) == 1
+
+
+def test_no_secret_in_any_log_line(served, sandboxes):
+    base, session, proc = served
+    # Exercise the paths that log: misses, hits, upstream failures, bad input, auth failures.
+    session.get(f"{base}/v1/amplitude/profile?user_id=testUser&rec_id=testRecId")
+    session.get(f"{base}/v1/amplitude/profile?user_id=testUser&rec_id=testRecId")
+    sandboxes.state("amplitude").set_fault("error", count=1)
+    session.get(f"{base}/v1/amplitude/properties?user_id=failing")
+    session.get(f"{base}/v1/experiment/variants?user_id=u&context=%7Bbad")
+    session.get(f"{base}/v1/mediarithmics/profile?user_point_id=p1")
+    requests.get(f"{base}/v1/amplitude/properties?user_id=x", headers={"Authorization": "Bearer wrong"}, timeout=5)
+    output = stop_and_read(proc)
+    assert "upstream failure" in output  # the logs did record what happened
+    for name, secret in SECRETS.items():
+        for part in secret.split(","):
+            assert part not in output, f"{name} leaked into the logs"
