@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from . import auth, config
+from . import auth, config, observability
 from .cache import Timer
 from .endpoints import Endpoint, load_all
 from .errors import ProxyError, UpstreamError
@@ -18,6 +19,8 @@ from .responses import cache_headers, json_response
 from .services import Services
 
 log = logging.getLogger("ccproxy")
+access_log = logging.getLogger("ccproxy.access")
+REQUEST_ID_HEADER = observability.REQUEST_ID_HEADER
 
 
 def create_app(
@@ -30,6 +33,10 @@ def create_app(
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     services = Services(settings, timer)
     app.extensions["ccproxy"] = services
+    observability.configure_logging(settings.log_level)
+    metrics = observability.Metrics(services)
+    for client in services.clients:
+        client.observe = metrics.observe_upstream
 
     for endpoint in load_all().values():
         app.add_url_rule(
@@ -45,6 +52,39 @@ def create_app(
     app.register_blueprint(messages_bp)
 
     api_keys = auth.parse_keys(settings.api_keys)
+
+    @app.before_request
+    def _begin():
+        # First, so even a refused request has an id and is counted.
+        request.environ["ccproxy.started"] = time.perf_counter()
+        request_id = observability.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request.environ["ccproxy.request_id"] = request_id
+        request.environ["ccproxy.request_id_token"] = observability.set_request_id(request_id)
+
+    @app.after_request
+    def _finish(response):
+        started = request.environ.get("ccproxy.started", time.perf_counter())
+        seconds = time.perf_counter() - started
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        response.headers[REQUEST_ID_HEADER] = request.environ.get("ccproxy.request_id", "")
+        metrics.observe_request(route, response.status_code, seconds)
+        access_log.info("request", extra={"fields": {
+            "method": request.method, "route": route, "path": request.path,
+            # Parameter names only: values are customer ids.
+            "params": sorted(request.args.keys()), "status": response.status_code,
+            "ms": round(seconds * 1000, 2), "cache": response.headers.get("X-Cache", "-"),
+        }})
+        return response
+
+    @app.teardown_request
+    def _forget_request_id(_exc):
+        token = request.environ.pop("ccproxy.request_id_token", None)
+        if token is not None:
+            observability.reset_request_id(token)
+
+    @app.get("/metrics")
+    def metrics_view():
+        return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
     @app.before_request
     def _authenticate():

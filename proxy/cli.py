@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .observability import configure_logging
+
+    configure_logging("INFO")
     try:
         return args.run(args)
     except config.SettingsError as exc:

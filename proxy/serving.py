@@ -54,6 +54,10 @@ def serve(settings: Settings, host: str, port: int, workers: int | None = None, 
         "timeout": 30,
         "loglevel": settings.log_level.lower(),
         "errorlog": "-",
+        # The proxy writes its own JSON access log (with request ids), not gunicorn's.
+        "accesslog": None,
+        # Worker heartbeat files in memory, not on disk.
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         # gunicorn 23+ opens a control socket under $HOME; the proxy writes no files there.
         "control_socket_disable": True,
         **extra,

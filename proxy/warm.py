@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-import requests
-
 ENDPOINTS = {
     "recommendations": ("/v1/amplitude/recommendations", "amplitude"),
     "properties": ("/v1/amplitude/properties", "amplitude"),
@@ -88,6 +86,8 @@ def warm(
     out: TextIO = sys.stderr,
     timeout: float = 5.0,
 ) -> Summary:
+    import requests  # here, not at import: `ccproxy serve` must not load ssl before gevent patches it
+
     path, _upstream = ENDPOINTS[endpoint]
     rows = read_rows(users)
     state = state_path(users, endpoint)

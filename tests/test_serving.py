@@ -24,15 +24,18 @@ SECRETS = {
 
 
 @pytest.fixture
-def served(sandboxes):
+def served(sandboxes, tmp_path):
     port = free_port()
+    # A file, not a pipe: nobody reads a pipe during the test, and a full one blocks the server.
+    log_file = (tmp_path / "serve.log").open("w+")
     env = {**os.environ, **SECRETS, "CCPROXY_LOG_LEVEL": "DEBUG"}
     env.update({k.upper() if k.startswith("CCPROXY") else "CCPROXY_" + k.upper(): str(v)
                 for k, v in sandboxes.proxy_settings().items()})
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env,
     )
+    proc.log_file = log_file
     base = f"http://127.0.0.1:{port}"
     wait_until_up(base, proc)
     session = requests.Session()
@@ -45,7 +48,9 @@ def served(sandboxes):
 
 def stop_and_read(proc) -> str:
     proc.send_signal(signal.SIGTERM)
-    return proc.communicate(timeout=20)[0]
+    proc.wait(20)
+    proc.log_file.seek(0)
+    return proc.log_file.read()
 
 
 def test_200_concurrent_identical_cold_requests_make_one_upstream_call(served, sandboxes):

@@ -10,6 +10,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import quote
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from .. import __version__
+from ..observability import current_request_id
 from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
 from ..errors import (
     NotConfigured,
@@ -97,6 +99,8 @@ class HttpClient:
         self.breaker = CircuitBreaker(self.name, threshold=10**9)
         self.limiter: RateLimiter = RateLimiter(self.name, 0)
         self.retry_budget = RetryBudget()
+        # (upstream, outcome, seconds) for each call; Services plugs the metrics in.
+        self.observe: Callable[[str, str, float], None] = lambda *_: None
 
     def require(self) -> None:
         """Fail clearly (503, naming the setting) when a required setting is empty."""
@@ -131,9 +135,18 @@ class HttpClient:
             except UpstreamError:
                 self.breaker.release()
                 raise
+            started = time.perf_counter()
             try:
-                return self._attempt(method, path, params, headers, json_body, ok_statuses, left)
+                answer = self._attempt(method, path, params, headers, json_body, ok_statuses, left)
+                self.observe(self.name, str(answer[0]), time.perf_counter() - started)
+                return answer
+            except UpstreamError as failed:
+                self.observe(self.name, str(failed.upstream_status or failed.code),
+                             time.perf_counter() - started)
+                raise
             except _Retryable as retryable:
+                self.observe(self.name, str(retryable.error.upstream_status or retryable.error.code),
+                             time.perf_counter() - started)
                 self.breaker.failure()
                 error = retryable.error
                 if retries_left <= 0 or not self._retry_allowed():
@@ -150,6 +163,10 @@ class HttpClient:
     def _attempt(self, method, path, params, headers, json_body, ok_statuses, left):
         url = self.base_url + path
         timeout = (min(self.timeout[0], left), min(self.timeout[1], left))
+        request_id = current_request_id()
+        if request_id:
+            # Lets the upstream's logs be matched with ours.
+            headers = {**(headers or {}), "X-Request-Id": request_id}
         try:
             response = self.session.request(
                 method, url, params=params, headers=headers, json=json_body,

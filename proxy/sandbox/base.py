@@ -32,6 +32,7 @@ class SandboxState:
         self.paths: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()  # sandbox-specific events (e.g. tracked assignments)
         self.last_uri = ""  # the request target exactly as sent, before any decoding
+        self.last_request_id = ""  # X-Request-Id of the last call, to check it is forwarded
         self.fault = "none"
         self.fault_seconds = 0.0
         self.fault_count: int | None = None
@@ -103,6 +104,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
             return None
         fault = state.record(request.path)
         state.last_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI", "")
+        state.last_request_id = request.headers.get("X-Request-Id", "")
         if state.latency:
             time.sleep(state.latency)
         if fault == "slow":

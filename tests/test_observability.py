@@ -1,0 +1,47 @@
+import json
+import logging
+
+RECS = "/v1/amplitude/recommendations?rec_id=testRecId&user_id="
+
+
+def test_request_id_accepted_returned_and_forwarded(client, sandboxes):
+    r = client.get(RECS + "rid1", headers={"X-Request-Id": "braze-abc.123"})
+    assert r.headers["X-Request-Id"] == "braze-abc.123"
+    assert sandboxes.state("amplitude").last_request_id == "braze-abc.123"
+    generated = client.get(RECS + "rid2").headers["X-Request-Id"]
+    assert len(generated) == 32 and sandboxes.state("amplitude").last_request_id == generated
+
+
+def test_unsafe_request_id_is_replaced(client, sandboxes):
+    r = client.get(RECS + "rid3", headers={"X-Request-Id": "x" * 300})
+    assert r.headers["X-Request-Id"] != "x" * 300 and len(r.headers["X-Request-Id"]) == 32
+
+
+def test_metrics_in_prometheus_format(client, sandboxes):
+    client.get(RECS + "m1")
+    client.get(RECS + "m1")
+    sandboxes.state("amplitude").set_fault("error", count=1)
+    client.get(RECS + "m2")
+    client.get(RECS + "m3&rec_type=bad")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'ccproxy_requests_total{route="/v1/amplitude/recommendations",status="200"} 2.0' in text
+    assert 'ccproxy_requests_total{route="/v1/amplitude/recommendations",status="503"} 1.0' in text
+    assert 'ccproxy_requests_total{route="/v1/amplitude/recommendations",status="400"} 1.0' in text
+    assert 'ccproxy_upstream_calls_total{outcome="200",upstream="amplitude"} 1.0' in text
+    assert 'ccproxy_upstream_calls_total{outcome="500",upstream="amplitude"} 1.0' in text
+    assert 'ccproxy_cache_lookups_total{result="HIT"' in text
+    assert "ccproxy_request_seconds_bucket" in text and "ccproxy_upstream_seconds_bucket" in text
+    assert 'ccproxy_breaker_open{upstream="amplitude"' in text
+    assert "ccproxy_limiter_rejections_total" in text
+
+
+def test_json_access_log_without_values_or_secrets(make_app, capsys):
+    client = make_app(log_level="INFO").test_client()
+    client.get(RECS + "private-user-42", headers={"X-Request-Id": "req-1"})
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "ccproxy.access"]
+    assert access and access[-1]["request_id"] == "req-1" and access[-1]["status"] == 200
+    assert access[-1]["params"] == ["rec_id", "user_id"] and access[-1]["cache"] == "MISS"
+    assert "private-user-42" not in json.dumps(access)
+    assert "sandbox-amplitude-secret" not in json.dumps(lines)
+    logging.getLogger("ccproxy").handlers.clear()
