@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,13 +13,11 @@ from . import auth, config, observability
 from .cache import Timer
 from .endpoints import Endpoint, load_all
 from .errors import ProxyError, UpstreamError
-from .guards import end_deadline, start_deadline
+from .middleware import RequestEnvelope
 from .responses import cache_headers, json_response
 from .services import Services
 
 log = logging.getLogger("ccproxy")
-access_log = logging.getLogger("ccproxy.access")
-REQUEST_ID_HEADER = observability.REQUEST_ID_HEADER
 
 
 def create_app(
@@ -51,55 +48,9 @@ def create_app(
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
 
-    api_keys = auth.parse_keys(settings.api_keys)
-
-    @app.before_request
-    def _begin():
-        # First, so even a refused request has an id and is counted.
-        request.environ["ccproxy.started"] = time.perf_counter()
-        request_id = observability.accept_request_id(request.headers.get(REQUEST_ID_HEADER))
-        request.environ["ccproxy.request_id"] = request_id
-        request.environ["ccproxy.request_id_token"] = observability.set_request_id(request_id)
-
-    @app.after_request
-    def _finish(response):
-        started = request.environ.get("ccproxy.started", time.perf_counter())
-        seconds = time.perf_counter() - started
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        response.headers[REQUEST_ID_HEADER] = request.environ.get("ccproxy.request_id", "")
-        metrics.observe_request(route, response.status_code, seconds)
-        access_log.info("request", extra={"fields": {
-            "method": request.method, "route": route, "path": request.path,
-            # Parameter names only: values are customer ids.
-            "params": sorted(request.args.keys()), "status": response.status_code,
-            "ms": round(seconds * 1000, 2), "cache": response.headers.get("X-Cache", "-"),
-        }})
-        return response
-
-    @app.teardown_request
-    def _forget_request_id(_exc):
-        token = request.environ.pop("ccproxy.request_id_token", None)
-        if token is not None:
-            observability.reset_request_id(token)
-
     @app.get("/metrics")
     def metrics_view():
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
-
-    @app.before_request
-    def _authenticate():
-        auth.check(request.path, request.headers, api_keys)
-
-    @app.before_request
-    def _start_deadline():
-        # Every upstream call, retry and coalesced wait of this request fits in this budget.
-        request.environ["ccproxy.deadline"] = start_deadline(settings.request_deadline)
-
-    @app.teardown_request
-    def _end_deadline(_exc):
-        token = request.environ.pop("ccproxy.deadline", None)
-        if token is not None:
-            end_deadline(token)
 
     @app.get("/healthz")
     def healthz():
@@ -110,6 +61,11 @@ def create_app(
         return json_response(readiness(services))
 
     _register_error_handlers(app)
+    routes = [endpoint.path for endpoint in load_all().values()] + [
+        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid"]
+    app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
+        app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes
+    )
     return app
 
 

@@ -17,7 +17,6 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
-from urllib.parse import urlencode
 
 from cachetools import TLRUCache
 
@@ -228,5 +227,16 @@ class AnswerCache:
 
 
 def cache_key(upstream: str, credential: str, operation: str, params: dict[str, str]) -> str:
-    """A stable string key: upstream, credential tag (never the secret), operation, sorted params."""
-    return f"{upstream}:{credential}:{operation}?{urlencode(sorted(params.items()))}"
+    """A stable string key: upstream, credential tag (never the secret), operation, sorted params.
+
+    Parameters are joined with `&` and `=` and percent-encoded only where a value holds
+    `%`, `&` or `=`, so keys stay readable and unambiguous at a fraction of urlencode's cost.
+    """
+    query = "&".join(f"{k}={_escape(v)}" for k, v in sorted(params.items()))
+    return f"{upstream}:{credential}:{operation}?{query}"
+
+
+def _escape(value: str) -> str:
+    if "%" in value or "&" in value or "=" in value:
+        return value.replace("%", "%25").replace("&", "%26").replace("=", "%3D")
+    return value

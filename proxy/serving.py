@@ -2,13 +2,14 @@
 
 Connected Content calls are I/O bound (the proxy mostly waits on an upstream),
 so each worker must hold many requests in flight: gevent gives thousands per
-worker where sync workers give one and gthread a fixed thread count.
+worker where sync workers give one and gthread a fixed thread count (see the
+README and bench/RESULTS.md for the measurements).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from gunicorn.app.base import BaseApplication
 
@@ -20,11 +21,38 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class ProxyServer(BaseApplication):
-    """gunicorn running `create_app(settings)` in each worker (built after the fork)."""
+def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info") -> dict[str, Any]:
+    """The server settings `ccproxy serve` uses (the benchmark's baseline uses them too)."""
+    return {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gevent",
+        "worker_connections": 4000,
+        # Longer than load balancers' idle timeouts so they never reuse a closed socket.
+        "keepalive": 75,
+        # SIGTERM: stop accepting, let in-flight requests finish for up to this long. Idle
+        # keep-alive connections hold a gevent worker until then, and Braze gives up on any
+        # call after 2 s, so a few seconds finish every useful request.
+        "graceful_timeout": 5,
+        "timeout": 30,
+        "backlog": 2048,
+        "loglevel": log_level.lower(),
+        "errorlog": "-",
+        # The proxy writes its own JSON access log (with request ids), not gunicorn's.
+        "accesslog": None,
+        # gunicorn 23+ opens a control socket under $HOME; the proxy writes no files there.
+        "control_socket_disable": True,
+        # Worker heartbeat files in memory, not on disk.
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+    }
 
-    def __init__(self, settings: Settings, options: dict[str, Any]):
-        self.settings = settings
+
+class WsgiServer(BaseApplication):
+    """gunicorn running the app that `load_app()` builds in each worker (after the fork, so
+    after gevent has patched the standard library)."""
+
+    def __init__(self, load_app: Callable[[], Any], options: dict[str, Any]):
+        self.load_app = load_app
         self.options = options
         super().__init__()
 
@@ -34,32 +62,14 @@ class ProxyServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
+        return self.load_app()
+
+
+def serve(settings: Settings, host: str, port: int, workers: int | None = None) -> None:
+    def load_app():
         from . import create_app
 
-        return create_app(self.settings)
+        return create_app(settings)
 
-
-def serve(settings: Settings, host: str, port: int, workers: int | None = None, **extra: Any) -> None:
-    options = {
-        "bind": f"{host}:{port}",
-        "workers": workers or default_workers(),
-        "worker_class": "gevent",
-        "worker_connections": 2000,
-        # Longer than load balancers' idle timeouts so they never reuse a closed socket.
-        "keepalive": 75,
-        # SIGTERM: stop accepting, let in-flight requests finish for up to this long. Idle
-        # keep-alive connections hold a gevent worker until then, and Braze gives up on any
-        # call after 2 s, so a few seconds finish every useful request.
-        "graceful_timeout": 5,
-        "timeout": 30,
-        "loglevel": settings.log_level.lower(),
-        "errorlog": "-",
-        # The proxy writes its own JSON access log (with request ids), not gunicorn's.
-        "accesslog": None,
-        # Worker heartbeat files in memory, not on disk.
-        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
-        # gunicorn 23+ opens a control socket under $HOME; the proxy writes no files there.
-        "control_socket_disable": True,
-        **extra,
-    }
-    ProxyServer(settings, options).run()
+    options = gunicorn_options(host, port, workers or default_workers(), settings.log_level)
+    WsgiServer(load_app, options).run()

@@ -90,3 +90,6 @@ def test_cache_key_sorted_and_secret_free():
     a = cache_key("amplitude", "abcd", "userprofile", {"user_id": "u", "get_recs": "true"})
     b = cache_key("amplitude", "abcd", "userprofile", {"get_recs": "true", "user_id": "u"})
     assert a == b == "amplitude:abcd:userprofile?get_recs=true&user_id=u"
+    tricky = cache_key("a", "c", "op", {"user_id": "x&rec_id=y", "rec_id": "z"})
+    assert tricky == "a:c:op?rec_id=z&user_id=x%26rec_id%3Dy"
+    assert tricky != cache_key("a", "c", "op", {"user_id": "x", "rec_id": "y&rec_id=z"})

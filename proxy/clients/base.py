@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +40,24 @@ class Answer:
 
     data: Any
     missing: bool = False
+
+
+def _compact_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Intern keys and short string values: cached answers repeat the same field names and
+    many of the same values (rec ids, sources, catalogue items), and sharing one string
+    object saves most of a cached entry's memory."""
+    return {sys.intern(k): _shared(v) for k, v in pairs}
+
+
+def _shared(value: Any) -> Any:
+    if type(value) is str:
+        return sys.intern(value) if len(value) <= 48 else value
+    if type(value) is list:
+        return [sys.intern(v) if type(v) is str and len(v) <= 48 else v for v in value]
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_compact_object)
 
 
 class _Retryable(Exception):
@@ -194,7 +213,7 @@ class HttpClient:
         if status not in ok_statuses:
             self.raise_for_status(status, response.headers.get("Retry-After"))
         try:
-            parsed = json.loads(body) if body else None
+            parsed = _DECODER.decode(body.decode("utf-8")) if body else None
         except ValueError:
             self.breaker.failure()
             raise UpstreamBadAnswer(

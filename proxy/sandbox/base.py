@@ -93,6 +93,13 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
             return jsonify({"error": str(exc)}), 400
         return jsonify({"ok": True})
 
+    @app.post("/__sandbox/config")
+    def configure():
+        body = request.get_json(silent=True) or {}
+        if "latency" in body:
+            state.latency = float(body["latency"])
+        return jsonify({"ok": True, "latency": state.latency})
+
     @app.post("/__sandbox/reset")
     def reset():
         state.reset()

@@ -1,0 +1,46 @@
+"""The baseline: a bare Flask `jsonify` endpoint on the same gunicorn settings as the proxy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from proxy.serving import WsgiServer, gunicorn_options  # noqa: E402
+
+# The same flat answer the proxy gives for testUser, so both serialise equal work.
+BODY = {
+    "ok": True, "found": True, "user_id": "testUser", "device_id": "ffff-ffff-ffff-ffff",
+    "rec_id": "testRecId", "child_rec_id": "testRecId",
+    "items": ["cookie", "cracker", "chocolate milk", "donut", "croissant"],
+    "item_1": "cookie", "item_2": "cracker", "item_3": "chocolate milk", "item_4": "donut",
+    "item_5": "croissant", "item_count": 5,
+    "items_joined": "cookie, cracker, chocolate milk, donut, croissant",
+    "is_control": False, "source": "model", "last_updated": "2020-12-22T20:58:40Z",
+}
+
+
+def make_app():
+    from flask import Flask, jsonify
+
+    app = Flask("baseline")
+
+    @app.get("/v1/amplitude/recommendations")
+    def recommendations():
+        return jsonify(BODY)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"ok": True})
+
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    WsgiServer(make_app, gunicorn_options("127.0.0.1", args.port, args.workers, "warning")).run()

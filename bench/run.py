@@ -1,0 +1,303 @@
+"""The proxy's benchmark: one command, every figure measured in the same run, as ratios to a
+baseline measured alongside (these machines are noisy).
+
+    .venv/bin/python bench/run.py            # writes bench/RESULTS.md and bench/latency.png
+
+It starts the sandbox Amplitude upstream (gunicorn + gevent, configurable latency), the
+proxy exactly as `ccproxy serve` runs it, and a bare Flask `jsonify` endpoint on the same
+server settings, then drives them with wrk (Debian's package) through Lua scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+AMPLITUDE_KEY = "sandbox-amplitude-secret"
+WARM_USERS = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=0.5)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wrk(url: str, script: str, connections: int, seconds: int, threads: int = 2,
+        timeout: str = "5s", headers: dict[str, str] | None = None) -> dict:
+    """Run wrk with a Lua script from bench/; its `done` prints one JSON line."""
+    args = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s",
+            f"--timeout={timeout}", "-s", str(HERE / script)]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    output = subprocess.run(args + [url], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    line = next(line for line in output.splitlines() if line.startswith("JSON "))
+    return json.loads(line[5:])
+
+
+def set_latency(sandbox: str, seconds: float) -> None:
+    requests.post(f"{sandbox}/__sandbox/config", json={"latency": seconds}, timeout=5).raise_for_status()
+
+
+def sandbox_calls(sandbox: str) -> int:
+    return requests.get(f"{sandbox}/__sandbox/stats", timeout=5).json()["calls"]
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_memory(entries: int) -> dict:
+    """RSS growth of a process holding `entries` cached recommendation answers, measured in
+    a fresh interpreter so nothing else is in the way."""
+    code = f"""
+import json, gc, time
+from proxy.cache import AnswerCache, MemoryStore, Entry
+from proxy.clients.base import Answer, _DECODER
+from proxy.sandbox.amplitude import _recommendation, _user_data
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1])
+store = MemoryStore({entries} + 10)
+gc.collect(); before = rss()
+for i in range({entries}):
+    who = f'user-{{i}}'
+    data = {{'recommendations': [_recommendation(who, 'testRecId', None, False)],
+             **_user_data(who, ''), 'amp_props': None, 'cohort_ids': None}}
+    # Parsed from JSON by the client's own decoder, as a real answer is.
+    value = Answer(_DECODER.decode(json.dumps({{'userData': data}}))['userData'])
+    store.put(f'amplitude:abcd:userprofile?get_recs=true&rec_id=testRecId&user_id={{who}}',
+              Entry(value, time.monotonic(), 300.0, 3600.0))
+gc.collect(); after = rss()
+print(json.dumps({{'before_kib': before, 'after_kib': after, 'entries': len(store)}}))
+"""
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    result = json.loads(out)
+    grown = (result["after_kib"] - result["before_kib"]) * 1024
+    return {"entries": result["entries"], "mb": grown / 1e6, "bytes_per_entry": grown / entries}
+
+
+def coalescing(proxy: str, sandbox: str, headers: dict[str, str], concurrency: int = 200) -> int:
+    """Upstream calls made for `concurrency` identical cold requests arriving together."""
+    set_latency(sandbox, 0.3)
+    before = sandbox_calls(sandbox)
+    url = f"{proxy}/v1/amplitude/recommendations?rec_id=testRecId&user_id=coalesce-{time.time_ns()}"
+    barrier = threading.Barrier(concurrency)
+
+    def one(_):
+        session = requests.Session()
+        barrier.wait()
+        return session.get(url, headers=headers, timeout=10).status_code
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        statuses = list(pool.map(one, range(concurrency)))
+    assert set(statuses) == {200}, statuses
+    return sandbox_calls(sandbox) - before
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return (f"{os.cpu_count()} cores ({cpu}), {int(mem) // 1024 // 1024} GiB, "
+            f"Python {platform.python_version()}, {wrk_version.strip()}; load generator, proxy and "
+            f"upstream on the same machine")
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["bare", "hit", "upstream_1c", "miss_1c", "miss_256c", "burst_500c"]
+    labels = ["bare Flask\n64 conns", "proxy hit\n64 conns", "upstream alone\n1 conn",
+              "proxy miss\n1 conn", "proxy miss\n256 conns", "Braze burst\n500 conns, 1 s"]
+    p50 = [results[n]["p50_ms"] for n in names]
+    p99 = [results[n]["p99_ms"] for n in names]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_title("connected-content-proxy latency by scenario")
+    ax.legend()
+    for x, (a, b) in enumerate(zip(p50, p99)):
+        ax.text(x + 0.2, b, f"{b:.1f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--latency", type=float, default=0.02, help="upstream latency on the miss path")
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args()
+    out = Path(args.out)
+    procs = Processes()
+    started = time.monotonic()
+    try:
+        sandbox_port, proxy_port, bare_port, alt_port = free_port(), free_port(), free_port(), free_port()
+        sandbox = f"http://127.0.0.1:{sandbox_port}"
+        proxy = f"http://127.0.0.1:{proxy_port}"
+        bare = f"http://127.0.0.1:{bare_port}"
+        # The upstream gets its own workers so it is not what limits the proxy.
+        procs.start([PY, "-m", "proxy.sandbox", "amplitude", "--port", str(sandbox_port),
+                     "--workers", "1", "--latency", str(args.latency)])
+        procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(proxy_port),
+                     "--workers", str(args.workers)],
+                    {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
+                     "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_CACHE_TTL_RECOMMENDATIONS": "3600",
+                     "CCPROXY_LOG_LEVEL": "WARNING", "CCPROXY_REQUEST_DEADLINE": "1.9",
+                     "CCPROXY_UPSTREAM_READ_TIMEOUT": "1.8"})
+        procs.start([PY, str(HERE / "baseline.py"), "--port", str(bare_port), "--workers", str(args.workers)])
+        # For comparison only: the same proxy on gthread workers (2 x 8 threads).
+        alt = f"http://127.0.0.1:{alt_port}"
+        procs.start([PY, str(HERE / "alt_server.py"), "--port", str(alt_port), "--workers", str(args.workers),
+                     "--worker-class", "gthread", "--threads", "8"],
+                    {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
+                     "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_LOG_LEVEL": "WARNING",
+                     "CCPROXY_REQUEST_DEADLINE": "1.9", "CCPROXY_UPSTREAM_READ_TIMEOUT": "1.8"})
+        for url in (sandbox + "/__sandbox/stats", proxy + "/healthz", bare + "/healthz", alt + "/healthz"):
+            wait_up(url)
+
+        results: dict[str, dict] = {}
+        results["bare"] = wrk(bare + "/v1/amplitude/recommendations?user_id=u&rec_id=testRecId",
+                              "fixed.lua", 64, args.seconds)
+        # Hit path: warm WARM_USERS keys, then request them at random.
+        with requests.Session() as session:
+            for i in range(1, WARM_USERS + 1):
+                session.get(f"{proxy}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
+                            timeout=5).raise_for_status()
+        results["hit"] = wrk(proxy, "hit.lua", 64, args.seconds)
+        # Miss path at 1 connection: the proxy against the upstream alone.
+        results["upstream_1c"] = wrk(sandbox, "upstream.lua", 1, max(4, args.seconds // 2),
+                                     headers={"Authorization": f"Api-Key {AMPLITUDE_KEY}"})
+        results["miss_1c"] = wrk(proxy, "miss.lua", 1, max(4, args.seconds // 2))
+        results["miss_256c"] = wrk(proxy, "miss.lua", 256, args.seconds)
+        # Braze burst: 500 connections, 1 s upstream, Braze's 2 s timeout.
+        set_latency(sandbox, 1.0)
+        results["burst_500c"] = wrk(proxy, "miss.lua", 500, max(10, args.seconds), timeout="2s")
+        results["coalesced_calls"] = {"calls": coalescing(proxy, sandbox, {})}
+        # Last: a server with too few threads keeps calling the upstream after wrk stops.
+        set_latency(sandbox, 1.0)
+        results["burst_500c_gthread"] = wrk(alt, "miss.lua", 500, max(10, args.seconds), timeout="2s")
+        results["memory"] = measure_memory(100_000)
+    finally:
+        procs.stop()
+
+    report(results, args, out, time.monotonic() - started)
+
+
+def report(results: dict, args, out: Path, elapsed: float) -> None:
+    bare, hit = results["bare"], results["hit"]
+    up, m1, m256, burst = results["upstream_1c"], results["miss_1c"], results["miss_256c"], results["burst_500c"]
+    hit_ratio = hit["rps"] / bare["rps"]
+    added_p50, added_p99 = m1["p50_ms"] - up["p50_ms"], m1["p99_ms"] - up["p99_ms"]
+    miss_ratio = m256["rps"] / hit["rps"]
+    burst_ok = burst["errors"] == 0 and burst["non_2xx"] == 0 and burst["max_ms"] < 2000
+    memory = results["memory"]
+    calls = results["coalesced_calls"]["calls"]
+
+    def ok(flag: bool) -> str:
+        return "met" if flag else "**not met**"
+
+    rows = [
+        ("hit path: requests/s vs bare Flask", f"{hit['rps']:.0f} vs {bare['rps']:.0f} = **{hit_ratio:.2f}x**",
+         ">= 0.9x", ok(hit_ratio >= 0.9)),
+        ("hit path p50 / p99", f"{hit['p50_ms']:.2f} / {hit['p99_ms']:.2f} ms (bare {bare['p50_ms']:.2f} / {bare['p99_ms']:.2f})",
+         "", ""),
+        (f"miss, 1 conn, upstream {args.latency * 1000:.0f} ms: added p50",
+         f"{m1['p50_ms']:.2f} - {up['p50_ms']:.2f} = **{added_p50:.2f} ms**", "<= 2 ms", ok(added_p50 <= 2)),
+        ("miss, 1 conn: added p99", f"{m1['p99_ms']:.2f} - {up['p99_ms']:.2f} = **{added_p99:.2f} ms**",
+         "<= 10 ms", ok(added_p99 <= 10)),
+        ("miss, 256 conns: requests/s vs hit path", f"{m256['rps']:.0f} vs {hit['rps']:.0f} = **{miss_ratio:.2f}x**",
+         ">= 0.6x", ok(miss_ratio >= 0.6)),
+        ("Braze burst: 500 conns, upstream 1 s", f"{burst['requests']} answers, p50 {burst['p50_ms']:.0f} ms, "
+         f"p99 **{burst['p99_ms']:.0f} ms**, max {burst['max_ms']:.0f} ms, errors {burst['errors']}, "
+         f"non-2xx {burst['non_2xx']}, {burst['rps']:.0f}/s", "all < 2 s, no error", ok(burst_ok)),
+        ("same burst on gthread workers (2 x 8 threads), for comparison",
+         f"{results['burst_500c_gthread']['requests']} answers, {results['burst_500c_gthread']['rps']:.0f}/s, "
+         f"timeouts {results['burst_500c_gthread']['timeouts']}, p99 {results['burst_500c_gthread']['p99_ms']:.0f} ms",
+         "(why gevent)", ""),
+        (f"coalescing: 200 identical cold requests, {args.workers} workers", f"**{calls}** upstream call(s)",
+         "1 per process", ok(calls <= args.workers)),
+        ("memory: 100,000 cached recommendation entries",
+         f"**{memory['mb']:.0f} MB** ({memory['bytes_per_entry']:.0f} bytes each)", "<= 200 MB", ok(memory["mb"] <= 200)),
+    ]
+    lines = [
+        "# Benchmark results", "",
+        f"Machine: {machine()}.", "",
+        f"Command: `.venv/bin/python bench/run.py` ({elapsed:.0f} s; wrk runs of {args.seconds} s; "
+        f"proxy and baseline on gunicorn + gevent, {args.workers} workers each).", "",
+        "| measure | result | target | |", "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
+        "Raw figures (wrk):", "", "```json", json.dumps(results, indent=1), "```", "",
+        "![latency by scenario](latency.png)", "",
+    ]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    chart(results, out / "latency.png")
+    print("\n".join(lines[:12 + len(rows)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The per-request envelope, as one WSGI middleware around the Flask app: request id,
+deadline, inbound auth, metrics and the access log.
+
+It is WSGI rather than Flask hooks because it runs on every request, hits included:
+Flask's hook machinery and context-local lookups cost more than the work itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from . import auth, observability
+from .guards import end_deadline, start_deadline
+
+access_log = logging.getLogger("ccproxy.access")
+_HEADER_ENVIRON = {"Authorization": "HTTP_AUTHORIZATION", "X-Api-Key": "HTTP_X_API_KEY"}
+
+
+class _EnvironHeaders:
+    """The two request headers auth reads, straight from the WSGI environ."""
+
+    def __init__(self, environ: dict):
+        self.environ = environ
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.environ.get(_HEADER_ENVIRON.get(name, ""), default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.environ[_HEADER_ENVIRON[name]]
+
+
+def route_of(path: str, exact: frozenset[str]) -> str:
+    """A low-cardinality route label for metrics and logs."""
+    if path in exact:
+        return path
+    if path.startswith("/v1/render/"):
+        return "/v1/render/<name>"
+    if path.startswith("/v1/preview/render/"):
+        return "/v1/preview/render/<name>"
+    return "unmatched"
+
+
+class RequestEnvelope:
+    def __init__(self, app: Callable, metrics: observability.Metrics, api_keys: list[str],
+                 deadline: float, routes: Iterable[str]):
+        self.app = app
+        self.metrics = metrics
+        self.api_keys = api_keys
+        self.deadline = deadline
+        self.routes = frozenset(routes)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.perf_counter()
+        request_id = observability.accept_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        id_token = observability.set_request_id(request_id)
+        deadline_token = start_deadline(self.deadline)
+        status_holder = ["500"]
+        cache_holder = ["-"]
+
+        def respond(status: str, headers: list, exc_info: Any = None):
+            status_holder[0] = status[:3]
+            headers.append(("X-Request-Id", request_id))
+            for name, value in headers:
+                if name == "X-Cache":
+                    cache_holder[0] = value
+            return start_response(status, headers, exc_info)
+
+        path = environ.get("PATH_INFO", "")
+        try:
+            try:
+                auth.check(path, _EnvironHeaders(environ), self.api_keys)
+            except auth.Unauthorized as refused:
+                body = json.dumps(refused.body()).encode()
+                respond("401 UNAUTHORIZED", [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(body))),
+                                             *refused.headers().items()])
+                return [body]
+            return self.app(environ, respond)
+        finally:
+            end_deadline(deadline_token)
+            seconds = time.perf_counter() - started
+            route = route_of(path, self.routes)
+            status = int(status_holder[0])
+            self.metrics.observe_request(route, status, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("request", extra={"fields": {
+                    "method": environ.get("REQUEST_METHOD"), "route": route, "path": path,
+                    # Parameter names only: values are customer ids.
+                    "params": sorted({p.split("=", 1)[0] for p in environ.get("QUERY_STRING", "").split("&") if p}),
+                    "status": status, "ms": round(seconds * 1000, 2), "cache": cache_holder[0],
+                }})
+            observability.reset_request_id(id_token)
