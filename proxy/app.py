@@ -52,6 +52,12 @@ def create_app(
     def metrics_view():
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
+    @app.get("/openapi.json")
+    def openapi_view():
+        from .openapi import document
+
+        return json_response(document())
+
     @app.get("/healthz")
     def healthz():
         return json_response({"ok": True})
@@ -62,7 +68,7 @@ def create_app(
 
     _register_error_handlers(app)
     routes = [endpoint.path for endpoint in load_all().values()] + [
-        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid"]
+        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid", "/openapi.json"]
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
         app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes
     )

@@ -19,6 +19,24 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Args = Mapping[str, str]
 
+# The JSON Schema of every query parameter, built from the same limits the validators
+# below enforce; the OpenAPI document reads it, so docs and checks cannot disagree.
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+_LIST = {**_ID, "description": f"comma-separated, at most {MAX_LIST_LENGTH} values"}
+PARAM_SCHEMAS: dict[str, dict] = {
+    "user_id": _ID, "device_id": _ID, "rec_id": _LIST, "comp_id": _ID, "cohort_id": _ID,
+    "rec_type": {"type": "string", "enum": ["model", "random"]},
+    "flag_keys": _LIST,
+    "context": {"type": "string", "maxLength": 8192,
+                "description": 'a JSON object, e.g. {"user_properties":{"premium":true}}'},
+    "track": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]},
+    "tntid": _ID, "third_party_id": _ID,
+    "user_point_id": _ID, "user_agent_id": _ID, "email_hash": _ID,
+    "compartment_id": _ID, "user_account_id": _ID,
+    "processing_id": {"type": "string", "pattern": "^[0-9]+$", "maxLength": 32},
+    "format": {"type": "string", "enum": ["html", "text"]},
+}
+
 
 def identifier(args: Args, name: str, *, required: bool = False) -> str | None:
     """One id-like value: at most 256 characters, no control characters."""

@@ -215,6 +215,10 @@ class HttpClient:
         try:
             parsed = _DECODER.decode(body.decode("utf-8")) if body else None
         except ValueError:
+            if not 200 <= status < 300:
+                # An expected error status (e.g. 404) may come with any body: the status says it.
+                self.breaker.success()
+                return status, None
             self.breaker.failure()
             raise UpstreamBadAnswer(
                 self.name, f"{self.name} answered with something that is not JSON",

@@ -34,16 +34,28 @@ class Endpoint:
     handler: Handler
     summary: str
     params: tuple[str, ...] = field(default=())
+    required: tuple[str, ...] = field(default=())
+    answer: Any = None  # the TypedDict of the flat answer: the template contract
+    example: str = ""  # a query string that answers from the sandboxes
 
 
 REGISTRY: dict[str, Endpoint] = {}
 
 
-def endpoint(path: str, summary: str, params: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
-    """Register a handler under its public path (a contract: never rename)."""
+def endpoint(
+    path: str,
+    summary: str,
+    params: tuple[str, ...] = (),
+    *,
+    required: tuple[str, ...] = (),
+    answer: Any = None,
+    example: str = "",
+) -> Callable[[Handler], Handler]:
+    """Register a handler under its public path (a contract: never rename). The OpenAPI
+    document is generated from these registrations, so it cannot drift from them."""
 
     def register(handler: Handler) -> Handler:
-        REGISTRY[path] = Endpoint(path, handler, summary, params)
+        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example)
         return handler
 
     return register

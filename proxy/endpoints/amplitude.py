@@ -52,6 +52,9 @@ def _rec_flags(args, rec_ids: list[str]) -> dict[str, str]:
     "/v1/amplitude/recommendations",
     "Recommendations for one user; top level describes the first rec_id.",
     USER + ("rec_id", "rec_type"),
+    required=("rec_id",),
+    answer=shape.RecommendationsAnswer,
+    example="user_id=testUser&rec_id=testRecId,testRecId2",
 )
 def recommendations(services, args) -> Result:
     rec_ids = params.id_list(args, "rec_id", required=True)
@@ -62,7 +65,8 @@ def recommendations(services, args) -> Result:
     return Result(shape.recommendations(lookup.value.data, rec_ids, user_id, device_id), lookup)
 
 
-@endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER)
+@endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER,
+          answer=shape.PropertiesAnswer, example="user_id=testUser")
 def properties(services, args) -> Result:
     user_id, device_id, lookup = _userprofile(
         services, args, "properties", "/v1/amplitude/properties", {"get_amp_props": "true"}
@@ -74,6 +78,8 @@ def properties(services, args) -> Result:
     "/v1/amplitude/computations",
     "Computed properties as numbers where numeric; comp_id picks one into `value`.",
     USER + ("comp_id",),
+    answer=shape.ComputationsAnswer,
+    example="user_id=testUser&comp_id=testCompId",
 )
 def computations(services, args) -> Result:
     comp_id = params.identifier(args, "comp_id")
@@ -88,6 +94,8 @@ def computations(services, args) -> Result:
     "/v1/amplitude/cohorts",
     "Tracked cohort membership; cohort_id answers `member`.",
     USER + ("cohort_id",),
+    answer=shape.CohortsAnswer,
+    example="user_id=testUser&cohort_id=cohort3",
 )
 def cohorts(services, args) -> Result:
     cohort_id = params.identifier(args, "cohort_id")
@@ -101,6 +109,8 @@ def cohorts(services, args) -> Result:
     "/v1/amplitude/profile",
     "Properties, computations, cohorts and (with rec_id) recommendations from one upstream call.",
     USER + ("rec_id", "rec_type"),
+    answer=shape.ProfileAnswer,
+    example="user_id=testUser&rec_id=testRecId",
 )
 def profile(services, args) -> Result:
     rec_ids = params.id_list(args, "rec_id")

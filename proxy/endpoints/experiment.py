@@ -27,7 +27,9 @@ def evaluation_context(args) -> dict:
 @endpoint(
     "/v1/experiment/variants",
     "Experiment variants and payloads for one user; requested flags without a variant read `off`.",
-    ("user_id", "device_id", "flag_keys", "context", "user_properties.<name>", "track"),
+    ("user_id", "device_id", "flag_keys", "context", "track"),
+    answer=shape.VariantsAnswer,
+    example="user_id=treatment-1&flag_keys=checkout-button,hero-banner&track=false",
 )
 def variants(services, args) -> Result:
     user_id, device_id = params.user_ref(args)

@@ -11,8 +11,8 @@ SELECTOR = ("user_point_id", "user_agent_id", "email_hash", "compartment_id", "u
 
 def processing_id(args, required: bool = False) -> str | None:
     value = params.identifier(args, "processing_id", required=required)
-    if value is not None and not value.isdigit():
-        raise params.BadRequest("processing_id must be a number", code="invalid_parameter")
+    if value is not None and not (value.isdigit() and value.isascii() and len(value) <= 32):
+        raise params.BadRequest("processing_id must be a number of at most 32 digits", code="invalid_parameter")
     return value
 
 
@@ -20,6 +20,8 @@ def processing_id(args, required: bool = False) -> str | None:
     "/v1/mediarithmics/profile",
     "A mediarithmics user profile, nested fields flattened with `_`.",
     SELECTOR,
+    answer=shape.MediarithmicsProfileAnswer,
+    example="user_point_id=up-1",
 )
 def profile(services, args) -> Result:
     selector = params.user_point_selector(args)
@@ -36,6 +38,8 @@ def profile(services, args) -> Result:
     "/v1/mediarithmics/choices",
     "User choices (consents): `choices.processing_<id>` and each choice flattened.",
     SELECTOR + ("processing_id",),
+    answer=shape.ChoicesAnswer,
+    example="email_hash=abc",
 )
 def choices(services, args) -> Result:
     selector = params.user_point_selector(args)
@@ -54,6 +58,9 @@ def choices(services, args) -> Result:
     "/v1/mediarithmics/choices/history",
     "The change log of one user choice, newest first.",
     SELECTOR + ("processing_id",),
+    required=("processing_id",),
+    answer=shape.HistoryAnswer,
+    example="user_point_id=up-2&processing_id=101",
 )
 def choice_history(services, args) -> Result:
     selector = params.user_point_selector(args)

@@ -12,6 +12,8 @@ from . import Result, endpoint
     "/v1/adobe-target/profile",
     "An Adobe Target profile's attributes by tntid or third_party_id.",
     ("tntid", "third_party_id"),
+    answer=shape.TargetProfileAnswer,
+    example="tntid=111492025094307-353046",
 )
 def profile(services, args) -> Result:
     tntid = params.identifier(args, "tntid")

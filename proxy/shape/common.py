@@ -64,21 +64,28 @@ def deep_identifier_keys(value: Any) -> Any:
 
 
 def flatten(value: dict[str, Any], drop_prefix: str = "") -> dict[str, Any]:
-    """Nested objects become `parent_child` keys; `drop_prefix` (e.g. `$`) is removed from keys."""
-    flat: dict[str, Any] = {}
+    """Nested objects become `parent_child` keys; `drop_prefix` (e.g. `$`) is removed from keys.
 
-    def walk(prefix: str, obj: dict[str, Any]) -> None:
-        for key in sorted(obj, key=str):
+    Paths that end up with the same name (`{"a": {"b": 1}, "a_b": 2}`, or `$x` and `x`) all
+    stay, resolved as identifier_keys does: sorted by original path, later ones get `_2`...
+    """
+    pairs: list[tuple[str, tuple[str, ...], Any]] = []
+
+    def walk(prefix: str, path: tuple[str, ...], obj: dict[str, Any]) -> None:
+        for key in obj:
             name = str(key).removeprefix(drop_prefix) if drop_prefix else str(key)
-            full = f"{prefix}_{name}" if prefix else name
+            full = to_identifier(f"{prefix}_{name}" if prefix else name)
             child = obj[key]
             if isinstance(child, dict) and child:
-                walk(full, child)
+                walk(full, path + (str(key),), child)
             else:
-                flat[full] = child
+                pairs.append((full, path + (str(key),), child))
 
-    walk("", value)
-    return deep_identifier_keys(flat)
+    walk("", (), value)
+    flat: dict[str, Any] = {}
+    for name, _path, child in sorted(pairs, key=lambda pair: (pair[0], pair[1])):
+        flat[_free_name(flat, name)] = child
+    return flat
 
 
 def list_fields(items: Iterable[Any], prefix: str = "item") -> dict[str, Any]:

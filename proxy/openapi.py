@@ -1,0 +1,261 @@
+"""The OpenAPI 3.1 document, generated from the endpoint registry (paths, parameters,
+summaries), the parameter schemas in `params.py` and the TypedDicts of the flat answers,
+so it cannot drift from the code; and the README's endpoint reference, generated from it.
+
+    python -m proxy.openapi            # the document as JSON
+    python -m proxy.openapi --markdown # the README reference section
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+import typing
+from typing import Any, get_args, get_origin, get_type_hints
+
+from . import __version__
+from .endpoints import REGISTRY, load_all
+from .params import PARAM_SCHEMAS
+from .shape.amplitude import Recommendation
+
+# Keys a TypedDict cannot name: the numbered list fields.
+PATTERN_PROPERTIES: dict[Any, dict[str, Any]] = {
+    Recommendation: {"^item_[0-9]+$": {}},
+}
+PROVENANCE = {
+    "stale": {"type": "boolean", "description": "older than its TTL: served because the upstream is slow or failing"},
+    "fallback": {"type": "boolean", "description": "operator default content: the data could not be had"},
+}
+ERROR = {
+    "type": "object",
+    "required": ["ok", "error"],
+    "properties": {
+        "ok": {"const": False},
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "pattern": "^[a-z_]+$"},
+                "message": {"type": "string"},
+                "template": {"type": "string"},
+                "line": {"type": ["integer", "null"]},
+            },
+        },
+    },
+}
+HEADERS = {
+    "X-Cache": {"description": "HIT, MISS, STALE or FALLBACK", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "max-age = seconds of freshness left", "schema": {"type": "string"}},
+    "Age": {"description": "seconds since the upstream answered (hits)", "schema": {"type": "string"}},
+    "X-Request-Id": {"description": "the caller's id, or a new one", "schema": {"type": "string"}},
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds before trying again", "schema": {"type": "string"}}}
+
+
+def schema_of(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema of a Python annotation (TypedDicts become `$defs` entries)."""
+    if tp is Any or tp is object:
+        return {}
+    if tp is str:
+        return {"type": "string"}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp) or (Any,)
+        return {"type": "array", "items": schema_of(item, defs)}
+    if origin is dict:
+        _key, value = get_args(tp) or (str, Any)
+        return {"type": "object", "additionalProperties": schema_of(value, defs)}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [schema_of(arg, defs) for arg in get_args(tp)]}
+    if typing.is_typeddict(tp):
+        name = tp.__name__
+        if name not in defs:
+            defs[name] = {}  # placeholder against recursion
+            hints = get_type_hints(tp)
+            patterns = {}
+            # TypedDicts flatten their bases away, so match a base by its keys.
+            for base, extra in PATTERN_PROPERTIES.items():
+                if set(get_type_hints(base)) <= set(hints):
+                    patterns.update(extra)
+            defs[name] = {
+                "type": "object",
+                "properties": {key: schema_of(hint, defs) for key, hint in hints.items()},
+                "required": sorted(tp.__required_keys__),
+                # Strict: a field added to a shaper but not to its TypedDict fails the tests.
+                "additionalProperties": False,
+                **({"patternProperties": patterns} if patterns else {}),
+            }
+        return {"$ref": f"#/components/schemas/{name}"}
+    raise TypeError(f"no JSON Schema for {tp!r}")
+
+
+def _parameter(name: str, required: bool) -> dict[str, Any]:
+    schema = dict(PARAM_SCHEMAS.get(name, {"type": "string"}))
+    description = schema.pop("description", None)
+    param = {"name": name, "in": "query", "required": required, "schema": schema}
+    if description:
+        param["description"] = description
+    return param
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {**({"Retry-After": RETRY_AFTER["Retry-After"]} if retry else {})},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+COMMON_ERRORS = {
+    "400": _error("bad input: missing or malformed parameter"),
+    "401": _error("a valid API key is required"),
+    "502": _error("the upstream refused the proxy's credential, or answered an unexpected 4xx"),
+    "503": _error("transient upstream failure and no stale answer or fallback; or not configured", True),
+}
+
+
+def _json_answer(ref: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "headers": HEADERS,
+            "content": {"application/json": {"schema": ref}}}
+
+
+def _text_answer(description: str) -> dict[str, Any]:
+    return {"description": description, "headers": HEADERS,
+            "content": {"text/html": {"schema": {"type": "string"}},
+                        "text/plain": {"schema": {"type": "string"}}}}
+
+
+def _plain(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document."""
+    load_all()
+    defs: dict[str, Any] = {"Error": ERROR}
+    paths: dict[str, Any] = {}
+    for endpoint in REGISTRY.values():
+        ref = schema_of(endpoint.answer, defs)
+        name = ref["$ref"].rsplit("/", 1)[1]
+        defs[name]["properties"].update(PROVENANCE)
+        defs[name]["required"] = sorted(set(defs[name]["required"]) | set(PROVENANCE))
+        paths[endpoint.path] = {"get": {
+            "summary": endpoint.summary,
+            "operationId": endpoint.path.strip("/").replace("/", "_").replace("-", "_"),
+            "parameters": [_parameter(p, p in endpoint.required) for p in endpoint.params],
+            "responses": {"200": _json_answer(ref, "the flat answer (found: false when unknown)"),
+                          **COMMON_ERRORS},
+            **({"x-example": endpoint.example} if endpoint.example else {}),
+        }}
+    name_param = {"name": "name", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"}}
+    any_params = [_parameter(p, False) for p in ("user_id", "device_id", "rec_id", "flag_keys",
+                                                   "third_party_id", "tntid", "email_hash", "processing_id")]
+    paths["/v1/render/{name}"] = {"get": {
+        "summary": "A message template rendered with the proxy's data (Braze inserts it as text).",
+        "operationId": "v1_render",
+        "parameters": [name_param, _parameter("format", False), *any_params],
+        "responses": {"200": _text_answer("the rendered block"),
+                      "404": _error("no such template"),
+                      "422": _error("the template failed; names the file and line"),
+                      "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"]},
+        "x-example": "recs_block?user_id=testUser",
+    }}
+    paths["/v1/preview/render/{name}"] = {"get": {
+        "summary": "What the preview page shows for one user: both forms, each data call, snippets.",
+        "operationId": "v1_preview_render",
+        "parameters": [name_param, *any_params],
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "html", "text", "calls", "snippets"],
+                                     "properties": {"ok": {"const": True}, "template": {"type": "string"},
+                                                    "html": {"type": "string"}, "text": {"type": "string"},
+                                                    "calls": {"type": "object"}, "snippets": {"type": "object"}}},
+                                    "preview"),
+                      "404": _error("no such template"), "422": _error("the template failed"),
+                      "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"]},
+        "x-example": "hero_banner?user_id=treatment-1",
+    }}
+    paths["/v1/preview/liquid"] = {"post": {
+        "summary": "Render a Braze Liquid message; connected_content resolves against this proxy only.",
+        "operationId": "v1_preview_liquid",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["liquid"],
+            "properties": {"liquid": {"type": "string", "maxLength": 100000},
+                           "attributes": {"type": "object"}}}}}},
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "output", "aborted", "abort_reason", "calls"],
+                                     "properties": {"ok": {"const": True}, "output": {"type": "string"},
+                                                    "aborted": {"type": "boolean"},
+                                                    "abort_reason": {"type": ["string", "null"]},
+                                                    "calls": {"type": "array", "items": {"type": "object"}}}},
+                                    "the rendered message"),
+                      "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
+                      "422": _error("the Liquid does not parse or render")},
+    }}
+    paths["/v1/templates"] = {"get": {
+        "summary": "The message template library.", "operationId": "v1_templates",
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "templates"],
+                                     "properties": {"ok": {"const": True},
+                                                    "templates": {"type": "array", "items": {"type": "object"}}}},
+                                    "templates"), "401": COMMON_ERRORS["401"]},
+    }}
+    for path, summary, op in (("/healthz", "Alive.", "healthz"),
+                              ("/readyz", "Upstreams' configuration, breakers, limiters; cache backend.", "readyz")):
+        paths[path] = {"get": {"summary": summary, "operationId": op,
+                               "responses": {"200": _plain({"type": "object", "required": ["ok"]}, summary)}}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics.", "operationId": "metrics",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               "401": COMMON_ERRORS["401"]}}}
+    paths["/preview"] = {"get": {"summary": "The preview page (HTML).", "operationId": "preview",
+                                 "responses": {"200": {"description": "HTML",
+                                                       "content": {"text/html": {"schema": {"type": "string"}}}},
+                                               "401": COMMON_ERRORS["401"]}}}
+    paths["/openapi.json"] = {"get": {"summary": "This document.", "operationId": "openapi",
+                                      "responses": {"200": _plain({"type": "object"}, "OpenAPI 3.1"),
+                                                    "401": COMMON_ERRORS["401"]}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "connected-content-proxy", "version": __version__,
+                 "description": "Flat, Liquid-friendly JSON for Braze Connected Content. Every key in an "
+                                "answer is a Liquid identifier. Give user_id or device_id where both are listed."},
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "basic": {"type": "http", "scheme": "basic"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
+        },
+        "security": [{"bearer": []}, {"basic": []}, {"apiKey": []}, {}],
+        "paths": paths,
+    }
+
+
+def markdown_reference(base: str = "http://localhost:8080") -> str:
+    """The README's endpoint table, one curl example each, from the document."""
+    doc = document()
+    lines = ["| endpoint | summary | example |", "|---|---|---|"]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            example = op.get("x-example")
+            if example:
+                url = f"{base}{path.split('{')[0]}{example}" if "{" in path else f"{base}{path}?{example}"
+                curl = f"`curl '{url}'`"
+            elif method == "post":
+                curl = (f"`curl {base}{path} -H 'content-type: application/json' "
+                        "-d '{\"liquid\": \"Hi {{${user_id}}}\", \"attributes\": {\"user_id\": \"u1\"}}'`")
+            else:
+                curl = f"`curl '{base}{path}'`"
+            lines.append(f"| `{method.upper()} {path}` | {op['summary']} | {curl} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        sys.stdout.write(markdown_reference())
+    else:
+        json.dump(document(), sys.stdout, indent=2)

@@ -1,0 +1,98 @@
+"""The published contract: valid OpenAPI 3.1, complete, and what the endpoints really answer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+
+from proxy.endpoints import load_all
+from proxy.openapi import document, markdown_reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return document()
+
+
+def validator_for(doc, schema):
+    root = {**schema, "components": doc["components"]}
+    return jsonschema.Draft202012Validator(root)
+
+
+def test_valid_openapi_31(client, doc):
+    validate(doc)
+    assert doc["openapi"] == "3.1.0"
+    assert client.get("/openapi.json").get_json() == doc
+
+
+def test_every_route_is_documented(app, doc):
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        assert path in doc["paths"], f"{rule.rule} is not in the OpenAPI document"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in doc["paths"][path], f"{method} {rule.rule} is not documented"
+
+
+@pytest.mark.parametrize("path", sorted(load_all()))
+def test_every_example_answer_matches_its_schema(client, doc, path):
+    operation = doc["paths"][path]["get"]
+    r = client.get(f"{path}?{operation['x-example']}")
+    assert r.status_code == 200
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    validator_for(doc, schema).validate(r.get_json())
+
+
+def test_not_found_answers_match_too(client, doc):
+    for path, query in (("/v1/amplitude/recommendations", "user_id=unknown-1&rec_id=a"),
+                        ("/v1/amplitude/profile", "user_id=unknown-1"),
+                        ("/v1/adobe-target/profile", "tntid=unknown-1"),
+                        ("/v1/mediarithmics/choices", "email_hash=unknown-1")):
+        schema = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        validator_for(doc, schema).validate(client.get(f"{path}?{query}").get_json())
+
+
+def test_a_field_missing_from_the_typeddict_fails_validation(doc):
+    schema = doc["paths"]["/v1/amplitude/cohorts"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    answer = {"ok": True, "found": True, "user_id": "u", "device_id": "d", "stale": False, "fallback": False,
+              "cohort_ids": [], "cohort_count": 0, "cohort_ids_joined": "", "cohorts": {}, "new_field": 1}
+    with pytest.raises(jsonschema.ValidationError, match="new_field"):
+        validator_for(doc, schema).validate(answer)
+
+
+def test_errors_match_the_error_shape(client, doc):
+    error = validator_for(doc, {"$ref": "#/components/schemas/Error"})
+    for url in ("/v1/amplitude/recommendations?user_id=u", "/v1/nope", "/v1/render/nope?user_id=u",
+                "/v1/mediarithmics/profile?user_point_id=a&email_hash=b"):
+        error.validate(client.get(url).get_json())
+
+
+def test_parameter_constraints_come_from_the_validators(doc):
+    params = {p["name"]: p for p in doc["paths"]["/v1/amplitude/recommendations"]["get"]["parameters"]}
+    assert params["rec_id"]["required"] is True and params["user_id"]["required"] is False
+    assert params["user_id"]["schema"]["maxLength"] == 256
+    assert params["rec_type"]["schema"]["enum"] == ["model", "random"]
+
+
+def test_readme_reference_is_generated_from_the_document():
+    text = README.read_text()
+    start = text.index("<!-- reference:start -->") + len("<!-- reference:start -->\n")
+    end = text.index("<!-- reference:end -->")
+    assert text[start:end] == markdown_reference(), "run: python -m proxy.openapi --markdown"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from dataclasses import fields
+
+    from proxy.config import Settings, env_name
+
+    text = README.read_text()
+    missing = [env_name(f.name) for f in fields(Settings) if env_name(f.name) not in text]
+    assert not missing, f"settings without docs in the README: {missing}"
