@@ -79,6 +79,17 @@ def upstream_calls(sandboxes, name: str = "amplitude") -> int:
     return sandboxes.state(name).calls
 
 
+def all_keys(value):
+    """Every key at every depth of a JSON value."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield key
+            yield from all_keys(child)
+    elif isinstance(value, list):
+        for child in value:
+            yield from all_keys(child)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server (Debian's package, installed by scripts/test) on a free port."""

@@ -2,20 +2,10 @@
 
 import pytest
 
-from conftest import upstream_calls
+from conftest import all_keys, upstream_calls
 from proxy.shape.common import IDENTIFIER
 
 RECS = "/v1/amplitude/recommendations"
-
-
-def all_keys(value):
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield key
-            yield from all_keys(child)
-    elif isinstance(value, list):
-        for child in value:
-            yield from all_keys(child)
 
 
 def test_recommendations_flat_answer(client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import all_keys
 from proxy.shape.common import IDENTIFIER, deep_identifier_keys, flatten, identifier_keys
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
@@ -14,16 +15,6 @@ json_values = st.recursive(
     max_leaves=20,
 )
 objects = st.dictionaries(st.text(max_size=6), json_values, max_size=6)
-
-
-def keys_of(value):
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield key
-            yield from keys_of(child)
-    elif isinstance(value, list):
-        for child in value:
-            yield from keys_of(child)
 
 
 def leaves(value):
@@ -41,7 +32,7 @@ def leaves(value):
 @given(json_values)
 def test_only_identifier_keys_out_and_no_value_lost(value):
     out = deep_identifier_keys(value)
-    assert all(IDENTIFIER.match(k) for k in keys_of(out))
+    assert all(IDENTIFIER.match(k) for k in all_keys(out))
     assert sorted(map(repr, leaves(out))) == sorted(map(repr, leaves(value)))
 
 

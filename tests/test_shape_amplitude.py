@@ -1,6 +1,6 @@
 """Shapers on the seed's saved answers (tests/data/amplitude) and edge cases."""
 
-from conftest import load_json
+from conftest import all_keys, load_json
 
 from proxy.shape import amplitude as shape
 from proxy.shape.common import IDENTIFIER
@@ -8,16 +8,6 @@ from proxy.shape.common import IDENTIFIER
 
 def user_data(name):
     return load_json(f"amplitude/{name}.json").get("userData")
-
-
-def all_keys(value):
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield key
-            yield from all_keys(child)
-    elif isinstance(value, list):
-        for child in value:
-            yield from all_keys(child)
 
 
 def test_recommendations_seed_two_ids():
