@@ -1,4 +1,4 @@
-"""The `ccproxy` command: serve, demo, warm."""
+"""The `ccproxy` command: serve, demo, warm, check."""
 
 from __future__ import annotations
 
@@ -95,6 +95,14 @@ def _warm(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check import report, run_checks
+
+    settings = config.load(config_file=args.config)  # a SettingsError names the bad setting
+    print("configuration: valid", file=sys.stdout)
+    return report(run_checks(settings), sys.stdout)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -120,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(run=_demo)
+
+    check = sub.add_parser("check", help="validate settings and probe each configured upstream once")
+    check.add_argument("--config", default=None, help="TOML settings file (else CCPROXY_CONFIG)")
+    check.set_defaults(run=_check)
 
     from .warm import ENDPOINTS
 
