@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +48,12 @@ def create_app(
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
+    from .writes import bp as writes_bp
+
+    app.register_blueprint(writes_bp)
+    app.config["MAX_CONTENT_LENGTH"] = 1_000_000  # write bodies; larger is a JSON 413
+    services.start_delivery()
+    atexit.register(services.close)
 
     @app.get("/metrics")
     def metrics_view():
@@ -68,7 +75,9 @@ def create_app(
 
     _register_error_handlers(app)
     routes = [endpoint.path for endpoint in load_all().values()] + [
-        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid", "/openapi.json"]
+        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid", "/openapi.json",
+        "/v1/mediarithmics/activities", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent",
+        "/v1/mediarithmics/consent-link", "/v1/mediarithmics/pixel-link"]
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
         app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes
     )
@@ -94,7 +103,14 @@ def readiness(services: Services) -> dict[str, Any]:
     else:
         cache = {"backend": "memory", "reachable": True, "entries": len(services.cache)}
     degraded = not cache["reachable"] or any(u["breaker"] != "closed" for u in upstreams.values())
-    return {"ok": True, "degraded": degraded, "cache": cache, "upstreams": upstreams}
+    answer = {"ok": True, "degraded": degraded, "cache": cache, "upstreams": upstreams}
+    if upstreams["mediarithmics"]["configured"]:
+        try:
+            answer["outbox"] = {"usable": True, **services.outbox.counts()}
+        except ProxyError:
+            answer["outbox"] = {"usable": False}
+            answer["degraded"] = True
+    return answer
 
 
 def _view(endpoint: Endpoint, services: Services):

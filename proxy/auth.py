@@ -11,8 +11,9 @@ from typing import Iterable, Mapping
 
 from .errors import ProxyError
 
-# Load balancers and orchestrators probe these without credentials.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Load balancers probe the first two without credentials; recipients' mail clients and
+# browsers load the pixel and open consent links (those are trusted by their signature).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent"})
 
 
 class Unauthorized(ProxyError):

@@ -1,4 +1,4 @@
-"""The `ccproxy` command: serve, demo, warm, check."""
+"""The `ccproxy` command: serve, demo, warm, check, outbox."""
 
 from __future__ import annotations
 
@@ -45,8 +45,13 @@ def _demo(args: argparse.Namespace) -> int:
     sandboxes = stack.start("127.0.0.1")
     for name, server in sandboxes.servers.items():
         log.info("sandbox %s upstream listening on %s", name, server.url)
-    # The user's settings (keys, TTLs...) with the upstreams wired to the sandboxes.
-    settings = user_settings.replace(**sandboxes.proxy_settings())
+    # The user's settings (keys, TTLs...) with the upstreams wired to the sandboxes, and a
+    # link secret for this run so consent links and pixels work out of the box.
+    import secrets
+
+    settings = user_settings.replace(
+        **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32)
+    )
     base = f"http://{args.host}:{args.port}"
     log.info("ccproxy demo listening on %s", base)
     log.info(
@@ -103,6 +108,24 @@ def _check(args: argparse.Namespace) -> int:
     return report(run_checks(settings), sys.stdout)
 
 
+def _outbox(args: argparse.Namespace) -> int:
+    from .outbox import Outbox
+
+    settings = config.load(config_file=args.config)
+    outbox = Outbox(settings.outbox_path, settings.outbox_max_attempts, settings.outbox_max_backoff)
+    if args.action == "retry":
+        count = outbox.retry(args.id)
+        print(f"requeued {count} dead letter(s)")
+        return 0 if count or not args.id else 1
+    counts = outbox.counts()
+    print("outbox " + settings.outbox_path + ": " +
+          ", ".join(f"{state} {counts.get(state, 0)}" for state in ("queued", "failed", "dead", "delivered")))
+    for write in outbox.list(args.state, args.limit):
+        print(f"{write.id}  {write.state:<9} {write.kind:<8} attempts {write.attempts:<3} "
+              f"{write.method} {write.path}  {write.last_error or ''}")
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -132,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate settings and probe each configured upstream once")
     check.add_argument("--config", default=None, help="TOML settings file (else CCPROXY_CONFIG)")
     check.set_defaults(run=_check)
+
+    outbox = sub.add_parser("outbox", help="list the outbox (dead letters by default) or retry dead letters")
+    outbox.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    outbox.add_argument("id", nargs="?", default=None, help="retry: one write id (default: every dead letter)")
+    outbox.add_argument("--state", default="dead", help="list: queued, failed, dead or delivered ('' for all)")
+    outbox.add_argument("--limit", type=int, default=100)
+    outbox.add_argument("--config", default=None)
+    outbox.set_defaults(run=_outbox)
 
     from .warm import ENDPOINTS
 

@@ -98,6 +98,13 @@ class Settings:
     breaker_reset: float = 10.0
     # Shared cache and rate limits for several processes or machines, e.g. redis://host:6379/0.
     redis_url: str = _secret()
+    # The durable outbox of writes to mediarithmics (SQLite), and its retry policy.
+    outbox_path: str = "ccproxy-outbox.sqlite3"
+    outbox_max_attempts: int = 25
+    outbox_max_backoff: float = 300.0
+    # Signs one-click consent links and email-open pixels (HMAC-SHA256).
+    link_secret: str = _secret()
+    link_ttl_days: float = 30.0
     # TOML file of fallback content per endpoint path (see README, Operations).
     fallbacks_file: str = ""
 

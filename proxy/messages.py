@@ -4,6 +4,7 @@ Braze Liquid previews. Previews never track experiment assignments and never wri
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from typing import Any, Mapping
 from urllib.parse import urlencode, urlsplit
@@ -34,9 +35,27 @@ def _preview_args(args: Mapping[str, str]) -> dict[str, str]:
     return {**args, "track": "false"}
 
 
-def _template_globals() -> dict[str, Any]:
-    # One-click consent links need a link secret; without one, templates show no link.
-    return {"consent_link": lambda accept: ""}
+def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Functions templates may call. consent_link(accept) is a signed one-click link for the
+    recipient in `args` (their selector and processing_id), or "" when links are not set up."""
+    args = dict(args or {})
+
+    def consent_link(accept: bool) -> str:
+        from . import params
+        from .writes import consent_url, current_choice_version
+
+        if not _services().settings.link_secret:
+            return ""
+        try:
+            selector = params.user_point_selector(args)
+            processing = args.get("processing_id") or "101"
+            version = current_choice_version(selector, processing)
+            expires = int(time.time() + _services().settings.link_ttl_days * 86400)
+            return consent_url(selector, processing, bool(accept), version, expires, base_url())
+        except ProxyError:
+            return ""
+
+    return {"consent_link": consent_link}
 
 
 def base_url() -> str:
@@ -54,7 +73,7 @@ def render_template(name: str):
     fmt = request.args.get("format", "html")
     if fmt not in FORMATS:
         raise BadRequest("format must be html or text", code="invalid_parameter")
-    rendered = render(_library(), _services(), name, request.args, [fmt], _template_globals())
+    rendered = render(_library(), _services(), name, request.args, [fmt], _template_globals(request.args))
     mimetype = "text/html" if fmt == "html" else "text/plain"
     response = Response(rendered.output[fmt], mimetype=mimetype)
     response.headers["X-Cache"] = rendered.cache
@@ -68,7 +87,8 @@ def preview_template(name: str):
     library = _library()
     template = library.get(name)
     args = _preview_args(request.args)
-    rendered = render(library, _services(), name, args, template.formats, _template_globals())
+    rendered = render(library, _services(), name, args, template.formats,
+                      _template_globals(template_args(template, args)))
     return json_response({
         "ok": True,
         "template": name,
@@ -133,7 +153,7 @@ def preview_liquid():
             if path.startswith("/v1/render/"):
                 name = path.removeprefix("/v1/render/")
                 fmt = args.get("format", "html") if args.get("format") in FORMATS else "html"
-                rendered = render(library, services, name, args, [fmt], _template_globals())
+                rendered = render(library, services, name, args, [fmt], _template_globals(args))
                 return Fetched(200, rendered.output[fmt], rendered.cache)
         except ProxyError as error:
             return Fetched(error.status, error.body())

@@ -40,6 +40,8 @@ def route_of(path: str, exact: frozenset[str]) -> str:
         return "/v1/render/<name>"
     if path.startswith("/v1/preview/render/"):
         return "/v1/preview/render/<name>"
+    if path.startswith("/v1/mediarithmics/writes/"):
+        return "/v1/mediarithmics/writes/<id>"
     return "unmatched"
 
 

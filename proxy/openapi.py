@@ -197,6 +197,76 @@ def document() -> dict[str, Any]:
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                       "422": _error("the Liquid does not parse or render")},
     }}
+    accepted = {"description": "stored durably in the outbox; delivered in the background",
+                "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["ok", "id", "kind", "state", "status_url"],
+                    "properties": {"ok": {"const": True}, "id": {"type": "string"}, "kind": {"type": "string"},
+                                   "state": {"const": "queued"}, "status_url": {"type": "string"}}}}}}
+    json_body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+    selector = [_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash",
+                                               "compartment_id", "user_account_id")]
+    write_errors = {"400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
+                    "503": _error("mediarithmics is not configured, or the outbox cannot store", True)}
+    paths["/v1/mediarithmics/activities"] = {"post": {
+        "summary": "Queue a user activity (validated: $user_identifiers or a legacy id, $type, $ts).",
+        "operationId": "v1_mediarithmics_activities", "requestBody": json_body,
+        "responses": {"202": accepted, **write_errors}}}
+    paths["/v1/mediarithmics/profile"]["put"] = {
+        "summary": "Queue a user profile update (force_replace / merge_objects as mediarithmics documents).",
+        "operationId": "v1_mediarithmics_profile_put", "requestBody": json_body,
+        "parameters": [*[_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash")],
+                       _parameter("compartment_id", True), _parameter("user_account_id", True),
+                       {"name": "force_replace", "in": "query", "schema": PARAM_SCHEMAS["track"]},
+                       {"name": "merge_objects", "in": "query", "schema": PARAM_SCHEMAS["track"]}],
+        "responses": {"202": accepted, **write_errors}}
+    paths["/v1/mediarithmics/choices"]["put"] = {
+        "summary": "Queue a user choice (needs $choice_acceptance_value).",
+        "operationId": "v1_mediarithmics_choices_put", "requestBody": json_body,
+        "parameters": [*selector, _parameter("processing_id", True)],
+        "responses": {"202": accepted, **write_errors}}
+    paths["/v1/mediarithmics/writes/{write_id}"] = {"get": {
+        "summary": "State of a queued write: queued, delivered, failed (retrying) or dead.",
+        "operationId": "v1_mediarithmics_write",
+        "parameters": [{"name": "write_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "id", "state", "attempts"],
+                                     "properties": {"ok": {"const": True}, "id": {"type": "string"},
+                                                    "kind": {"type": "string"},
+                                                    "state": {"enum": ["queued", "delivered", "failed", "dead"]},
+                                                    "attempts": {"type": "integer"},
+                                                    "last_error": {"type": "string"},
+                                                    "created_at": {"type": "string"},
+                                                    "delivered_at": {"type": "string"}}}, "the write"),
+                      "404": _error("no such write"), "401": COMMON_ERRORS["401"],
+                      "503": write_errors["503"]}}}
+    link_answer = _plain({"type": "object", "required": ["ok", "url"],
+                          "properties": {"ok": {"const": True}, "url": {"type": "string"}}}, "a signed URL")
+    paths["/v1/mediarithmics/consent-link"] = {"get": {
+        "summary": "A signed one-click consent link for an email footer (expiry included in the signature).",
+        "operationId": "v1_mediarithmics_consent_link",
+        "parameters": [*selector, _parameter("processing_id", True),
+                       {"name": "accept", "in": "query", "schema": PARAM_SCHEMAS["track"]},
+                       {"name": "expires", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
+        "responses": {"200": link_answer, **write_errors}}}
+    paths["/v1/mediarithmics/pixel-link"] = {"get": {
+        "summary": "A (signed, when CCPROXY_LINK_SECRET is set) email-open pixel URL.",
+        "operationId": "v1_mediarithmics_pixel_link",
+        "parameters": [*selector, {"name": "event", "in": "query", "required": True,
+                                   "schema": PARAM_SCHEMAS["user_id"]}],
+        "responses": {"200": link_answer, **write_errors}}}
+    paths["/v1/mediarithmics/pixel.gif"] = {"get": {
+        "summary": "Email-open pixel: always a 1x1 GIF; queues an activity with `event` when the input is valid.",
+        "operationId": "v1_mediarithmics_pixel", "security": [{}],
+        "parameters": [*selector, {"name": "event", "in": "query", "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "a 1x1 GIF", "content": {"image/gif": {"schema": {"type": "string"}}}}}}}
+    consent_page = {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
+    paths["/v1/mediarithmics/consent"] = {
+        "get": {"summary": "The page a recipient sees on clicking a consent link (changes nothing).",
+                "operationId": "v1_mediarithmics_consent_page", "security": [{}],
+                "responses": {"200": consent_page, "403": consent_page}},
+        "post": {"summary": "Confirm a consent link; RFC 8058 one-click compatible. Records the choice.",
+                 "operationId": "v1_mediarithmics_consent_confirm", "security": [{}],
+                 "responses": {"200": consent_page, "403": consent_page, "503": consent_page}},
+    }
     paths["/v1/templates"] = {"get": {
         "summary": "The message template library.", "operationId": "v1_templates",
         "responses": {"200": _plain({"type": "object", "required": ["ok", "templates"],

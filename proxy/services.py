@@ -6,6 +6,7 @@ Built once per app by `create_app`; a test app gets fresh ones.
 
 from __future__ import annotations
 
+import logging
 import time
 import tomllib
 from typing import Any, Callable
@@ -17,8 +18,10 @@ from .clients.experiment import ExperimentClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
-from .errors import TransientError
+from .errors import ProxyError, TransientError
 from .guards import CircuitBreaker, RateLimiter, RetryBudget
+
+log = logging.getLogger("ccproxy")
 
 
 def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
@@ -64,6 +67,8 @@ class Services:
             max_stale=settings.cache_max_stale,
         )
         self.fallbacks = load_fallbacks(settings.fallbacks_file)
+        self._outbox = None
+        self.deliverer = None
         self.amplitude = self._guarded(AmplitudeClient(
             self.session, settings.amplitude_url, settings.amplitude_secret_key, **http
         ))
@@ -117,6 +122,47 @@ class Services:
             if fallback is None:
                 raise
             return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+
+    @property
+    def outbox(self):
+        """The durable outbox of writes (opened on first use)."""
+        if self._outbox is None:
+            import sqlite3
+
+            from .outbox import Outbox
+
+            try:
+                self._outbox = Outbox(self.settings.outbox_path, self.settings.outbox_max_attempts,
+                                      self.settings.outbox_max_backoff)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("outbox %s cannot be opened: %s", self.settings.outbox_path, exc)
+                raise ProxyError("the outbox cannot be opened; nothing was recorded",
+                                 code="outbox_unavailable", retry_after=30) from None
+        return self._outbox
+
+    def start_delivery(self) -> None:
+        """Deliver queued writes in the background (each process; leases keep them apart)."""
+        if self.deliverer is not None or not self.settings.outbox_path:
+            return
+        if not all(value for _name, value in self.mediarithmics.required):
+            return
+        from .outbox import Deliverer
+
+        client = self.mediarithmics
+        try:
+            outbox = self.outbox
+        except ProxyError:
+            return  # logged; writes answer 503 and /readyz reports it
+        self.deliverer = Deliverer(
+            outbox, lambda w: client.write(w.method, w.path, w.query, w.body)
+        ).start()
+
+    def close(self) -> None:
+        """Let deliveries in flight finish and be recorded (clean shutdown)."""
+        if self.deliverer is not None:
+            self.deliverer.stop()
+            self.deliverer = None
+        self.cache.drain()
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:
         return self.fallbacks.get(path)

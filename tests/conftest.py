@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,18 @@ class FakeClock:
         self.now += seconds
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _files_stay_in_a_temporary_directory(tmp_path_factory):
+    """Outbox databases and other files the proxy writes go to a scratch directory, never the
+    checkout: apps run with the working directory there, subprocesses inherit it."""
+    workdir = tmp_path_factory.mktemp("workdir")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    os.environ["CCPROXY_OUTBOX_PATH"] = str(workdir / "outbox.sqlite3")
+    yield workdir
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def sandboxes():
     running = stack.start()
@@ -53,16 +66,22 @@ def clock():
 
 
 @pytest.fixture
-def make_app(sandboxes, clock):
+def make_app(sandboxes, clock, tmp_path):
     """Build a proxy app on the sandboxes; keyword overrides change settings."""
 
+    built = []
+
     def build(**overrides):
+        overrides.setdefault("outbox_path", str(tmp_path / f"outbox-{len(built)}.sqlite3"))
         settings = config.load(overrides={**sandboxes.proxy_settings(), **overrides}, environ={})
         app = create_app(settings, timer=clock)
         app.config["TESTING"] = True
+        built.append(app)
         return app
 
-    return build
+    yield build
+    for app in built:
+        app.extensions["ccproxy"].close()
 
 
 @pytest.fixture

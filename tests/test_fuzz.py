@@ -12,6 +12,8 @@ default check runs: no 5xx, status codes, content types, headers and bodies as d
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from schemathesis.checks import positive_data_acceptance
@@ -20,15 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from proxy import config, create_app
 from proxy.openapi import document
 
-EXAMPLES_PER_OPERATION = 60
+EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 OPERATIONS = [
     f"{method.upper()} {path}" for path, item in document()["paths"].items() for method in item
 ]
 
 
 @pytest.fixture(scope="module")
-def fuzz_schema(sandboxes):
-    overrides = {**sandboxes.proxy_settings(), "rate_limit_amplitude": 0, "log_level": "ERROR"}
+def fuzz_schema(sandboxes, tmp_path_factory):
+    overrides = {**sandboxes.proxy_settings(), "rate_limit_amplitude": 0, "log_level": "ERROR",
+                 "link_secret": "fuzz-link-secret", "outbox_path": str(tmp_path_factory.mktemp("fuzz") / "outbox.sqlite3")}
     app = create_app(config.load(overrides=overrides, environ={}))
     return schemathesis.openapi.from_wsgi("/openapi.json", app)
 

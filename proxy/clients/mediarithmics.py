@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..config import credential_id
-from ..errors import UpstreamBadAnswer
+from typing import Any
+
+from ..errors import UpstreamBadAnswer, UpstreamError
 from .base import Answer, HttpClient, path_segment
 
 
@@ -38,6 +40,24 @@ class MediarithmicsClient(HttpClient):
             raise UpstreamBadAnswer(self.name, "mediarithmics answered without the ok envelope")
         data = body.get("data")
         return Answer(data if isinstance(data, list) else [data] if data else [])
+
+    def user_point_path(self, selector: dict[str, str]) -> str:
+        """`/v1/datamarts/<id>/user_points/<selector>`, every part encoded."""
+        return self._user_point(selector)
+
+    def write(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
+        """Send one write (from the outbox). A 4xx raises with the upstream's own message."""
+        status, answer = self.request(
+            method, path, params=query or None, headers=self._headers, json_body=body,
+            ok_statuses=(200, 201, 202, 204, 400, 404, 409, 422),
+        )
+        if status >= 400:
+            message = answer.get("error") if isinstance(answer, dict) else None
+            raise UpstreamError(
+                self.name, f"mediarithmics refused the write: {message or f'HTTP {status}'}",
+                upstream_status=status,
+            )
+        return answer
 
     def profiles(self, selector: dict[str, str]) -> Answer:
         return self._get_list(self._user_point(selector) + "/user_profiles")

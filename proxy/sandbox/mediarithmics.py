@@ -9,6 +9,7 @@ return, as the real API does.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from flask import jsonify, request
@@ -33,12 +34,18 @@ def _error(status: int, message: str, code: str):
     return jsonify({"status": "error", "error": message, "error_code": code}), status
 
 
+ACTIVITY_TYPES = {"TOUCH", "SITE_VISIT", "APP_VISIT", "EMAIL", "DISPLAY_AD", "USER_SCENARIO_NODE_ENTER"}
+
+
 class Store:
-    """User choices by (selector, processing id), seeded on first read."""
+    """User choices by (selector, processing id), seeded on first read; what was written."""
 
     def __init__(self) -> None:
         self.choices: dict[str, dict[str, dict[str, Any]]] = {}
         self.history: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.profiles: dict[str, dict[str, Any]] = {}
+        self.activities: list[dict[str, Any]] = []
+        self.writes: list[tuple[str, str, dict[str, str], Any]] = []  # method, path, query, body
         self.lock = threading.Lock()
 
     def user_choices(self, selector: str) -> dict[str, dict[str, Any]]:
@@ -58,6 +65,13 @@ class Store:
                     # Stored out of order: the proxy must sort newest first.
                     self.history[(selector, pid)] = [older, dict(choice), oldest]
             return self.choices[selector]
+
+
+def _deep_merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(old)
+    for key, value in new.items():
+        merged[key] = _deep_merge(old[key], value) if isinstance(value, dict) and isinstance(old.get(key), dict) else value
+    return merged
 
 
 def _profile(selector: str) -> dict[str, Any]:
@@ -100,7 +114,69 @@ def make_app(token: str = DEFAULT_TOKEN, datamart_id: str = DEFAULT_DATAMART, st
 
     @app.get(prefix + "/user_profiles")
     def profiles(datamart: str, selector: str):
-        return check(datamart, selector) or _ok([_profile(selector)])
+        failed = check(datamart, selector)
+        if failed:
+            return failed
+        with store.lock:
+            stored = [p for key, p in store.profiles.items() if key.startswith(selector + "|")]
+        return _ok(stored or [_profile(selector)])
+
+    def record(body: Any) -> None:
+        with store.lock:
+            store.writes.append((request.method, request.path, dict(request.args), body))
+
+    @app.post("/v1/datamarts/<datamart>/user_activities")
+    def user_activities(datamart: str):
+        if datamart != datamart_id:
+            return _error(403, f"no access to datamart {datamart}", "FORBIDDEN")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or body.get("$type") not in ACTIVITY_TYPES:
+            return _error(400, f"Invalid activity: unknown $type {body.get('$type') if isinstance(body, dict) else None!r}",
+                          "BAD_REQUEST")
+        record(body)
+        with store.lock:
+            store.activities.append(body)
+        return _ok({"$type": body["$type"]})
+
+    @app.put(prefix + "/user_profiles/compartment_id=<compartment>/user_account_id=<account>")
+    def put_profile(datamart: str, selector: str, compartment: str, account: str):
+        failed = check(datamart, selector)
+        if failed:
+            return failed
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return _error(400, "The body must be a user profile object", "BAD_REQUEST")
+        record(body)
+        key = f"{selector}|{compartment}|{account}"
+        with store.lock:
+            current = store.profiles.get(key, {})
+            if request.args.get("force_replace") == "true":
+                merged = dict(body)
+            elif request.args.get("merge_objects") == "true":
+                merged = _deep_merge(current, body)
+            else:
+                merged = {**current, **body}
+            merged.update({"$compartment_id": compartment, "$user_account_id": account})
+            store.profiles[key] = merged
+        return _ok(merged)
+
+    @app.put(prefix + "/user_choices/processing_id=<processing>")
+    def put_choice(datamart: str, selector: str, processing: str):
+        failed = check(datamart, selector)
+        if failed:
+            return failed
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("$choice_acceptance_value"), bool):
+            return _error(400, "A user choice needs $choice_acceptance_value", "BAD_REQUEST")
+        record(body)
+        store.user_choices(selector)
+        with store.lock:
+            previous = store.choices[selector].get(processing, {})
+            stamp = max(int(time.time() * 1000), (previous.get("$choice_ts") or 0) + 1)
+            choice = {**previous, **body, "$processing_id": processing, "$choice_ts": stamp}
+            store.choices[selector][processing] = choice
+            store.history.setdefault((selector, processing), []).append(dict(choice))
+        return _ok(choice)
 
     @app.get(prefix + "/user_choices")
     @app.get(prefix + "/user_choices/processing_id=<processing>")
