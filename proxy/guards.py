@@ -150,7 +150,8 @@ class RateLimiter:
 
     @property
     def state(self) -> dict:
-        return {"per_minute": self.per_minute, "tokens": round(self.tokens, 2),
+        tokens = round(self.tokens, 2) if math.isfinite(self.tokens) else None  # None: no limit
+        return {"per_minute": self.per_minute, "tokens": tokens,
                 "paused": self.timer() < self.paused_until, "rejected": self.rejected}
 
 

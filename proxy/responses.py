@@ -15,7 +15,7 @@ JSON_TYPE = "application/json"
 
 def json_bytes(body: Any) -> bytes:
     # ensure_ascii=False keeps Unicode values readable and the answer smaller.
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -181,3 +181,10 @@ def test_credential_changes_the_cache_key(make_app, sandboxes, clock):
     good.get(f"{RECS}?user_id=u&rec_id=a")
     keys = list(good.application.extensions["ccproxy"].cache.store._data.keys())
     assert keys and all("sandbox-amplitude-secret" not in k for k in keys)
+
+
+def test_non_json_constants_from_upstream_are_refused():
+    from proxy.clients.base import _DECODER
+
+    with pytest.raises(ValueError):
+        _DECODER.decode('{"userData": {"amp_props": {"x": NaN}}}')

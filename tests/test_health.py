@@ -6,6 +6,8 @@ def test_readyz_reports_upstreams_and_cache(make_app, sandboxes):
     assert ready["upstreams"]["amplitude"]["configured"] is True
     assert ready["upstreams"]["target"]["configured"] is False
     assert ready["upstreams"]["amplitude"]["limiter"]["per_minute"] == 600
+    assert ready["upstreams"]["experiment"]["limiter"]["tokens"] is None  # no limit, and valid JSON
+    assert b"Infinity" not in client.get("/readyz").data
     sandboxes.state("amplitude").set_fault("error", count=1)
     client.get("/v1/amplitude/properties?user_id=x")
     ready = client.get("/readyz").get_json()

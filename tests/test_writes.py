@@ -232,3 +232,20 @@ def test_consent_footer_carries_a_working_link(writer):
     assert query["accept"] == ["false"] and query["processing_id"] == ["101"] and "sig" in query
     parts = urlsplit(url)
     assert writer.get(f"{parts.path}?{parts.query}").status_code == 200
+
+
+def test_cli_outbox_lists_and_retries_dead_letters(writer, tmp_path):
+    import subprocess
+    import sys
+
+    r = writer.post("/v1/mediarithmics/activities", json=activity("cli-dead", **{"$type": "NOPE"}))
+    dead = wait_for_state(writer, r.get_json()["id"], ("dead",))
+    path = writer.application.extensions["ccproxy"].settings.outbox_path
+    env = {"CCPROXY_OUTBOX_PATH": path, "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert listed.returncode == 0 and dead["id"] in listed.stdout and "dead 1" in listed.stdout
+    assert "unknown $type 'NOPE'" in listed.stdout
+    retried = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", dead["id"]],
+                             capture_output=True, text=True, env=env, timeout=30)
+    assert retried.returncode == 0 and "requeued 1" in retried.stdout

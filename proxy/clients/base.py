@@ -57,7 +57,12 @@ def _shared(value: Any) -> Any:
     return value
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_compact_object)
+def _no_constants(name: str) -> Any:
+    # NaN and Infinity are not JSON; passing them on would make our own answers invalid.
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_compact_object, parse_constant=_no_constants)
 
 
 class _Retryable(Exception):
