@@ -13,8 +13,8 @@ from werkzeug.exceptions import HTTPException
 from . import auth, config, observability
 from .cache import Timer
 from .endpoints import Endpoint, load_all
-from .errors import ProxyError, UpstreamError
-from .middleware import RequestEnvelope
+from .errors import ProxyError
+from .middleware import RequestEnvelope, log_failure
 from .responses import cache_headers, json_response
 from .services import Services
 
@@ -79,7 +79,8 @@ def create_app(
         "/v1/mediarithmics/activities", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent",
         "/v1/mediarithmics/consent-link", "/v1/mediarithmics/pixel-link"]
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
-        app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes
+        app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes,
+        services, {endpoint.path: endpoint for endpoint in load_all().values()},
     )
     return app
 
@@ -125,12 +126,7 @@ def _view(endpoint: Endpoint, services: Services):
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError):
-        if isinstance(error, UpstreamError):
-            # What failed and how, never the credential or the full upstream URL.
-            log.warning(
-                "upstream failure: upstream=%s code=%s upstream_status=%s path=%s",
-                error.upstream, error.code, error.upstream_status, request.path,
-            )
+        log_failure(error, request.path)
         return json_response(error.body(), error.status, error.headers())
 
     @app.errorhandler(HTTPException)

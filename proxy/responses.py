@@ -10,7 +10,7 @@ from flask import Response
 
 from .cache import Lookup
 
-JSON_TYPE = "application/json"
+JSON_TYPE = "application/json"  # JSON is UTF-8 by definition (RFC 8259): no charset needed
 
 
 def json_bytes(body: Any) -> bytes:
