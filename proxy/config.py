@@ -112,6 +112,9 @@ class Settings:
     upstream_connect_timeout: float = 0.5
     upstream_read_timeout: float = 1.4
     upstream_max_bytes: int = 1_000_000
+    # An egress proxy for upstream calls, e.g. http://proxy.internal:3128 (environment
+    # variables such as HTTPS_PROXY are not read).
+    upstream_proxy: str = _secret()  # may carry credentials
 
     log_level: str = "INFO"
     # Inbound API keys, comma-separated (several for rotation); empty: no auth.

@@ -53,7 +53,7 @@ class Services:
             memory = MemoryStore(settings.cache_maxsize, timer)
             store = RedisStore(self.redis, memory)
         self.timer = timer = timer or time.monotonic
-        self.session = make_session()
+        self.session = make_session(proxy=settings.upstream_proxy)
         http = {
             "connect_timeout": settings.upstream_connect_timeout,
             "read_timeout": settings.upstream_read_timeout,
