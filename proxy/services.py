@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
-from .clients.base import Answer, HttpClient, make_session
+from .clients.base import Answer, HttpClient, make_pool
 from .clients.experiment import ExperimentClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
@@ -53,7 +53,7 @@ class Services:
             memory = MemoryStore(settings.cache_maxsize, timer)
             store = RedisStore(self.redis, memory)
         self.timer = timer = timer or time.monotonic
-        self.session = make_session(proxy=settings.upstream_proxy)
+        self.pool = make_pool(proxy=settings.upstream_proxy)
         http = {
             "connect_timeout": settings.upstream_connect_timeout,
             "read_timeout": settings.upstream_read_timeout,
@@ -70,17 +70,17 @@ class Services:
         self._outbox = None
         self.deliverer = None
         self.amplitude = self._guarded(AmplitudeClient(
-            self.session, settings.amplitude_url, settings.amplitude_secret_key, **http
+            self.pool, settings.amplitude_url, settings.amplitude_secret_key, **http
         ))
         self.experiment = self._guarded(ExperimentClient(
-            self.session, settings.experiment_base_url, settings.experiment_deployment_key, **http
+            self.pool, settings.experiment_base_url, settings.experiment_deployment_key, **http
         ))
         self.target = self._guarded(TargetClient(
-            self.session, settings.target_base_url, settings.target_client_code,
+            self.pool, settings.target_base_url, settings.target_client_code,
             settings.target_token, **http
         ))
         self.mediarithmics = self._guarded(MediarithmicsClient(
-            self.session, settings.mediarithmics_url, settings.mediarithmics_token,
+            self.pool, settings.mediarithmics_url, settings.mediarithmics_token,
             settings.mediarithmics_datamart_id, **http
         ))
 

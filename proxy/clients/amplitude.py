@@ -17,8 +17,8 @@ class AmplitudeClient(HttpClient):
     name = "amplitude"
     path = "/v1/userprofile"
 
-    def __init__(self, session, base_url: str, secret_key: str, **http):
-        super().__init__(session, base_url, **http)
+    def __init__(self, pool, base_url: str, secret_key: str, **http):
+        super().__init__(pool, base_url, **http)
         # Amplitude's documented header form; the key itself never leaves this object.
         self._headers = {"Authorization": f"Api-Key {secret_key}"}
         self.required = (("CCPROXY_AMPLITUDE_SECRET_KEY", secret_key),)

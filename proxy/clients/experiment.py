@@ -13,8 +13,8 @@ class ExperimentClient(HttpClient):
     name = "experiment"
     path = "/v1/vardata"
 
-    def __init__(self, session, base_url: str, deployment_key: str, **http):
-        super().__init__(session, base_url, **http)
+    def __init__(self, pool, base_url: str, deployment_key: str, **http):
+        super().__init__(pool, base_url, **http)
         self._headers = {"Authorization": f"Api-Key {deployment_key}"}
         self.credential = credential_id(deployment_key)
         self.required = (("CCPROXY_EXPERIMENT_DEPLOYMENT_KEY", deployment_key),)

@@ -18,8 +18,8 @@ def selector_path(selector: dict[str, str]) -> str:
 class MediarithmicsClient(HttpClient):
     name = "mediarithmics"
 
-    def __init__(self, session, base_url: str, token: str, datamart_id: str, **http):
-        super().__init__(session, base_url, **http)
+    def __init__(self, pool, base_url: str, token: str, datamart_id: str, **http):
+        super().__init__(pool, base_url, **http)
         # mediarithmics takes the API token raw, with no scheme.
         self._headers = {"Authorization": token}
         self.credential = credential_id(token)

@@ -10,8 +10,8 @@ from .base import Answer, HttpClient, path_segment
 class TargetClient(HttpClient):
     name = "target"
 
-    def __init__(self, session, base_url: str, client_code: str, token: str, **http):
-        super().__init__(session, base_url, **http)
+    def __init__(self, pool, base_url: str, client_code: str, token: str, **http):
+        super().__init__(pool, base_url, **http)
         self.client_code = client_code
         # Profile API authentication is optional (enabled in the Target UI).
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
