@@ -13,3 +13,4 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[bench]'
 .venv/bin/python bench/run.py "$@"
 .venv/bin/python bench/profile_hit.py >/dev/null
+.venv/bin/python bench/profile_miss.py >/dev/null

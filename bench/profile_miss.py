@@ -1,0 +1,72 @@
+"""Where a cache miss's CPU goes, under load: the proxy as `ccproxy serve` runs it (one worker),
+the sandbox upstream, wrk with a distinct user per request, py-spy sampling the worker.
+Also reports each process's CPU share. Writes bench/PROFILE-miss.txt.
+
+    .venv/bin/python bench/profile_miss.py      # needs wrk and py-spy (bench extra)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import AMPLITUDE_KEY, PY, ROOT, Processes, free_port, wait_up  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
+
+
+def main() -> None:
+    procs = Processes()
+    sandbox_port, proxy_port = free_port(), free_port()
+    sandbox, proxy = f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{proxy_port}"
+    try:
+        up = procs.start([PY, "-m", "proxy.sandbox", "amplitude", "--port", str(sandbox_port), "--latency", "0.02"])
+        server = procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(proxy_port), "--workers", "1"],
+                             {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
+                              "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_LOG_LEVEL": "WARNING"})
+        wait_up(sandbox + "/__sandbox/stats")
+        wait_up(proxy + "/healthz")
+        worker = int(subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()[0])
+        up_worker = int(subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()[0])
+        load = subprocess.Popen(["wrk", "-t2", "-c128", "-d10s", "-s", str(HERE / "miss.lua"), proxy],
+                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        before = {name: cpu_seconds(pid) for name, pid in (("proxy worker", worker), ("upstream", up_worker),
+                                                          ("wrk", load.pid))}
+        started = time.monotonic()
+        raw = HERE / "out" / "miss.raw"
+        raw.parent.mkdir(exist_ok=True)
+        subprocess.run([str(Path(PY).parent / "py-spy"), "record", "-d", "5", "-r", "200", "--format", "raw",
+                        "-o", str(raw), "-p", str(worker)], capture_output=True, check=True)
+        elapsed = time.monotonic() - started
+        shares = {name: (cpu_seconds(pid) - before[name]) / elapsed
+                  for name, pid in (("proxy worker", worker), ("upstream", up_worker), ("wrk", load.pid))}
+        summary = next(line for line in load.communicate()[0].splitlines() if line.startswith("JSON "))
+    finally:
+        procs.stop()
+    inclusive, total = Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        for frame in set(stack.split(";")):
+            inclusive[frame] += int(count)
+    lines = ["Cache misses under load (wrk, 128 connections, distinct users, 20 ms upstream); "
+             "py-spy samples of the proxy worker, inclusive share:", "",
+             "wrk: " + summary[5:], "",
+             "CPU (cores) while sampled: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), ""]
+    lines += [f"{n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(40)]
+    (HERE / "PROFILE-miss.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]))
+
+
+if __name__ == "__main__":
+    main()
