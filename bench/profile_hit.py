@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from baseline import make_app as make_bare  # noqa: E402
+
 from proxy import config, create_app  # noqa: E402
 from proxy.sandbox import stack  # noqa: E402
 

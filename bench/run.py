@@ -179,7 +179,7 @@ def chart(results: dict, path: Path) -> None:
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_title("connected-content-proxy latency by scenario")
     ax.legend()
-    for x, (a, b) in enumerate(zip(p50, p99)):
+    for x, b in enumerate(p99):
         ax.text(x + 0.2, b, f"{b:.1f}", ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from typing import Iterable, Mapping
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from .errors import ProxyError
 
@@ -25,11 +26,19 @@ class Unauthorized(ProxyError):
         return {"WWW-Authenticate": 'Basic realm="ccproxy", charset="UTF-8"'}
 
 
+class Headers(Protocol):
+    """What auth reads of a request: Flask's headers, or the WSGI environ's."""
+
+    def get(self, name: str, default: Any = None) -> Any: ...
+
+    def __getitem__(self, name: str) -> Any: ...
+
+
 def parse_keys(raw: str) -> list[str]:
     return [key.strip() for key in raw.split(",") if key.strip()]
 
 
-def presented_key(headers: Mapping[str, str]) -> str | None:
+def presented_key(headers: Headers) -> str | None:
     """The key a caller sent, in whichever of the accepted forms."""
     if headers.get("X-Api-Key"):
         return headers["X-Api-Key"]
@@ -54,7 +63,7 @@ def key_is_valid(presented: str | None, keys: Iterable[str]) -> bool:
     return any(matches)
 
 
-def check(path: str, headers: Mapping[str, str], keys: list[str]) -> None:
+def check(path: str, headers: Headers, keys: list[str]) -> None:
     """Raise Unauthorized unless the request may proceed."""
     if not keys or path in OPEN_PATHS:
         return

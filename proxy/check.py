@@ -6,8 +6,9 @@ credential was accepted, and latency. Exit status 1 on any failure, so it can ga
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 from .config import Settings, mask
 from .errors import NotConfigured, UpstreamAuthError, UpstreamError

@@ -120,7 +120,7 @@ def _outbox(args: argparse.Namespace) -> int:
     counts = outbox.counts()
     print("outbox " + settings.outbox_path + ": " +
           ", ".join(f"{state} {counts.get(state, 0)}" for state in ("queued", "failed", "dead", "delivered")))
-    for write in outbox.list(args.state, args.limit):
+    for write in outbox.list_writes(args.state, args.limit):
         print(f"{write.id}  {write.state:<9} {write.kind:<8} attempts {write.attempts:<3} "
               f"{write.method} {write.path}  {write.last_error or ''}")
     return 0

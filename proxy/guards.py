@@ -10,7 +10,8 @@ import contextvars
 import math
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from .errors import UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 

@@ -9,7 +9,7 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import quote, urlencode
 
 SIGNATURE = "sig"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from liquid import Environment
-from liquid import ast
+from liquid import Environment, ast
 from liquid.exceptions import LiquidError
 from liquid.tag import Tag
 from liquid.token import TOKEN_EXPRESSION, TOKEN_TAG
@@ -72,7 +72,8 @@ class ConnectedContentNode(ast.Node):
         markup = context.env.from_string(self.markup).render(**dict(context.scope))
         url = markup.split()[0] if markup.split() else ""
         save = _SAVE.search(markup)
-        method = (_METHOD.search(markup) or [None, "get"])[1].lower()
+        method_match = _METHOD.search(markup)
+        method = method_match.group(1).lower() if method_match else "get"
         record: dict[str, Any] = {"url": url, "save": save.group(1) if save else None}
         started = time.perf_counter()
         fetched = self._fetch(run, url, method, record)

@@ -5,8 +5,9 @@ Braze Liquid previews. Previews never track experiment assignments and never wri
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from flask import Blueprint, Response, current_app, request

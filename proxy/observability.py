@@ -12,11 +12,12 @@ import contextvars
 import json
 import logging
 import os
+import random
 import re
 import sys
 import time
-import random
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

@@ -22,8 +22,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UpstreamError, UpstreamRateLimited
 
@@ -130,7 +131,7 @@ class Outbox:
             db.close()
         return _write(row) if row else None
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[Write]:
+    def list_writes(self, state: str | None = None, limit: int = 100) -> list[Write]:
         db = self._connect()
         try:
             sql = ("SELECT id, kind, method, path, query, body, state, attempts, last_error, created_at,"
@@ -234,7 +235,7 @@ class Deliverer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Deliverer":
+    def start(self) -> Deliverer:
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
         return self

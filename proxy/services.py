@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
@@ -20,6 +21,9 @@ from .clients.target import TargetClient
 from .config import Settings, SettingsError
 from .errors import ProxyError, TransientError
 from .guards import CircuitBreaker, RateLimiter, RetryBudget
+
+if TYPE_CHECKING:
+    from .outbox import Deliverer, Outbox
 
 log = logging.getLogger("ccproxy")
 
@@ -67,8 +71,8 @@ class Services:
             max_stale=settings.cache_max_stale,
         )
         self.fallbacks = load_fallbacks(settings.fallbacks_file)
-        self._outbox = None
-        self.deliverer = None
+        self._outbox: Outbox | None = None
+        self.deliverer: Deliverer | None = None
         self.amplitude = self._guarded(AmplitudeClient(
             self.pool, settings.amplitude_url, settings.amplitude_secret_key, **http
         ))

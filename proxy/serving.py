@@ -9,7 +9,8 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 

@@ -12,10 +12,11 @@ import csv
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 ENDPOINTS = {
     "recommendations": ("/v1/amplitude/recommendations", "amplitude"),

@@ -10,7 +10,8 @@ import html
 import logging
 import sqlite3
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request

@@ -1,8 +1,8 @@
 """End to end: the proxy app calls the sandbox Amplitude server over loopback HTTP."""
 
 import pytest
-
 from conftest import all_keys, upstream_calls
+
 from proxy.shape.common import IDENTIFIER
 
 RECS = "/v1/amplitude/recommendations"

@@ -1,8 +1,8 @@
 import threading
 
 import pytest
-
 from conftest import FakeClock
+
 from proxy.cache import AnswerCache, MemoryStore, cache_key
 from proxy.errors import UpstreamUnavailable
 

@@ -1,7 +1,6 @@
 """Experiment variants end to end against the sandbox Evaluation API."""
 
 import pytest
-
 from conftest import upstream_calls
 
 URL = "/v1/experiment/variants"

@@ -16,8 +16,8 @@ import os
 
 import pytest
 import schemathesis
-from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from proxy import config, create_app
 from proxy.openapi import document

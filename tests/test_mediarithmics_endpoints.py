@@ -1,7 +1,6 @@
 """mediarithmics read endpoints end to end against the sandbox."""
 
 import pytest
-
 from conftest import upstream_calls
 
 

@@ -14,7 +14,6 @@ from collections import Counter
 
 import pytest
 import requests
-
 from test_cli import free_port, wait_until_up
 
 KEY = "outbox-test-key"

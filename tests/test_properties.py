@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import all_keys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import all_keys
 from proxy.shape.common import IDENTIFIER, deep_identifier_keys, flatten, identifier_keys
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)

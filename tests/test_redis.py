@@ -6,8 +6,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import upstream_calls
+
 from proxy import config, create_app
 
 RECS = "/v1/amplitude/recommendations?rec_id=testRecId&user_id="
@@ -77,8 +77,8 @@ def test_coalescing_across_instances_through_the_lock(shared_app, sandboxes):
 
 
 def test_redis_outage_keeps_answering_and_is_reported(sandboxes, tmp_path):
-    import socket
     import shutil
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import FakeClock, upstream_calls
-from proxy.guards import CircuitBreaker, CircuitOpen, RateLimiter, RetryBudget
+
 from proxy.errors import UpstreamRateLimited
+from proxy.guards import CircuitBreaker, CircuitOpen, RateLimiter, RetryBudget
 
 RECS = "/v1/amplitude/recommendations?rec_id=testRecId&user_id="
 

@@ -1,8 +1,8 @@
 """The sandbox answers like the documented User Profile API (it stands in for it in demo and tests)."""
 
 import requests
-
 from conftest import load_json
+
 from proxy.sandbox import amplitude
 from proxy.sandbox.base import SandboxState
 from proxy.sandbox.server import RunningServer

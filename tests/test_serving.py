@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
 from conftest import upstream_calls
-from proxy.sandbox import amplitude, experiment, mediarithmics
 from test_cli import free_port, wait_until_up
+
+from proxy.sandbox import amplitude, experiment, mediarithmics
 
 SECRETS = {
     "CCPROXY_AMPLITUDE_SECRET_KEY": amplitude.DEFAULT_KEY,

@@ -1,7 +1,6 @@
 """Message templates: listing, rendering per template (found / not found / fallback), errors."""
 
 import pytest
-
 from conftest import upstream_calls
 
 

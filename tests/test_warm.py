@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import upstream_calls
+
 from proxy import config, create_app
 from proxy.sandbox.server import RunningServer
 from proxy.warm import progress_line, read_rows, state_path, warm

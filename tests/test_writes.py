@@ -75,7 +75,7 @@ def test_rejected_write_is_a_dead_letter_and_can_be_retried(writer, sandboxes):
     dead = wait_for_state(writer, r.get_json()["id"], ("dead",))
     assert "unknown $type 'BOGUS'" in dead["last_error"] and dead["attempts"] == 1
     outbox = writer.application.extensions["ccproxy"].outbox
-    assert [w.id for w in outbox.list("dead")] == [dead["id"]]
+    assert [w.id for w in outbox.list_writes("dead")] == [dead["id"]]
     assert outbox.retry(dead["id"]) == 1
     assert wait_for_state(writer, dead["id"], ("dead",))["attempts"] == 1  # rejected again
 

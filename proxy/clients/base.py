@@ -10,16 +10,14 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 from urllib.parse import quote, urlencode
-from typing import Any, Mapping
 
 import urllib3
 
 from .. import __version__
-from ..observability import current_request_id
-from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
 from ..errors import (
     NotConfigured,
     UpstreamAuthError,
@@ -29,6 +27,8 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
+from ..observability import current_request_id
 
 USER_AGENT = f"connected-content-proxy/{__version__}"
 
@@ -79,7 +79,7 @@ def make_pool(pool_size: int = 64, proxy: str = "") -> urllib3.PoolManager:
     merging, environment proxy lookups, hooks) cost more CPU than the HTTP exchange itself.
     Nothing here reads the environment; an egress proxy is explicit (`CCPROXY_UPSTREAM_PROXY`).
     """
-    options = {"num_pools": 16, "maxsize": pool_size, "block": False, "retries": False,
+    options: dict[str, Any] = {"num_pools": 16, "maxsize": pool_size, "block": False, "retries": False,
                "headers": {"User-Agent": USER_AGENT}}
     if proxy:
         return urllib3.ProxyManager(proxy, **options)

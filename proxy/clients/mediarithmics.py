@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import credential_id
 from typing import Any
 
+from ..config import credential_id
 from ..errors import UpstreamBadAnswer, UpstreamError
 from .base import Answer, HttpClient, path_segment
 

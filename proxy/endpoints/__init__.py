@@ -7,15 +7,16 @@ it never sees Flask, so the render layer can call the same handlers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..cache import Lookup
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    body: dict[str, Any]
+    body: Mapping[str, Any]  # one of the answer TypedDicts
     lookup: Lookup | None = None
 
     def final_body(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ class RunningServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
         self.app = app
         self._server = make_server(host, port, app, threaded=True)
-        self._server.daemon_threads = True
+        self._server.daemon_threads = True  # type: ignore[attr-defined]
         self.host, self.port = host, self._server.server_port
         self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -25,7 +25,7 @@ class RunningServer:
         # same stack, and only the owner has the serving thread to stop.
         self._owner_pid = os.getpid()
 
-    def start(self) -> "RunningServer":
+    def start(self) -> RunningServer:
         # Quiet werkzeug's per-request log lines; the sandbox is not the thing under test.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._thread.start()

@@ -21,10 +21,9 @@ from .common import (
 UserData = dict[str, Any]
 
 
-class Recommendation(TypedDict, total=False):
+class RecommendationFields(TypedDict, total=False):
     rec_id: str
     child_rec_id: str
-    found: bool
     items: list[Any]
     item_count: int
     items_joined: str
@@ -34,6 +33,10 @@ class Recommendation(TypedDict, total=False):
     # plus item_1 .. item_N
 
 
+class Recommendation(RecommendationFields, total=False):
+    found: bool
+
+
 class Identity(TypedDict):
     ok: bool
     found: bool
@@ -41,7 +44,7 @@ class Identity(TypedDict):
     device_id: str
 
 
-class RecommendationsAnswer(Identity, Recommendation, total=False):
+class RecommendationsAnswer(Identity, RecommendationFields, total=False):
     recommendations: dict[str, Recommendation]
 
 

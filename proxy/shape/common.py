@@ -7,8 +7,9 @@ authors get wrong (Braze docs), so every key the proxy emits matches IDENTIFIER.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9_]+")
@@ -111,7 +112,7 @@ def iso_from_epoch_seconds(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return ""
     try:
-        moment = datetime.fromtimestamp(value, tz=timezone.utc)
+        moment = datetime.fromtimestamp(value, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return ""
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

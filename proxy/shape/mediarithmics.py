@@ -82,10 +82,15 @@ def choices(data: list[dict[str, Any]] | None, processing_id: str | None = None)
     }
 
 
+def _stamp(entry: dict[str, Any]) -> float:
+    stamp = entry.get("choice_ts")
+    return float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else 0.0
+
+
 def history(data: list[dict[str, Any]] | None, processing_id: str) -> HistoryAnswer:
     """A choice's change log, newest first."""
     entries = [flat_record(e) for e in data or [] if isinstance(e, dict)]
-    entries.sort(key=lambda e: e.get("choice_ts") if isinstance(e.get("choice_ts"), (int, float)) else 0, reverse=True)
+    entries.sort(key=_stamp, reverse=True)
     return {
         "ok": True,
         "found": bool(entries),
