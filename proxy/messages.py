@@ -43,14 +43,14 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     def consent_link(accept: bool) -> str:
         from . import params
-        from .writes import consent_url, current_choice_version
+        from .writes import consent_url, issued_choice_version
 
         if not _services().settings.link_secret:
             return ""
         try:
             selector = params.user_point_selector(args)
             processing = args.get("processing_id") or "101"
-            version = current_choice_version(selector, processing)
+            version = issued_choice_version(selector, processing)
             expires = int(time.time() + _services().settings.link_ttl_days * 86400)
             return consent_url(selector, processing, bool(accept), version, expires, base_url())
         except ProxyError:

@@ -99,6 +99,7 @@ class RequestEnvelope:
         def respond(status: str, headers: list, exc_info: Any = None):
             status_holder[0] = status[:3]
             headers.append(("X-Request-Id", request_id))
+            headers.append(("X-Content-Type-Options", "nosniff"))
             for name, value in headers:
                 if name == "X-Cache":
                     cache_holder[0] = value

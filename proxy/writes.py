@@ -210,9 +210,20 @@ def write_status(write_id: str):
 
 
 def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
-    """The choice's last change (`$choice_ts`), read fresh: a link is valid for this state only."""
+    """The choice's last change (`$choice_ts`), read fresh: confirming a link checks it."""
     answer = _services().mediarithmics.choices(dict(selector), processing)
     stamps = [c.get("$choice_ts") or 0 for c in answer.data or [] if isinstance(c, dict)]
+    return str(max(stamps) if stamps else 0)
+
+
+def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
+    """The same, through the cache: links are made at send time, once per recipient, and a
+    read per link must not cost an upstream call each (a change within the cache TTL only
+    makes the link ask the recipient to use a newer email)."""
+    from .endpoints import call
+
+    done = call(_services(), "/v1/mediarithmics/choices", {**selector, "processing_id": processing})
+    stamps = [c.get("choice_ts") or 0 for c in done.body.get("choices_list", []) if isinstance(c, dict)]
     return str(max(stamps) if stamps else 0)
 
 
@@ -246,7 +257,7 @@ def consent_link():
     selector = params.user_point_selector(args)
     processing = _processing_id(args)
     accept = params.boolean(args, "accept", False)
-    version = current_choice_version(selector, processing)
+    version = issued_choice_version(selector, processing)
     url = consent_url(selector, processing, accept, version, _expiry(args), _base_url())
     return json_response({"ok": True, "url": url}, headers={"Cache-Control": "no-store"})
 

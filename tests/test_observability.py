@@ -45,3 +45,8 @@ def test_json_access_log_without_values_or_secrets(make_app, capsys):
     assert "private-user-42" not in json.dumps(access)
     assert "sandbox-amplitude-secret" not in json.dumps(lines)
     logging.getLogger("ccproxy").handlers.clear()
+
+
+def test_answers_are_not_content_sniffed(client):
+    for url in ("/healthz", RECS + "sniff", "/preview", "/v1/nope"):
+        assert client.get(url).headers["X-Content-Type-Options"] == "nosniff"
