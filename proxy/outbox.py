@@ -84,6 +84,7 @@ def backoff(attempts: int, cap: float = 300.0) -> float:
 
 
 class Outbox:
+    """The write store. Every public method runs its SQLite work off the event loop."""
     def __init__(self, path: str, max_attempts: int = 25, max_backoff: float = 300.0,
                  busy_timeout: float = 2.0):
         # Absolute, so a later change of working directory cannot point it at another file.
@@ -108,6 +109,28 @@ class Outbox:
     def add(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
             timeout: float | None = None) -> str:
         """Store a write durably; its id. Raises sqlite3.Error if it could not be stored."""
+        return off_the_event_loop(self._add_now, kind, method, path, query, body, timeout)
+
+    def get(self, write_id: str) -> Write | None:
+        return off_the_event_loop(self._get_now, write_id)
+
+    def list_writes(self, state: str | None = None, limit: int = 100) -> list[Write]:
+        return off_the_event_loop(self._list_writes_now, state, limit)
+
+    def counts(self) -> dict[str, int]:
+        return off_the_event_loop(self._counts_now)
+
+    def retry(self, write_id: str | None = None) -> int:
+        return off_the_event_loop(self._retry_now, write_id)
+
+    def claim(self, limit: int = 10) -> list[Write]:
+        return off_the_event_loop(self._claim_now, limit)
+
+    def _finish(self, write_id: str, sql: str, args: tuple) -> None:
+        off_the_event_loop(self._finish_now, write_id, sql, args)
+
+    def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
+                 timeout: float | None = None) -> str:
         write_id = uuid.uuid4().hex
         now = time.time()
         db = self._connect(timeout)
@@ -121,7 +144,7 @@ class Outbox:
             db.close()
         return write_id
 
-    def get(self, write_id: str) -> Write | None:
+    def _get_now(self, write_id: str) -> Write | None:
         db = self._connect()
         try:
             row = db.execute(
@@ -131,7 +154,7 @@ class Outbox:
             db.close()
         return _write(row) if row else None
 
-    def list_writes(self, state: str | None = None, limit: int = 100) -> list[Write]:
+    def _list_writes_now(self, state: str | None = None, limit: int = 100) -> list[Write]:
         db = self._connect()
         try:
             sql = ("SELECT id, kind, method, path, query, body, state, attempts, last_error, created_at,"
@@ -145,14 +168,14 @@ class Outbox:
             db.close()
         return [_write(row) for row in rows]
 
-    def counts(self) -> dict[str, int]:
+    def _counts_now(self) -> dict[str, int]:
         db = self._connect()
         try:
             return dict(db.execute("SELECT state, COUNT(*) FROM writes GROUP BY state").fetchall())
         finally:
             db.close()
 
-    def retry(self, write_id: str | None = None) -> int:
+    def _retry_now(self, write_id: str | None = None) -> int:
         """Requeue one dead letter (or all of them); how many were requeued."""
         db = self._connect()
         try:
@@ -166,7 +189,7 @@ class Outbox:
         finally:
             db.close()
 
-    def claim(self, limit: int = 10) -> list[Write]:
+    def _claim_now(self, limit: int = 10) -> list[Write]:
         """Lease up to `limit` due writes to this process."""
         now = time.time()
         db = self._connect()
@@ -185,7 +208,7 @@ class Outbox:
             db.close()
         return [_write(row) for row in rows]
 
-    def _finish(self, write_id: str, sql: str, args: tuple) -> None:
+    def _finish_now(self, write_id: str, sql: str, args: tuple) -> None:
         db = self._connect(timeout=30.0)  # an outcome must be recorded, even on a busy file
         try:
             db.execute(sql + " WHERE id=? AND lease_owner=?", (*args, write_id, self.owner))
@@ -217,6 +240,18 @@ class Outbox:
     def dead(self, write: Write, error: str) -> None:
         self._finish(write.id, "UPDATE writes SET state='dead', attempts=attempts+1, last_error=?,"
                      " lease_owner=NULL, lease_until=NULL", (error,))
+
+
+def off_the_event_loop(function: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking file I/O (SQLite commits fsync) where it cannot stall a gevent worker:
+    in gevent's thread pool when the process is monkey-patched, else right here."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return function(*args)
+    if not monkey.is_module_patched("threading"):
+        return function(*args)
+    return get_hub().threadpool.apply(function, args)
 
 
 def _write(row: tuple) -> Write:
