@@ -25,7 +25,7 @@ def store_of(sandboxes):
 
 @pytest.fixture
 def proxy_process(sandboxes, tmp_path):
-    procs = []
+    procs, logs = [], []
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
     env.update({"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()})
     env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
@@ -34,6 +34,7 @@ def proxy_process(sandboxes, tmp_path):
     def start() -> tuple[subprocess.Popen, str]:
         port = free_port()
         log = (tmp_path / f"serve-{len(procs)}.log").open("w")
+        logs.append(log)
         proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(proc)
@@ -46,6 +47,8 @@ def proxy_process(sandboxes, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+    for log in logs:
+        log.close()
 
 
 def post_activities(base, count):

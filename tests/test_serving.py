@@ -44,6 +44,7 @@ def served(sandboxes, tmp_path):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+    log_file.close()
 
 
 def stop_and_read(proc) -> str:
