@@ -62,9 +62,16 @@ class MessageTemplate:
 
 
 def default_templates_dir() -> Path:
-    """The repository's `templates/` next to the package, else `./templates`."""
-    beside = Path(__file__).resolve().parent.parent / "templates"
-    return beside if beside.is_dir() else Path.cwd() / "templates"
+    """The repository's `templates/` next to the package (a checkout), else the copy a
+    regular install puts in `<prefix>/share/connected-content-proxy/templates`, else
+    `./templates`."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "templates",
+        Path(sys.prefix) / "share" / "connected-content-proxy" / "templates",
+    ):
+        if (candidate / "catalog.toml").is_file():
+            return candidate
+    return Path.cwd() / "templates"
 
 
 class TemplateLibrary:

@@ -101,3 +101,14 @@ def test_preview_render_never_tracks(client, sandboxes):
     assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
     assert "/v1/render/hero_banner?user_id={{${user_id}}}&flag_keys=hero-banner" in body["snippets"]["render_html"]
     assert ":save exp %}" in body["snippets"]["data"]
+
+
+def test_every_template_file_is_installed_with_the_package():
+    """setup.cfg lists the template files for regular installs: none may be forgotten."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = {line.strip() for line in (root / "setup.cfg").read_text().splitlines()
+              if line.strip().startswith("templates/")}
+    on_disk = {f"templates/{p.name}" for p in (root / "templates").iterdir() if p.is_file()}
+    assert listed == on_disk
