@@ -11,7 +11,6 @@ import venv
 from pathlib import Path
 
 import requests
-
 from test_cli import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
