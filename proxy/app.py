@@ -28,8 +28,7 @@ def create_app(
     """Build an app; `settings` is a Settings or a mapping of overrides on env/file settings."""
     if not isinstance(settings, config.Settings):
         settings = config.load(overrides=settings)
-    app = Flask(__name__)
-    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app = Flask(__name__, static_folder=None)  # no static files: the preview page is one HTML file
     services = Services(settings, timer)
     app.extensions["ccproxy"] = services
     observability.configure_logging(settings.log_level)
@@ -75,10 +74,8 @@ def create_app(
         return json_response(readiness(services))
 
     _register_error_handlers(app)
-    routes = [endpoint.path for endpoint in load_all().values()] + [
-        "/healthz", "/readyz", "/metrics", "/preview", "/v1/templates", "/v1/preview/liquid", "/openapi.json",
-        "/v1/mediarithmics/activities", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent",
-        "/v1/mediarithmics/consent-link", "/v1/mediarithmics/pixel-link"]
+    # Metric and log labels: every fixed route; middleware.route_of names the dynamic ones.
+    routes = [rule.rule for rule in app.url_map.iter_rules() if "<" not in rule.rule]
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
         app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes,
         services, {endpoint.path: endpoint for endpoint in load_all().values()},

@@ -50,3 +50,12 @@ def test_json_access_log_without_values_or_secrets(make_app, capsys):
 def test_answers_are_not_content_sniffed(client):
     for url in ("/healthz", RECS + "sniff", "/preview", "/v1/nope"):
         assert client.get(url).headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_every_route_has_a_low_cardinality_label(app):
+    from proxy.middleware import route_of
+
+    envelope = app.wsgi_app
+    for rule in app.url_map.iter_rules():
+        concrete = rule.rule.replace("<name>", "recs_block").replace("<write_id>", "abc")
+        assert route_of(concrete, envelope.routes) != "unmatched", rule.rule
