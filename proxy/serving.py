@@ -16,6 +16,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from .config import Settings
+from .connections import guarded_worker_class
 
 
 def default_workers() -> int:
@@ -95,5 +96,13 @@ def serve(settings: Settings, host: str, port: int, workers: int | None = None) 
         return create_app(settings)
 
     options = gunicorn_options(host, port, workers or default_workers(), settings.log_level)
-    options.update(post_worker_init=_on_worker_start, worker_exit=_on_worker_exit)
+    options.update(
+        post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
+        # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
+        # worker keeps accepting and can shed an idle connection for the new one.
+        worker_class=guarded_worker_class(settings.header_timeout, settings.keepalive_timeout,
+                                          settings.max_connections),
+        worker_connections=settings.max_connections + 1,
+        keepalive=max(1, round(settings.keepalive_timeout)),
+    )
     WsgiServer(load_app, options).run()
