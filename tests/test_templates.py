@@ -99,7 +99,8 @@ def test_preview_render_never_tracks(client, sandboxes):
     body = client.get("/v1/preview/render/hero_banner?user_id=treatment-2").get_json()
     assert body["calls"]["exp"]["body"]["tracked"] is False
     assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
-    assert "/v1/render/hero_banner?user_id={{${user_id}}}&flag_keys=hero-banner" in body["snippets"]["render_html"]
+    assert ("/v1/render/hero_banner?user_id={{${user_id} | url_param_escape}}&flag_keys=hero-banner"
+            in body["snippets"]["render_html"])
     assert ":save exp %}" in body["snippets"]["data"]
 
 
