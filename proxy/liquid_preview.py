@@ -17,11 +17,13 @@ from typing import Any, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
 from liquid import Environment, ast
+from liquid.context import RenderContext
 from liquid.exceptions import LiquidError
 from liquid.tag import Tag
 from liquid.token import TOKEN_EXPRESSION, TOKEN_TAG
 
 from . import braze_filters
+from .liquid_errors import inline_errors
 
 # Braze writes profile attributes as ${name}; Liquid has no such syntax.
 BRAZE_ATTRIBUTE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -261,6 +263,7 @@ def render_liquid(
     env.preview_run = PreviewRun(resolver, {h.lower() for h in allowed_hosts})
     aborted, reason, output = False, None, ""
     template = env.from_string(braze_to_liquid(source, content_blocks))
+    inline_errors(template, RenderContext(template))
     try:
         output = template.render(**liquid_context(attributes))
     except MessageAborted as abort:

@@ -111,5 +111,5 @@ def test_every_template_file_is_installed_with_the_package():
     root = Path(__file__).resolve().parent.parent
     listed = {line.strip() for line in (root / "setup.cfg").read_text().splitlines()
               if line.strip().startswith("templates/")}
-    on_disk = {f"templates/{p.name}" for p in (root / "templates").iterdir() if p.is_file()}
+    on_disk = {p.relative_to(root).as_posix() for p in (root / "templates").rglob("*") if p.is_file()}
     assert listed == on_disk
