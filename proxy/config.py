@@ -135,6 +135,11 @@ class Settings:
     templates_dir: str = ""
     # The proxy's public base URL, used in Braze snippets and allowed in Liquid previews.
     public_url: str = ""
+    # The Braze expression that yields a recipient's email_hash in snippets: it must hash
+    # the way the mediarithmics datamart does.
+    email_hash_liquid: str = "{{${email_address} | downcase | sha2}}"
+    # The Braze Connected Content credential snippets name in `:basic_auth` (when keys are on).
+    braze_credential: str = "ccproxy"
 
     def rate_limit(self, upstream: str) -> float:
         """Calls per minute this process may make (the deployment's limit split over workers)."""

@@ -12,19 +12,31 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from liquid import Environment, ast
+from liquid.context import RenderContext
 from liquid.exceptions import LiquidError
 from liquid.tag import Tag
 from liquid.token import TOKEN_EXPRESSION, TOKEN_TAG
 
+from . import braze_filters
+from .liquid_errors import inline_errors
+
 # Braze writes profile attributes as ${name}; Liquid has no such syntax.
 BRAZE_ATTRIBUTE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ATTRIBUTES_VAR = "braze_attributes"
-_SAVE = re.compile(r":save\s+([A-Za-z_][A-Za-z0-9_]*)")
-_METHOD = re.compile(r":method\s+([A-Za-z]+)")
+# Braze's attribute namespaces: `custom_attribute.${Loyalty Tier}` and the like.
+NAMESPACES = ("custom_attribute", "event_properties", "canvas_entry_properties", "campaign")
+_NAMESPACED = re.compile(r"\b(" + "|".join(NAMESPACES) + r")\.\$\{([^}]+)\}")
+_CONTENT_BLOCK = re.compile(r"\{\{\s*content_blocks\.\$\{([A-Za-z0-9_-]+)\}\s*\}\}")
+_CONTENT_BLOCK_DEPTH = 10
+_OPTION = re.compile(r"\s*:([A-Za-z_]+)")
+# connected_content options Braze documents; others are reported on the call.
+CC_OPTIONS = {"save": True, "basic_auth": True, "headers": True, "cache_max_age": True,
+              "retry": False, "content_type": True, "method": True, "body": True, "no_cache": False}
 _ABORT = re.compile(r"""^\(\s*(?:"([^"]*)"|'([^']*)')?\s*\)$""")
 
 
@@ -70,22 +82,26 @@ class ConnectedContentNode(ast.Node):
         run: PreviewRun = context.env.preview_run
         # The tag's markup may itself hold Liquid ({{${user_id}}}): render it first.
         markup = context.env.from_string(self.markup).render(**dict(context.scope))
-        url = markup.split()[0] if markup.split() else ""
-        save = _SAVE.search(markup)
-        method_match = _METHOD.search(markup)
-        method = method_match.group(1).lower() if method_match else "get"
-        record: dict[str, Any] = {"url": url, "save": save.group(1) if save else None}
+        url, options, problems = parse_options(markup)
+        save = options.get("save")
+        method = str(options.get("method") or "get").lower()
+        record: dict[str, Any] = {"url": url, "save": save, "options": options}
+        if problems:
+            record["problems"] = problems
         started = time.perf_counter()
         fetched = self._fetch(run, url, method, record)
         record.update({"status": fetched.status, "cache": fetched.cache,
                        "ms": round((time.perf_counter() - started) * 1000, 2)})
         run.calls.append(record)
+        if fetched.status >= 500 and "retry" in options:
+            # Braze retries up to 5 times, then aborts the message (Connected Content docs).
+            raise MessageAborted(f"connected_content {url} failed with {fetched.status} after :retry")
         if save:
             value = fetched.body
             if isinstance(value, dict):
                 # Braze adds the status to a parsed JSON object.
                 value = {**value, "__http_status_code__": fetched.status}
-            context.assign(save.group(1), value)
+            context.assign(str(save), value)
             return 0
         if "refused" in record:
             return 0
@@ -152,8 +168,37 @@ class AbortMessageTag(Tag):
         return self.node_class(token, match.group(1) or match.group(2) or "")
 
 
-def _json_escape(value: Any) -> str:
-    return json.dumps(str(value))[1:-1]
+def parse_options(markup: str) -> tuple[str, dict[str, Any], list[str]]:
+    """`<url> :save x :headers {...} :retry` -> (url, {option: value}, problems)."""
+    url, _, rest = markup.strip().partition(" ")
+    options: dict[str, Any] = {}
+    problems: list[str] = []
+    position = 0
+    while position < len(rest):
+        match = _OPTION.match(rest, position)
+        if not match:
+            problems.append(f"unexpected text {rest[position:].strip()[:40]!r}")
+            break
+        name, position = match.group(1), match.end()
+        if name not in CC_OPTIONS:
+            problems.append(f"unknown option :{name}")
+        value: Any = True
+        if CC_OPTIONS.get(name, True):
+            position = len(rest) - len(rest[position:].lstrip())
+            if rest.startswith("{", position):
+                try:
+                    value, position = json.JSONDecoder().raw_decode(rest, position)
+                except json.JSONDecodeError:
+                    problems.append(f":{name} needs a JSON object")
+                    break
+            else:
+                end = rest.find(" ", position)
+                end = len(rest) if end < 0 else end
+                value, position = rest[position:end], end
+        options[name] = value
+    if "cache_max_age" in options and not str(options["cache_max_age"]).isdigit():
+        problems.append(":cache_max_age takes seconds")
+    return url, options, problems
 
 
 class PreviewEnvironment(Environment):
@@ -165,26 +210,62 @@ class PreviewEnvironment(Environment):
         super().setup_tags_and_filters(extra=extra)
         self.add_tag(ConnectedContentTag)
         self.add_tag(AbortMessageTag)
-        self.add_filter("url_param_escape", lambda v: quote(str(v), safe=""))
-        self.add_filter("json_escape", _json_escape)
-        self.add_filter("property_accessor", lambda obj, key: obj.get(key) if isinstance(obj, dict) else None)
+        braze_filters.register(self)
 
 
-def braze_to_liquid(source: str) -> str:
-    """`{{${user_id}}}` -> `{{braze_attributes.user_id}}`."""
+def braze_to_liquid(source: str, blocks: Path | None = None) -> str:
+    """`{{${user_id}}}` -> `{{braze_attributes.user_id}}`, `custom_attribute.${a b}` ->
+    `custom_attribute["a b"]`, `{{content_blocks.${name}}}` -> the block's Liquid."""
+    source = include_content_blocks(source, blocks)
+    source = _NAMESPACED.sub(lambda m: f"{m.group(1)}[{json.dumps(m.group(2))}]", source)
     return BRAZE_ATTRIBUTE.sub(rf"{ATTRIBUTES_VAR}.\1", source)
 
 
+def include_content_blocks(source: str, blocks: Path | None, depth: int = 0) -> str:
+    """Braze inlines a Content Block's Liquid where `{{content_blocks.${name}}}` stands; blocks
+    are `<name>.liquid` files in `blocks` and may include others (at most 10 deep)."""
+
+    def block(match: re.Match[str]) -> str:
+        name = match.group(1)
+        path = blocks / f"{name}.liquid" if blocks else None
+        if path is None or not path.is_file():
+            raise LiquidError(f"no content block named {name!r}", token=None)
+        if depth >= _CONTENT_BLOCK_DEPTH:
+            raise LiquidError("content blocks nested more than 10 deep", token=None)
+        return include_content_blocks(path.read_text(encoding="utf-8"), blocks, depth + 1)
+
+    return _CONTENT_BLOCK.sub(block, source)
+
+
+def liquid_context(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The preview's attributes as Liquid variables: standard attributes under
+    `braze_attributes`, namespaces (`custom_attribute`…) as objects, either nested
+    (`{"custom_attribute": {"tier": "gold"}}`) or dotted (`{"custom_attribute.tier": "gold"}`)."""
+    standard: dict[str, Any] = {}
+    spaces: dict[str, dict[str, Any]] = {ns: {} for ns in NAMESPACES}
+    for key, value in attributes.items():
+        space, dot, name = str(key).partition(".")
+        if space in spaces and dot:
+            spaces[space][name] = value
+        elif key in spaces and isinstance(value, dict):
+            spaces[key].update(value)
+        else:
+            standard[key] = value
+    return {ATTRIBUTES_VAR: standard, **spaces}
+
+
 def render_liquid(
-    source: str, attributes: dict[str, Any], resolver: Resolver, allowed_hosts: set[str]
+    source: str, attributes: dict[str, Any], resolver: Resolver, allowed_hosts: set[str],
+    content_blocks: Path | None = None,
 ) -> dict[str, Any]:
     """Render a Braze message; the answer shape of POST /v1/preview/liquid."""
     env = PreviewEnvironment()
     env.preview_run = PreviewRun(resolver, {h.lower() for h in allowed_hosts})
     aborted, reason, output = False, None, ""
-    template = env.from_string(braze_to_liquid(source))
+    template = env.from_string(braze_to_liquid(source, content_blocks))
+    inline_errors(template, RenderContext(template))
     try:
-        output = template.render(**{ATTRIBUTES_VAR: attributes})
+        output = template.render(**liquid_context(attributes))
     except MessageAborted as abort:
         aborted, reason = True, abort.reason or "aborted by abort_message"
     return {"ok": True, "output": output, "aborted": aborted, "abort_reason": reason,

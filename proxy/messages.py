@@ -8,19 +8,18 @@ import time
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
 
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
 from .liquid_preview import Fetched, render_liquid
-from .rendering import FORMATS, MessageTemplate, TemplateLibrary, render, template_args
+from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
+from .snippets import SnippetPolicy, braze_snippets
 
 bp = Blueprint("messages", __name__)
-USER_KEYS = ("user_id", "device_id", "third_party_id", "tntid", "email_hash", "user_point_id",
-             "user_agent_id", "user_account_id")
 
 
 def _services():
@@ -96,38 +95,15 @@ def preview_template(name: str):
         "html": rendered.output.get("html", ""),
         "text": rendered.output.get("text", ""),
         "calls": {data: c.report() for data, c in rendered.calls.items()},
-        "snippets": braze_snippets(template, template_args(template, request.args), base_url()),
+        "snippets": braze_snippets(template, template_args(template, request.args), base_url(),
+                                   snippet_policy()),
     })
 
 
-def _liquid_query(template: MessageTemplate, args: Mapping[str, str], keep: tuple[str, ...]) -> str:
-    """The query string of a snippet: the user's id as a Braze attribute, other inputs literal."""
-    parts = []
-    for name in template.params:
-        if name not in keep and name not in args:
-            continue
-        value = args.get(name, "")
-        if name in USER_KEYS and value:
-            parts.append(f"{name}={{{{${{user_id}}}}}}" if name == "user_id" else f"{name}={value}")
-        elif value:
-            parts.append(urlencode({name: value}))
-    return "&".join(parts)
-
-
-def braze_snippets(template: MessageTemplate, args: Mapping[str, str], base: str) -> dict[str, str]:
-    """Copy-paste Connected Content for the rendered block and for the JSON data."""
-    query = _liquid_query(template, args, ())
-    render_tag = f"{{% connected_content {base}/v1/render/{template.name}?{query} %}}"
-    text_tag = f"{{% connected_content {base}/v1/render/{template.name}?{query}&format=text %}}"
-    data_tags = [
-        f"{{% connected_content {base}{path}?{query} :save {data} %}}"
-        for data, path in template.data.items()
-    ]
-    return {
-        "render_html": render_tag,
-        "render_text": text_tag,
-        "data": "\n".join(data_tags) + ("\n" + template.liquid if template.liquid else ""),
-    }
+def snippet_policy() -> SnippetPolicy:
+    settings = _services().settings
+    return SnippetPolicy(settings.email_hash_liquid,
+                         settings.braze_credential if settings.api_keys else None, settings.ttl)
 
 
 @bp.post("/v1/preview/liquid")
@@ -162,7 +138,8 @@ def preview_liquid():
         return Fetched(404, "")
 
     try:
-        answer = render_liquid(payload["liquid"], attributes, resolve, own_hosts)
+        answer = render_liquid(payload["liquid"], attributes, resolve, own_hosts,
+                               content_blocks=library.directory / "content_blocks")
     except ProxyError:
         raise
     except Exception as exc:  # Liquid syntax or render errors, shown to the author

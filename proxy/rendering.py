@@ -52,6 +52,7 @@ class MessageTemplate:
     liquid: str = ""
     preview: list[dict[str, str]] = field(default_factory=list)
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    braze: dict[str, str] = field(default_factory=dict)  # parameter -> Braze expression
 
     def listing(self) -> dict[str, Any]:
         return {
@@ -111,6 +112,7 @@ class TemplateLibrary:
                 liquid=spec.get("liquid", "").strip(),
                 preview=[{k: str(v) for k, v in user.items()} for user in spec.get("preview", [])],
                 formats=formats,
+                braze={k: str(v) for k, v in spec.get("braze", {}).items()},
             )
         return templates
 

@@ -84,7 +84,8 @@ def test_profile_is_one_upstream_call(client, sandboxes):
     assert upstream_calls(sandboxes) == 1
     assert body["item_1"] == "cookie"
     assert body["properties"]["library"] == "http/1.0"
-    assert body["properties"]["computed_prop_1"] == "5000000.0"
+    assert body["properties"]["computed_prop_1"] == 5000000.0
+    assert body["computations"] == {"computed_prop_1": 5000000.0, "computed_prop_2": 3}
     assert body["cohort_ids"] == ["cohort1", "cohort3", "cohort7"]
 
 

@@ -67,3 +67,13 @@ def test_bad_liquid_and_bad_body(client):
     assert r.status_code == 422 and r.get_json()["error"]["code"] == "liquid_error"
     r = client.post("/v1/preview/liquid", data="nope", content_type="text/plain")
     assert r.status_code == 400 and r.get_json()["ok"] is False
+
+
+def test_numbers_compare_as_numbers_in_liquid(client):
+    liquid = ("{% connected_content /v1/adobe-target/profile?third_party_id={{${user_id}}} :save target %}"
+              "{% if target.numbers.user_points > 2000 %}big{% else %}small{% endif %} {{target.modified_at}}")
+    body = preview(client, liquid, user_id="a1-mbox3rdPartyId").get_json()
+    assert body["output"] == "big 2025-01-10T10:20:00Z"
+    liquid = ("{% connected_content /v1/mediarithmics/choices?email_hash=x&processing_id=107 :save c %}"
+              "{% if c.choices.processing_107 == false %}off{% endif %} {{c.unrecorded | join: ','}}")
+    assert preview(client, liquid).get_json()["output"] == "off 107"

@@ -64,7 +64,8 @@ def test_preview_two_users_side_by_side(page, live_proxy):
     expect(first.locator(".result-json .badge").first).to_have_text(re.compile(r"^(HIT|MISS|COALESCED)$"))
     snippet = first.locator(".snippet")
     value = snippet.input_value()
-    assert f"{{% connected_content {live_proxy}/v1/render/recs_block?user_id={{{{${{user_id}}}}}}&rec_id=testRecId %}}" in value
+    assert (f"{{% connected_content {live_proxy}/v1/render/recs_block?user_id={{{{${{user_id}} | url_param_escape}}}}"
+            "&rec_id=testRecId :retry :cache_max_age 300 %}") in value
     assert ":save recs %}" in value and "{{recs.item_1}}" in value
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "preview-recs.png"), full_page=True)
@@ -82,6 +83,9 @@ def test_experiment_control_vs_treatment(page, live_proxy):
         "Summer sale: up to 40% off"
     )
     expect(columns.nth(1).locator(".result-json")).to_contain_text('"tracked": false')
+    # variants live 60 s, less than Braze's minimum cache: the page says what Braze will do
+    expect(columns.nth(1).locator(".snippet-notes")).to_contain_text("at least 5 minutes")
+    assert "treatment-1" not in columns.nth(1).locator(".snippet").input_value()
 
 
 def test_liquid_tab_aborts_and_renders(page, live_proxy):

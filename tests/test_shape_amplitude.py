@@ -71,9 +71,10 @@ def test_computations_numbers_and_identifier_keys():
     assert one["value"] == 3 and one["computations"] == {"computed_prop_2": 3}
 
 
-def test_computation_missing_is_found_false_with_empty_value():
+def test_computation_missing_is_found_false_with_zero_value():
     out = shape.computations(user_data("inactive"), comp_id="nope")
-    assert out["found"] is False and out["value"] == "" and out["computations"] == {}
+    assert out["found"] is False and out["value"] == 0 and out["comp_found"] is False
+    assert out["computations"] == {}
 
 
 def test_cohorts_and_membership():
@@ -92,7 +93,8 @@ def test_profile_combines_everything():
     data["cohort_ids"] = ["cohort1"]
     out = shape.profile(data, ["testRecId"])
     assert out["found"] is True and out["item_1"] == "cookie"
-    # amp_props as the upstream returns it (mixed), keys made identifiers.
-    assert out["properties"] == {"library": "http/1.0", "computed_prop_1": "5000000.0"}
+    # amp_props (mixed), keys made identifiers; computations are numbers, as on /computations.
+    assert out["properties"] == {"library": "http/1.0", "computed_prop_1": 5000000.0}
+    assert out["computations"] == {"computed_prop_1": 5000000.0}
     assert out["cohorts"] == {"cohort1": True}
     assert "rec_id" not in shape.profile(data)

@@ -59,3 +59,23 @@ def test_number_or_text():
     for kept in ("007", "1e5", "NaN", "abc", "", " 3"):
         assert number_or_text(kept) == kept
     assert number_or_text(4) == 4
+
+
+def test_canonical_numbers_only():
+    from proxy.shape.common import canonical_number, numbers
+
+    assert canonical_number("2450") == 2450 and canonical_number("-0.5") == -0.5
+    assert canonical_number("123456789012345") == 123456789012345
+    for text in ("007", "1e5", "NaN", "+1", "1.", ".5", "1234567890123456", "69 631", ""):
+        assert canonical_number(text) is None, text
+    assert canonical_number(True) is None and canonical_number(float("inf")) is None
+    assert numbers({"points": "2450", "zip": "69631", "code": "007", "n": 3, "flag": True}) == {
+        "points": 2450, "zip": 69631, "n": 3}
+
+
+def test_dates_are_seconds_in_utc():
+    from proxy.shape.common import iso_from_text
+
+    assert iso_from_text("2025-01-10T10:20:00.000Z") == "2025-01-10T10:20:00Z"
+    assert iso_from_text("2025-01-10T12:20:00+02:00") == "2025-01-10T10:20:00Z"
+    assert iso_from_text("yesterday") == "" and iso_from_text(None) == ""

@@ -29,3 +29,21 @@ def test_history_newest_first():
     out = shape.history(entries, "101")
     assert [e["choice_ts"] for e in out["history"]] == [3, 2, 1]
     assert out["history_count"] == 3 and out["processing_id"] == "101"
+
+
+def test_requested_processing_without_a_record_reads_false_and_unrecorded():
+    from proxy.shape.mediarithmics import choices as shape_choices
+
+    out = shape_choices([{"$processing_id": "102", "$choice_acceptance_value": True}], "101")
+    assert out["choices"] == {"processing_101": False} and out["unrecorded"] == ["101"]
+    assert out["found"] is False and out["choice_count"] == 0
+    refused = shape_choices([{"$processing_id": "101", "$choice_acceptance_value": False}], "101")
+    assert refused["choices"] == {"processing_101": False} and refused["unrecorded"] == []
+
+
+def test_profile_numbers_beside_upstream_values():
+    from proxy.shape.mediarithmics import profile as shape_profile
+
+    out = shape_profile([{"loyalty_points": 157, "address": {"zip_code": "69631"}, "code": "007"}])
+    assert out["profile"]["address_zip_code"] == "69631"
+    assert out["numbers"] == {"loyalty_points": 157, "address_zip_code": 69631}

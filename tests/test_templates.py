@@ -99,7 +99,8 @@ def test_preview_render_never_tracks(client, sandboxes):
     body = client.get("/v1/preview/render/hero_banner?user_id=treatment-2").get_json()
     assert body["calls"]["exp"]["body"]["tracked"] is False
     assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
-    assert "/v1/render/hero_banner?user_id={{${user_id}}}&flag_keys=hero-banner" in body["snippets"]["render_html"]
+    assert ("/v1/render/hero_banner?user_id={{${user_id} | url_param_escape}}&flag_keys=hero-banner"
+            in body["snippets"]["render_html"])
     assert ":save exp %}" in body["snippets"]["data"]
 
 
@@ -110,5 +111,5 @@ def test_every_template_file_is_installed_with_the_package():
     root = Path(__file__).resolve().parent.parent
     listed = {line.strip() for line in (root / "setup.cfg").read_text().splitlines()
               if line.strip().startswith("templates/")}
-    on_disk = {f"templates/{p.name}" for p in (root / "templates").iterdir() if p.is_file()}
+    on_disk = {p.relative_to(root).as_posix() for p in (root / "templates").rglob("*") if p.is_file()}
     assert listed == on_disk

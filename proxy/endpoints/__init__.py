@@ -38,6 +38,7 @@ class Endpoint:
     required: tuple[str, ...] = field(default=())
     answer: Any = None  # the TypedDict of the flat answer: the template contract
     example: str = ""  # a query string that answers from the sandboxes
+    kind: str = ""  # the cache kind whose TTL governs the answer (Settings.ttl)
 
 
 REGISTRY: dict[str, Endpoint] = {}
@@ -51,12 +52,13 @@ def endpoint(
     required: tuple[str, ...] = (),
     answer: Any = None,
     example: str = "",
+    kind: str = "",
 ) -> Callable[[Handler], Handler]:
     """Register a handler under its public path (a contract: never rename). The OpenAPI
     document is generated from these registrations, so it cannot drift from them."""
 
     def register(handler: Handler) -> Handler:
-        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example)
+        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example, kind)
         return handler
 
     return register

@@ -54,7 +54,7 @@ def _rec_flags(args, rec_ids: list[str]) -> dict[str, str]:
     USER + ("rec_id", "rec_type"),
     required=("rec_id",),
     answer=shape.RecommendationsAnswer,
-    example="user_id=testUser&rec_id=testRecId,testRecId2",
+    example="user_id=testUser&rec_id=testRecId,testRecId2", kind="recommendations",
 )
 def recommendations(services, args) -> Result:
     rec_ids = params.id_list(args, "rec_id", required=True)
@@ -66,7 +66,7 @@ def recommendations(services, args) -> Result:
 
 
 @endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER,
-          answer=shape.PropertiesAnswer, example="user_id=testUser")
+          answer=shape.PropertiesAnswer, example="user_id=testUser", kind="properties")
 def properties(services, args) -> Result:
     user_id, device_id, lookup = _userprofile(
         services, args, "properties", "/v1/amplitude/properties", {"get_amp_props": "true"}
@@ -79,7 +79,7 @@ def properties(services, args) -> Result:
     "Computed properties as numbers where numeric; comp_id picks one into `value`.",
     USER + ("comp_id",),
     answer=shape.ComputationsAnswer,
-    example="user_id=testUser&comp_id=testCompId",
+    example="user_id=testUser&comp_id=testCompId", kind="computations",
 )
 def computations(services, args) -> Result:
     comp_id = params.identifier(args, "comp_id")
@@ -95,7 +95,7 @@ def computations(services, args) -> Result:
     "Tracked cohort membership; cohort_id answers `member`.",
     USER + ("cohort_id",),
     answer=shape.CohortsAnswer,
-    example="user_id=testUser&cohort_id=cohort3",
+    example="user_id=testUser&cohort_id=cohort3", kind="cohorts",
 )
 def cohorts(services, args) -> Result:
     cohort_id = params.identifier(args, "cohort_id")
@@ -110,7 +110,7 @@ def cohorts(services, args) -> Result:
     "Properties, computations, cohorts and (with rec_id) recommendations from one upstream call.",
     USER + ("rec_id", "rec_type"),
     answer=shape.ProfileAnswer,
-    example="user_id=testUser&rec_id=testRecId",
+    example="user_id=testUser&rec_id=testRecId", kind="profile",
 )
 def profile(services, args) -> Result:
     rec_ids = params.id_list(args, "rec_id")

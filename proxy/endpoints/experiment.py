@@ -29,7 +29,7 @@ def evaluation_context(args) -> dict:
     "Experiment variants and payloads for one user; requested flags without a variant read `off`.",
     ("user_id", "device_id", "flag_keys", "context", "track"),
     answer=shape.VariantsAnswer,
-    example="user_id=treatment-1&flag_keys=checkout-button,hero-banner&track=false",
+    example="user_id=treatment-1&flag_keys=checkout-button,hero-banner&track=false", kind="variants",
 )
 def variants(services, args) -> Result:
     user_id, device_id = params.user_ref(args)

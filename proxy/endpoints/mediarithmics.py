@@ -21,7 +21,7 @@ def processing_id(args, required: bool = False) -> str | None:
     "A mediarithmics user profile, nested fields flattened with `_`.",
     SELECTOR,
     answer=shape.MediarithmicsProfileAnswer,
-    example="user_point_id=up-1",
+    example="user_point_id=up-1", kind="mediarithmics_profile",
 )
 def profile(services, args) -> Result:
     selector = params.user_point_selector(args)
@@ -39,7 +39,7 @@ def profile(services, args) -> Result:
     "User choices (consents): `choices.processing_<id>` and each choice flattened.",
     SELECTOR + ("processing_id",),
     answer=shape.ChoicesAnswer,
-    example="email_hash=abc",
+    example="email_hash=abc", kind="choices",
 )
 def choices(services, args) -> Result:
     selector = params.user_point_selector(args)
@@ -60,7 +60,7 @@ def choices(services, args) -> Result:
     SELECTOR + ("processing_id",),
     required=("processing_id",),
     answer=shape.HistoryAnswer,
-    example="user_point_id=up-2&processing_id=101",
+    example="user_point_id=up-2&processing_id=101", kind="choices",
 )
 def choice_history(services, args) -> Result:
     selector = params.user_point_selector(args)

@@ -13,7 +13,7 @@ from . import Result, endpoint
     "An Adobe Target profile's attributes by tntid or third_party_id.",
     ("tntid", "third_party_id"),
     answer=shape.TargetProfileAnswer,
-    example="tntid=111492025094307-353046",
+    example="tntid=111492025094307-353046", kind="target_profile",
 )
 def profile(services, args) -> Result:
     tntid = params.identifier(args, "tntid")

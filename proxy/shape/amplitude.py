@@ -19,6 +19,7 @@ from .common import (
 )
 
 UserData = dict[str, Any]
+COMPUTED_PREFIX = "computed-prop-"
 
 
 class RecommendationFields(TypedDict, total=False):
@@ -53,8 +54,9 @@ class PropertiesAnswer(Identity):
 
 
 class ComputationsAnswer(Identity, total=False):
-    computations: dict[str, Any]
-    value: Any
+    computations: dict[str, Any]  # numbers where the computation is numeric
+    value: Any  # with comp_id: the computation, 0 when comp_found is false
+    comp_found: bool  # with comp_id: whether Amplitude had that computation
 
 
 class CohortsAnswer(Identity, total=False):
@@ -66,7 +68,8 @@ class CohortsAnswer(Identity, total=False):
 
 
 class ProfileAnswer(RecommendationsAnswer, total=False):
-    properties: dict[str, Any]
+    properties: dict[str, Any]  # amp_props; computed_prop_* as numbers, as on /computations
+    computations: dict[str, Any]  # the computed_prop_* of properties, as on /computations
     cohort_ids: list[str]
     cohort_count: int
     cohort_ids_joined: str
@@ -136,7 +139,9 @@ def computations(
     if comp_id is not None:
         # Amplitude answers one comp_id with the computation's own name as key
         # (comp_id=testCompId -> {"computed-prop-2": "3"}), so take the single value.
-        answer["value"] = next(iter(comps.values())) if comps else ""
+        # An unknown comp_id reads 0 (a number, like every computation) with comp_found false.
+        answer["value"] = next(iter(comps.values())) if comps else 0
+        answer["comp_found"] = bool(comps)
     return answer  # type: ignore[return-value]
 
 
@@ -171,7 +176,11 @@ def profile(
     if rec_ids:
         answer.update(recommendations(user_data, rec_ids, user_id, device_id))
     answer.update(identity(user_data, user_id, device_id))
-    answer["properties"] = deep_identifier_keys((user_data or {}).get("amp_props") or {})
+    props = (user_data or {}).get("amp_props") or {}
+    # amp_props mixes properties with computations (`computed-prop-<n>`, sent as strings).
+    comps = {k: number_or_text(v) for k, v in props.items() if str(k).startswith(COMPUTED_PREFIX)}
+    answer["properties"] = deep_identifier_keys({**props, **comps})
+    answer["computations"] = identifier_keys(comps)
     answer.update(cohort_fields((user_data or {}).get("cohort_ids")))
     return answer  # type: ignore[return-value]
 

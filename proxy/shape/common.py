@@ -6,6 +6,7 @@ authors get wrong (Braze docs), so every key the proxy emits matches IDENTIFIER.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -13,8 +14,10 @@ from typing import Any
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_IDENT = re.compile(r"[^A-Za-z0-9_]+")
-# Plain decimal numbers only: "007" (a code, not a number), "1e5", "NaN" stay strings.
+# Canonical decimal numbers only: "007" (a code, not a number), "1e5", "NaN", "+1" stay strings.
 _NUMBER = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$")
+# A double holds 15 significant decimal digits exactly: longer ids stay strings.
+MAX_SIGNIFICANT_DIGITS = 15
 
 
 def to_identifier(key: str) -> str:
@@ -124,8 +127,46 @@ def iso_from_epoch_millis(value: Any) -> str:
     return iso_from_epoch_seconds(value / 1000)
 
 
+def canonical_number(value: Any) -> int | float | None:
+    """The number a value stands for: a JSON number, or a string that is a canonical decimal
+    (optional `-`, no leading zeros, at most 15 significant digits, optional fraction)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str) and _NUMBER.match(value):
+        digits = value.lstrip("-").replace(".", "").lstrip("0")
+        if len(digits) <= MAX_SIGNIFICANT_DIGITS:
+            return float(value) if "." in value else int(value)
+    return None
+
+
 def number_or_text(value: Any) -> Any:
     """`"3"` -> 3, `"5000000.0"` -> 5000000.0; other values unchanged."""
-    if isinstance(value, str) and _NUMBER.match(value):
-        return float(value) if "." in value else int(value)
-    return value
+    number = canonical_number(value) if isinstance(value, str) else None
+    return value if number is None else number
+
+
+def numbers(mapping: dict[str, Any]) -> dict[str, int | float]:
+    """`numbers.<name>`: every value of an open map that is a number or a canonical decimal
+    string, as a number, so `{% if x.numbers.points > 2000 %}` compares numbers."""
+    out = {}
+    for key, value in mapping.items():
+        number = canonical_number(value)
+        if number is not None:
+            out[key] = number
+    return out
+
+
+def iso_from_text(value: Any) -> str:
+    """An ISO 8601 timestamp as `YYYY-MM-DDTHH:MM:SSZ` in UTC (milliseconds and offsets
+    dropped); anything unusable -> empty string."""
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from .common import flatten, iso_from_epoch_millis, to_identifier
+from .common import flatten, iso_from_epoch_millis, numbers, to_identifier
 
 
 class MediarithmicsProfileAnswer(TypedDict):
@@ -17,6 +17,7 @@ class MediarithmicsProfileAnswer(TypedDict):
     profile: dict[str, Any]
     profiles: list[dict[str, Any]]
     profile_count: int
+    numbers: dict[str, float]  # every field of `profile` that is a number or canonical decimal
 
 
 class ChoicesAnswer(TypedDict):
@@ -25,6 +26,7 @@ class ChoicesAnswer(TypedDict):
     choices: dict[str, bool]
     choices_list: list[dict[str, Any]]
     choice_count: int
+    unrecorded: list[str]  # requested processing ids with no record (their choice reads false)
 
 
 class HistoryAnswer(TypedDict):
@@ -53,6 +55,7 @@ def profile(data: list[dict[str, Any]] | None) -> MediarithmicsProfileAnswer:
         "profile": profiles[0] if profiles else {},
         "profiles": profiles,
         "profile_count": len(profiles),
+        "numbers": numbers(profiles[0]) if profiles else {},
     }
 
 
@@ -73,12 +76,19 @@ def choices(data: list[dict[str, Any]] | None, processing_id: str | None = None)
         )
         for c in records
     }
+    # A requested processing the user never chose reads false ("not subscribed") and is
+    # listed in `unrecorded`, so a template can tell "never chose" from "refused".
+    unrecorded = []
+    if processing_id is not None and not records:
+        flags[to_identifier(f"processing_{processing_id}")] = False
+        unrecorded.append(processing_id)
     return {
         "ok": True,
         "found": bool(records),
         "choices": flags,
         "choices_list": [flat_record(c) for c in records],
         "choice_count": len(records),
+        "unrecorded": unrecorded,
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from .common import identifier_keys
+from .common import identifier_keys, iso_from_text, numbers
 
 
 class TargetProfileAnswer(TypedDict):
@@ -15,9 +15,10 @@ class TargetProfileAnswer(TypedDict):
     found: bool
     tnt_id: str
     third_party_id: str
-    modified_at: str
-    profile: dict[str, Any]
+    modified_at: str  # YYYY-MM-DDTHH:MM:SSZ (Target sends milliseconds; dropped)
+    profile: dict[str, Any]  # attribute values as Target sends them (strings)
     attribute_count: int
+    numbers: dict[str, float]  # every profile attribute that is a canonical decimal, as a number
 
 
 def profile(raw: dict[str, Any] | None, tntid: str = "", third_party_id: str = "") -> TargetProfileAnswer:
@@ -29,12 +30,14 @@ def profile(raw: dict[str, Any] | None, tntid: str = "", third_party_id: str = "
         name: (attr.get("value", "") if isinstance(attr, dict) else attr)
         for name, attr in attributes.items()
     }
+    profile = identifier_keys({k: "" if v is None else v for k, v in values.items()})
     return {
         "ok": True,
         "found": bool(raw),
         "tnt_id": str(visitor.get("tntId") or tntid or ""),
         "third_party_id": str(visitor.get("thirdPartyId") or third_party_id or ""),
-        "modified_at": str(raw.get("modifiedAt") or ""),
-        "profile": identifier_keys({k: "" if v is None else v for k, v in values.items()}),
+        "modified_at": iso_from_text(raw.get("modifiedAt")),
+        "profile": profile,
         "attribute_count": len(values),
+        "numbers": numbers(profile),
     }
