@@ -37,7 +37,7 @@ def post_activities(base, count):
     markers, ids = [], []
     for _ in range(count):
         marker = uuid.uuid4().hex
-        r = session.post(f"{base}/v1/mediarithmics/activities", timeout=5, json={
+        r = session.post(f"{base}/v1/mediarithmics/activities", timeout=30, json={
             "$type": "TOUCH", "$ts": 1735689600000, "marker": marker,
             "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "durable"}]})
         assert r.status_code == 202
@@ -53,7 +53,7 @@ def wait_all_delivered(base, ids, seconds=120.0):
     pending = set(ids)
     while pending and time.monotonic() < deadline:
         for write_id in list(pending):
-            if session.get(f"{base}/v1/mediarithmics/writes/{write_id}", timeout=5).json()["state"] == "delivered":
+            if session.get(f"{base}/v1/mediarithmics/writes/{write_id}", timeout=30).json()["state"] == "delivered":
                 pending.discard(write_id)
         time.sleep(0.1)
     assert not pending, f"{len(pending)} writes not delivered"
