@@ -176,10 +176,12 @@ def braze_to_liquid(source: str) -> str:
 
 
 def render_liquid(
-    source: str, attributes: dict[str, Any], resolver: Resolver, allowed_hosts: set[str]
+    source: str, attributes: dict[str, Any], resolver: Resolver, allowed_hosts: set[str],
+    environment: type[PreviewEnvironment] = PreviewEnvironment,
 ) -> dict[str, Any]:
-    """Render a Braze message; the answer shape of POST /v1/preview/liquid."""
-    env = PreviewEnvironment()
+    """Render a Braze message; the answer shape of POST /v1/preview/liquid. `environment`
+    may carry resource limits (render_limits.LiquidLimits)."""
+    env = environment()
     env.preview_run = PreviewRun(resolver, {h.lower() for h in allowed_hosts})
     aborted, reason, output = False, None, ""
     template = env.from_string(braze_to_liquid(source))
