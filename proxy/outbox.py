@@ -275,6 +275,10 @@ class Deliverer:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Stop claiming at once (the server is shutting down); deliveries in flight finish."""
+        self._stop.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop claiming; wait for the deliveries in flight to be recorded."""
         self._stop.set()

@@ -161,6 +161,11 @@ class Services:
             outbox, lambda w: client.write(w.method, w.path, w.query, w.body)
         ).start()
 
+    def stop_delivering(self) -> None:
+        """Claim no more writes (shutting down); the deliveries in flight finish."""
+        if self.deliverer is not None:
+            self.deliverer.request_stop()
+
     def close(self) -> None:
         """Let deliveries in flight finish and be recorded (clean shutdown)."""
         if self.deliverer is not None:

@@ -9,6 +9,7 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,27 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
     }
 
 
+def _on_worker_start(worker: Any) -> None:
+    """In each worker: on SIGTERM stop claiming outbox writes at once, before gunicorn waits
+    for open connections; otherwise the master's SIGKILL at the end of the graceful period
+    can land mid-delivery and leave a write to be delivered a second time after restart."""
+    services = worker.wsgi.extensions["ccproxy"]
+    handle_exit = worker.handle_exit
+
+    def on_term(signum: int, frame: Any) -> None:
+        services.stop_delivering()
+        handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _on_worker_exit(_server: Any, worker: Any) -> None:
+    """Record the deliveries in flight before the worker process ends."""
+    services = getattr(worker.wsgi, "extensions", {}).get("ccproxy")
+    if services is not None:
+        services.close()
+
+
 class WsgiServer(BaseApplication):
     """gunicorn running the app that `load_app()` builds in each worker (after the fork, so
     after gevent has patched the standard library)."""
@@ -73,4 +95,5 @@ def serve(settings: Settings, host: str, port: int, workers: int | None = None) 
         return create_app(settings)
 
     options = gunicorn_options(host, port, workers or default_workers(), settings.log_level)
+    options.update(post_worker_init=_on_worker_start, worker_exit=_on_worker_exit)
     WsgiServer(load_app, options).run()
