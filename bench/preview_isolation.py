@@ -154,9 +154,14 @@ def main() -> None:
                      "CCPROXY_LOG_LEVEL": "WARNING"})
         for url in (sandbox + "/__sandbox/stats", f"http://127.0.0.1:{proxy_port}/healthz"):
             wait_up(url)
-        # Caches are per worker: enough rounds that every worker holds every key.
-        warm = hits(proxy_port, 3, 400)
-        results["warm"] = warm
+        # Caches are per worker: a new connection per request (a kept-alive one sticks to one
+        # worker), enough rounds that every worker holds every key.
+        for _ in range(10):
+            for key in KEYS:
+                conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=30)
+                conn.request("GET", key)
+                conn.getresponse().read()
+                conn.close()
         results["alone"] = hits(proxy_port, args.seconds, args.rate)
         with Previews(proxy_port) as previews:
             time.sleep(1)  # every preview client is in flight
