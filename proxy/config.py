@@ -87,6 +87,19 @@ class Settings:
 
     # Every request's total budget; Braze gives a Connected Content call 2 s.
     request_deadline: float = 1.5
+    # Liquid previews (POST /v1/preview/liquid), on python-liquid's own limits: loop
+    # iterations (nested loops multiply), output bytes (also the bound on assigned
+    # variables), and the seconds after which the render process is killed.
+    preview_max_iterations: int = 50_000
+    preview_max_output: int = 1_000_000
+    preview_timeout: float = 3.0
+    # Previews rendering at once in each worker process; more answer 503 + Retry-After.
+    preview_concurrency: int = 2
+    # Message templates (/v1/render/*, the preview page): loop iterations in all, output
+    # characters, seconds of rendering.
+    render_max_iterations: int = 10_000
+    render_max_output: int = 1_000_000
+    render_timeout: float = 0.5
     # Calls per minute per upstream for the whole deployment (0: no limit).
     rate_limit_amplitude: float = 600.0
     rate_limit_experiment: float = 0.0
@@ -271,6 +284,10 @@ def validate(settings: Settings) -> Settings:
                  "rate_limit_target", "rate_limit_mediarithmics", "breaker_reset"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{env_name(name)} must not be negative")
+    for name in ("preview_max_iterations", "preview_max_output", "preview_timeout",
+                 "preview_concurrency", "render_max_iterations", "render_max_output", "render_timeout"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{env_name(name)} must be positive")
     if settings.workers < 1 or settings.breaker_threshold < 1:
         raise SettingsError("workers and breaker_threshold must be at least 1")
     for name in ("header_timeout", "keepalive_timeout"):

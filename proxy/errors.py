@@ -3,6 +3,9 @@
 ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 ├── BadRequest (400)              the caller's query is wrong
 ├── NotFound (404)                no such endpoint or template
+├── LiquidError (422)             a Liquid preview does not parse or render
+├── RenderLimitExceeded (422)     a Liquid preview or a template render went over a bound
+├── PreviewBusy (503 + Retry-After) every preview slot of this process is taken
 └── UpstreamError (upstream=...)  an upstream call failed; never cached (502: unexpected 4xx)
     ├── UpstreamAuthError (502)   the upstream refused our credential (not worth a retry)
     ├── NotConfigured (503)       the upstream's settings are missing
@@ -46,6 +49,30 @@ class BadRequest(ProxyError):
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
+
+
+class LiquidError(ProxyError):
+    """A Liquid preview failed to parse or render; the message is for its author."""
+
+    status = 422
+    code = "liquid_error"
+
+
+class RenderLimitExceeded(ProxyError):
+    """A render went over one of its bounds (loops, output, nesting, memory, time) and was
+    stopped; the message names the bound and its value. `liquid_limit` for Liquid previews,
+    `template_limit` for the message templates."""
+
+    status = 422
+    code = "liquid_limit"
+
+
+class PreviewBusy(ProxyError):
+    """Every preview slot of this process is taken; previews are turned away, never queued,
+    so that they cannot pile up behind the send path."""
+
+    status = 503
+    code = "preview_busy"
 
 
 class UpstreamError(ProxyError):

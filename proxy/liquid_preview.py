@@ -257,9 +257,11 @@ def liquid_context(attributes: dict[str, Any]) -> dict[str, Any]:
 def render_liquid(
     source: str, attributes: dict[str, Any], resolver: Resolver, allowed_hosts: set[str],
     content_blocks: Path | None = None,
+    environment: type[PreviewEnvironment] = PreviewEnvironment,
 ) -> dict[str, Any]:
-    """Render a Braze message; the answer shape of POST /v1/preview/liquid."""
-    env = PreviewEnvironment()
+    """Render a Braze message; the answer shape of POST /v1/preview/liquid. `environment`
+    may carry resource limits (render_limits.LiquidLimits)."""
+    env = environment()
     env.preview_run = PreviewRun(resolver, {h.lower() for h in allowed_hosts})
     aborted, reason, output = False, None, ""
     template = env.from_string(braze_to_liquid(source, content_blocks))

@@ -1,5 +1,7 @@
 """HTTP side of message templates and previews: listing, rendering, the preview page and
-Braze Liquid previews. Previews never track experiment assignments and never write.
+Braze Liquid previews. Previews never track experiment assignments and never write; they
+take a slot of this process's preview pool (503 when none is free) and Liquid renders run
+in its render processes, apart from the send path (preview_pool.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from flask import Blueprint, Response, current_app, request
 
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
-from .liquid_preview import Fetched, render_liquid
+from .liquid_preview import Fetched
+from .preview_pool import PreviewPool
+from .render_limits import LiquidLimits
 from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
 from .snippets import SnippetPolicy, braze_snippets
@@ -28,6 +32,16 @@ def _services():
 
 def _library() -> TemplateLibrary:
     return current_app.extensions["ccproxy_templates"]
+
+
+def _previews() -> PreviewPool:
+    """This process's preview slots and render processes (made on first use)."""
+    pool = current_app.extensions.get("ccproxy_previews")
+    if pool is None:
+        settings = _services().settings
+        pool = current_app.extensions.setdefault("ccproxy_previews", PreviewPool(
+            settings.preview_concurrency, LiquidLimits.from_settings(settings)))
+    return pool
 
 
 def _preview_args(args: Mapping[str, str]) -> dict[str, str]:
@@ -87,8 +101,9 @@ def preview_template(name: str):
     library = _library()
     template = library.get(name)
     args = _preview_args(request.args)
-    rendered = render(library, _services(), name, args, template.formats,
-                      _template_globals(template_args(template, args)))
+    with _previews().slot():
+        rendered = render(library, _services(), name, args, template.formats,
+                          _template_globals(template_args(template, args)))
     return json_response({
         "ok": True,
         "template": name,
@@ -137,19 +152,9 @@ def preview_liquid():
         # Braze renders a 404 as an empty string.
         return Fetched(404, "")
 
-    try:
-        answer = render_liquid(payload["liquid"], attributes, resolve, own_hosts,
-                               content_blocks=library.directory / "content_blocks")
-    except ProxyError:
-        raise
-    except Exception as exc:  # Liquid syntax or render errors, shown to the author
-        raise LiquidError(f"Liquid error: {exc}") from None
-    return json_response(answer)
-
-
-class LiquidError(ProxyError):
-    status = 422
-    code = "liquid_error"
+    # Syntax errors are a 422 liquid_error, limits a 422 liquid_limit (render_limits.py).
+    return json_response(_previews().render_liquid(payload["liquid"], attributes, resolve, own_hosts,
+                                                   library.directory / "content_blocks"))
 
 
 @bp.get("/preview")

@@ -121,6 +121,9 @@ COMMON_ERRORS = {
 }
 
 
+PREVIEW_BUSY = _error("every preview slot of the answering process is taken (preview_busy)", True)
+
+
 def _json_answer(ref: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "headers": HEADERS,
             "content": {"application/json": {"schema": ref}}}
@@ -164,7 +167,8 @@ def document() -> dict[str, Any]:
         "parameters": [name_param, _parameter("format", False), *any_params],
         "responses": {"200": _text_answer("the rendered block"),
                       "404": _error("no such template"),
-                      "422": _error("the template failed; names the file and line"),
+                      "422": _error("the template failed (names the file and line), or went over a "
+                                    "render bound (template_limit)"),
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"]},
         "x-example": "recs_block?user_id=testUser",
     }}
@@ -177,8 +181,9 @@ def document() -> dict[str, Any]:
                                                     "html": {"type": "string"}, "text": {"type": "string"},
                                                     "calls": {"type": "object"}, "snippets": {"type": "object"}}},
                                     "preview"),
-                      "404": _error("no such template"), "422": _error("the template failed"),
-                      "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"]},
+                      "404": _error("no such template"),
+                      "422": _error("the template failed, or went over a render bound (template_limit)"),
+                      "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"], "503": PREVIEW_BUSY},
         "x-example": "hero_banner?user_id=treatment-1",
     }}
     paths["/v1/preview/liquid"] = {"post": {
@@ -195,7 +200,9 @@ def document() -> dict[str, Any]:
                                                     "calls": {"type": "array", "items": {"type": "object"}}}},
                                     "the rendered message"),
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
-                      "422": _error("the Liquid does not parse or render")},
+                      "422": _error("the Liquid does not parse or render (liquid_error), or went over "
+                                    "a limit and was stopped (liquid_limit, naming the limit and its value)"),
+                      "503": PREVIEW_BUSY},
     }}
     accepted = {"description": "stored durably in the outbox; delivered in the background",
                 "content": {"application/json": {"schema": {

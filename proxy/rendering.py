@@ -2,7 +2,8 @@
 rendering a template with data fetched through the same cached endpoints as the JSON API.
 
 Template names come only from the catalogue, so no name can reach a file outside
-`templates/`.
+`templates/`. Templates render in jinja2's sandbox within the bounds of `render_limits`
+(loop iterations, output size, time): a runaway template is a 422 `template_limit`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import jinja2
 
 from .endpoints import Call, call
-from .errors import NotFound, ProxyError
+from .errors import NotFound, ProxyError, RenderLimitExceeded
+from .render_limits import BoundedEnvironment, TemplateLimits
 
 FORMATS = {"html": ".html", "text": ".txt"}
 _NAME = re.compile(r"^[a-z0-9_]{1,64}$")
@@ -81,7 +83,7 @@ class TemplateLibrary:
     def __init__(self, directory: Path):
         self.directory = directory
         self.templates = self._read_catalog(directory / "catalog.toml")
-        self.env = jinja2.Environment(
+        self.env = BoundedEnvironment(
             loader=jinja2.FileSystemLoader(str(directory)),
             autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
             # Missing data renders empty instead of failing a send; typos show in previews.
@@ -166,13 +168,17 @@ def render(
     for fmt in formats:
         if fmt not in template.formats:
             raise NotFound(f"template {name!r} has no {fmt} form", code="unknown_format")
-        output[fmt] = _render_file(library, f"{name}{FORMATS[fmt]}", context)
+        output[fmt] = _render_file(library, f"{name}{FORMATS[fmt]}", context,
+                                   TemplateLimits.from_settings(services.settings))
     return Rendered(template, output, calls)
 
 
-def _render_file(library: TemplateLibrary, filename: str, context: dict[str, Any]) -> str:
+def _render_file(library: TemplateLibrary, filename: str, context: dict[str, Any],
+                 limits: TemplateLimits) -> str:
     try:
-        return library.env.get_template(filename).render(context).strip() + "\n"
+        return library.env.render_bounded(filename, context, limits).strip() + "\n"
+    except RenderLimitExceeded:
+        raise
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(filename, exc.lineno, exc.message or "syntax error") from None
     except jinja2.TemplateNotFound:

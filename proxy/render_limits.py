@@ -1,0 +1,221 @@
+"""Bounds on rendering, and the messages that name them.
+
+Liquid previews (what a marketer, or anyone holding a key, posts) render on python-liquid's
+own resource limits, set as the class attributes of an `Environment` subclass:
+`loop_iteration_limit` (nested loops multiply), `output_stream_limit` (UTF-8 bytes),
+`local_namespace_limit` (what `assign`/`capture` hold) and `context_depth_limit`. They run in
+a separate process (`preview_pool.py`), which is what enforces their wall-clock budget:
+python-liquid has none, so an overrunning render is killed, not asked to stop.
+
+Message templates (`/v1/render/*`, the preview page) are deployed content on the send path,
+rendered in the request's own greenlet (a normal render takes well under a millisecond).
+jinja2's `SandboxedEnvironment` keeps them from reaching Python internals; on top of it a
+per-render budget is checked on every loop iteration (a call compiled into each `for` body)
+and every output chunk: iterations in all, output characters and wall-clock time. So a
+template typo that loops for ever is stopped after `CCPROXY_RENDER_TIMEOUT` instead of
+holding its worker, and `*`/`**` are checked before they run so that one expression cannot
+build a gigabyte string.
+
+State: a budget lives in a ContextVar (per greenlet or thread, per render); nothing here is
+shared between processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.sandbox import SandboxedEnvironment
+from liquid.exceptions import (
+    BlockNestingError,
+    ContextDepthError,
+    LocalNamespaceLimitError,
+    LoopIterationLimitError,
+    OutputStreamLimitError,
+    ResourceLimitError,
+)
+
+from .errors import RenderLimitExceeded
+from .liquid_preview import PreviewEnvironment
+
+# Templates nested (render/include, connected_content markup) deeper than this: python-liquid's default.
+LIQUID_CONTEXT_DEPTH = 30
+# Address space of a preview's render process: a render that builds huge values fails with
+# a MemoryError instead of pushing the box into swap.
+PREVIEW_MEMORY_BYTES = 512 << 20
+# A power with a larger exponent (of a base other than -1, 0, 1) is refused in templates.
+MAX_EXPONENT = 1000
+
+
+@dataclass(frozen=True)
+class LiquidLimits:
+    """The bounds of one Liquid preview (sent to its render process as JSON)."""
+
+    max_iterations: int
+    max_output: int
+    timeout: float
+    context_depth: int = LIQUID_CONTEXT_DEPTH
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LiquidLimits:
+        return cls(settings.preview_max_iterations, settings.preview_max_output, settings.preview_timeout)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def environment_class(self) -> type[PreviewEnvironment]:
+        return _limited_environment(self.max_iterations, self.max_output, self.context_depth)
+
+    def describe(self, exc: ResourceLimitError) -> str:
+        """Which limit a render went over, and its value."""
+        if isinstance(exc, LoopIterationLimitError):
+            return (f"loop_iteration_limit: the message would loop more than {self.max_iterations} "
+                    "times (nested loops multiply; CCPROXY_PREVIEW_MAX_ITERATIONS)")
+        if isinstance(exc, OutputStreamLimitError):
+            return (f"output_stream_limit: the output would be longer than {self.max_output} bytes "
+                    "(CCPROXY_PREVIEW_MAX_OUTPUT)")
+        if isinstance(exc, LocalNamespaceLimitError):
+            return (f"local_namespace_limit: assigned and captured variables would hold more than "
+                    f"{self.max_output} bytes (CCPROXY_PREVIEW_MAX_OUTPUT)")
+        if isinstance(exc, ContextDepthError):
+            return f"context_depth_limit: templates nest more than {self.context_depth} levels deep"
+        if isinstance(exc, BlockNestingError):
+            return f"block_nesting_limit: blocks nest more than {PreviewEnvironment.block_nesting_limit} levels deep"
+        return f"resource limit: {exc}"
+
+    def timeout_message(self) -> str:
+        return (f"timeout: the render took longer than {self.timeout:g} s "
+                "(CCPROXY_PREVIEW_TIMEOUT) and was stopped")
+
+    @staticmethod
+    def crash_message() -> str:
+        return (f"crash: the render process ended without answering (over its {PREVIEW_MEMORY_BYTES >> 20} MB "
+                "of memory, or killed); it is replaced")
+
+    @staticmethod
+    def memory_message() -> str:
+        return (f"memory: the render needed more than {PREVIEW_MEMORY_BYTES >> 20} MB "
+                "and was stopped")
+
+
+@lru_cache(maxsize=16)
+def _limited_environment(max_iterations: int, max_output: int, context_depth: int) -> type[PreviewEnvironment]:
+    """python-liquid reads its limits from Environment class attributes."""
+    return type("LimitedPreviewEnvironment", (PreviewEnvironment,), {
+        "loop_iteration_limit": max_iterations,
+        "output_stream_limit": max_output,
+        "local_namespace_limit": max_output,
+        "context_depth_limit": context_depth,
+    })
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """The bounds of one message template render."""
+
+    max_iterations: int
+    max_output: int
+    timeout: float
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TemplateLimits:
+        return cls(settings.render_max_iterations, settings.render_max_output, settings.render_timeout)
+
+
+class RenderBudget:
+    """What one template render has left; every check raises `RenderLimitExceeded`."""
+
+    def __init__(self, filename: str, limits: TemplateLimits, clock: Callable[[], float] = time.monotonic):
+        self.filename, self.limits, self.clock = filename, limits, clock
+        self.deadline = clock() + limits.timeout
+        self.iterations = 0
+        self.output = 0
+
+    def _exceeded(self, what: str) -> RenderLimitExceeded:
+        return RenderLimitExceeded(f"{self.filename}: {what}", code="template_limit")
+
+    def tick(self) -> None:
+        self.iterations += 1
+        if self.iterations > self.limits.max_iterations:
+            raise self._exceeded(f"the template loops more than {self.limits.max_iterations} times "
+                                 "(CCPROXY_RENDER_MAX_ITERATIONS)")
+        self.check_time()
+
+    def check_time(self) -> None:
+        if self.clock() > self.deadline:
+            raise self._exceeded(f"the render took longer than {self.limits.timeout:g} s "
+                                 "(CCPROXY_RENDER_TIMEOUT) and was stopped")
+
+    def add_output(self, size: int) -> None:
+        self.output += size
+        if self.output > self.limits.max_output:
+            raise self._exceeded(f"the output would be longer than {self.limits.max_output} characters "
+                                 "(CCPROXY_RENDER_MAX_OUTPUT)")
+        self.check_time()
+
+
+_budget: ContextVar[RenderBudget | None] = ContextVar("render_budget", default=None)
+
+
+class _BudgetedCodeGenerator(CodeGenerator):
+    """Compiles a budget check into the first line of every `for` body (recursive loops
+    included: their body is the same code)."""
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        first = node.body[0] if node.body else None
+        if not (isinstance(first, nodes.ExprStmt) and isinstance(first.node, nodes.Call)
+                and isinstance(first.node.node, nodes.EnvironmentAttribute)
+                and first.node.node.name == "ccproxy_tick"):
+            tick = nodes.Call(nodes.EnvironmentAttribute("ccproxy_tick"), [], [], None, None)
+            node.body.insert(0, nodes.ExprStmt(tick, lineno=node.lineno))
+        super().visit_For(node, frame)
+
+
+class BoundedEnvironment(SandboxedEnvironment):
+    """A sandboxed Jinja environment whose renders are bounded by a `RenderBudget`."""
+
+    code_generator_class = _BudgetedCodeGenerator
+    intercepted_binops = frozenset({"*", "**"})
+
+    def ccproxy_tick(self) -> None:
+        budget = _budget.get()
+        if budget is not None:
+            budget.tick()
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        budget = _budget.get()
+        if operator == "*" and budget is not None:
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > budget.limits.max_output:
+                    raise budget._exceeded(
+                        f"a repetition would be longer than {budget.limits.max_output} characters "
+                        "(CCPROXY_RENDER_MAX_OUTPUT)")
+        if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)) \
+                and abs(left) > 1 and right > MAX_EXPONENT:
+            raise RenderLimitExceeded(f"an exponent larger than {MAX_EXPONENT} is refused",
+                                      code="template_limit")
+        return super().call_binop(context, operator, left, right)
+
+    def render_bounded(self, filename: str, context: dict[str, Any], limits: TemplateLimits,
+                       clock: Callable[[], float] = time.monotonic) -> str:
+        """Render `filename` within `limits`: output and time are checked chunk by chunk."""
+        template = self.get_template(filename)
+        budget = RenderBudget(filename, limits, clock)
+        token = _budget.set(budget)
+        try:
+            return "".join(_bounded(template.generate(context), budget))
+        finally:
+            _budget.reset(token)
+
+
+def _bounded(chunks: Iterable[str], budget: RenderBudget) -> Iterable[str]:
+    for chunk in chunks:
+        budget.add_output(len(chunk))
+        yield chunk

@@ -1,0 +1,143 @@
+"""Each render bound and the message that names it: python-liquid's resource limits for
+Liquid previews, the sandboxed and budgeted Jinja environment for message templates."""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+from conftest import FakeClock
+from liquid.exceptions import ResourceLimitError
+
+from proxy import config
+from proxy.errors import RenderLimitExceeded
+from proxy.liquid_preview import Fetched, render_liquid
+from proxy.render_limits import BoundedEnvironment, LiquidLimits, TemplateLimits
+
+LIMITS = LiquidLimits(max_iterations=1000, max_output=5000, timeout=1.0, context_depth=5)
+
+
+def _nowhere(path: str, args: dict[str, str]) -> Fetched:
+    raise AssertionError("no connected_content here")
+
+
+def liquid_limit_message(source: str, limits: LiquidLimits = LIMITS) -> str:
+    with pytest.raises(ResourceLimitError) as caught:
+        render_liquid(source, {}, _nowhere, set(), environment=limits.environment_class())
+    return limits.describe(caught.value)
+
+
+def test_loop_iterations_multiply_across_nested_loops():
+    message = liquid_limit_message("{% for a in (1..100) %}{% for b in (1..100) %}x{% endfor %}{% endfor %}")
+    assert message.startswith("loop_iteration_limit")
+    assert "1000" in message and "CCPROXY_PREVIEW_MAX_ITERATIONS" in message
+
+
+def test_output_limit_names_its_bytes():
+    message = liquid_limit_message("{% for a in (1..500) %}0123456789A{% endfor %}")
+    assert message.startswith("output_stream_limit") and "5000 bytes" in message
+    assert "CCPROXY_PREVIEW_MAX_OUTPUT" in message
+
+
+def test_assigned_values_are_bounded_too():
+    message = liquid_limit_message("{% assign s = 'abcdefghij' %}" + "{% assign s = s | append: s %}" * 12)
+    assert message.startswith("local_namespace_limit") and "5000 bytes" in message
+
+
+def test_context_depth():
+    nested = "{% for a in (1..1) %}" * 6 + "x" + "{% endfor %}" * 6
+    assert liquid_limit_message(nested).startswith("context_depth_limit: templates nest more than 5")
+
+
+def test_block_nesting_is_a_limit_too():
+    nested = "{% if true %}" * 40 + "x" + "{% endif %}" * 40
+    assert liquid_limit_message(nested).startswith("block_nesting_limit: blocks nest more than 30")
+
+
+def test_timeout_and_memory_messages_name_their_values():
+    assert LIMITS.timeout_message() == (
+        "timeout: the render took longer than 1 s (CCPROXY_PREVIEW_TIMEOUT) and was stopped")
+    assert LiquidLimits.memory_message().startswith("memory: the render needed more than 512 MB")
+
+
+def test_real_messages_fit_the_default_limits():
+    limits = LiquidLimits.from_settings(config.load(environ={}))
+    source = ("{% for item in (1..50) %}<tr>{% for col in (1..20) %}<td>{{ item | times: col }}</td>"
+              "{% endfor %}</tr>{% endfor %}")
+    answer = render_liquid(source, {}, _nowhere, set(), environment=limits.environment_class())
+    assert answer["output"].count("<td>") == 1000
+
+
+def jinja(**templates: str) -> BoundedEnvironment:
+    return BoundedEnvironment(loader=jinja2.DictLoader(templates))
+
+
+TEMPLATE_LIMITS = TemplateLimits(max_iterations=100, max_output=1000, timeout=0.5)
+
+
+def template_limit_message(source: str, clock=None) -> str:
+    env = jinja(**{"t.html": source})
+    with pytest.raises(RenderLimitExceeded) as caught:
+        if clock is None:
+            env.render_bounded("t.html", {}, TEMPLATE_LIMITS)
+        else:
+            env.render_bounded("t.html", {}, TEMPLATE_LIMITS, clock)
+    assert caught.value.code == "template_limit" and caught.value.status == 422
+    return caught.value.message
+
+
+def test_template_iterations_count_every_loop_in_all():
+    message = template_limit_message("{% for a in range(60) %}{% endfor %}{% for b in range(60) %}{% endfor %}")
+    assert message == "t.html: the template loops more than 100 times (CCPROXY_RENDER_MAX_ITERATIONS)"
+
+
+def test_recursive_loops_are_counted():
+    env = jinja(**{"t.html": "{% for n in tree recursive %}{{ loop(n.children) }}{% endfor %}"})
+    tree: list = []
+    for _ in range(8):
+        tree = [{"children": tree}, {"children": tree}]
+    with pytest.raises(RenderLimitExceeded, match="loops more than 100 times"):
+        env.render_bounded("t.html", {"tree": tree}, TEMPLATE_LIMITS)
+
+
+def test_template_output_limit():
+    message = template_limit_message("{% for a in range(50) %}{{ '0123456789' * 3 }}{% endfor %}")
+    assert message == ("t.html: the output would be longer than 1000 characters "
+                       "(CCPROXY_RENDER_MAX_OUTPUT)")
+
+
+def test_repetition_and_power_are_checked_before_they_run():
+    assert "repetition would be longer than 1000 characters" in template_limit_message("{{ 'x' * 10**8 }}")
+    assert "exponent larger than 1000" in template_limit_message("{{ 7 ** 100000000 }}")
+
+
+def test_template_time_budget_stops_a_loop():
+    clock = FakeClock()
+
+    def ticking() -> float:
+        clock.advance(0.01)  # each check sees 10 ms pass
+        return clock()
+
+    env = jinja(**{"t.html": "{% for a in range(90) %}{% endfor %}"})
+    with pytest.raises(RenderLimitExceeded) as caught:
+        env.render_bounded("t.html", {}, TEMPLATE_LIMITS, ticking)
+    assert caught.value.message == (
+        "t.html: the render took longer than 0.5 s (CCPROXY_RENDER_TIMEOUT) and was stopped")
+
+
+def test_sandbox_refuses_python_internals():
+    env = jinja(**{"t.html": "{{ ''.__class__.__mro__ }}"})
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        env.render_bounded("t.html", {}, TEMPLATE_LIMITS)
+
+
+def test_a_normal_template_renders():
+    env = jinja(**{"t.html": "{% for x in items %}{{ x }}{% if not loop.last %}, {% endif %}{% endfor %}"})
+    assert env.render_bounded("t.html", {"items": [1, 2, 3]}, TEMPLATE_LIMITS) == "1, 2, 3"
+
+
+@pytest.mark.parametrize("name", ["preview_max_iterations", "preview_max_output", "preview_timeout",
+                                  "preview_concurrency", "render_max_iterations",
+                                  "render_max_output", "render_timeout"])
+def test_bounds_must_be_positive(name):
+    with pytest.raises(config.SettingsError, match=config.env_name(name)):
+        config.load(environ={config.env_name(name): "0"})
