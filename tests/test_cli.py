@@ -29,7 +29,7 @@ def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 20) -> None
         try:
             requests.get(url + "/healthz", timeout=0.5)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # a worker still booting
             time.sleep(0.1)
     raise AssertionError(f"{url} did not come up")
 
