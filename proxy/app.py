@@ -14,8 +14,9 @@ from werkzeug.exceptions import HTTPException
 from . import auth, config, observability
 from .cache import Timer
 from .endpoints import Endpoint, load_all
-from .errors import ProxyError
+from .errors import BadRequest, ProxyError
 from .middleware import RequestEnvelope, log_failure
+from .readiness import readiness
 from .responses import cache_headers, json_response
 from .services import Services
 
@@ -71,7 +72,11 @@ def create_app(
 
     @app.get("/readyz")
     def readyz():
-        return json_response(readiness(services))
+        strict = request.args.get("strict", "false").lower()
+        if strict not in ("true", "false", "1", "0"):
+            raise BadRequest("strict must be true or false", code="invalid_parameter")
+        status, answer = readiness(services, strict=strict in ("true", "1"))
+        return json_response(answer, status)
 
     _register_error_handlers(app)
     # Metric and log labels: every fixed route; middleware.route_of names the dynamic ones.
@@ -81,35 +86,6 @@ def create_app(
         services, {endpoint.path: endpoint for endpoint in load_all().values()},
     )
     return app
-
-
-def readiness(services: Services) -> dict[str, Any]:
-    """Each upstream's configuration, breaker and limiter state, and the cache backend.
-
-    Always 200 while the process can answer: a shared-cache outage or an open breaker is
-    reported (`degraded`), not a reason for a load balancer to drop every instance.
-    """
-    upstreams = {}
-    for client in services.clients:
-        configured = all(value for _name, value in client.required)
-        upstreams[client.name] = {
-            "configured": configured,
-            "breaker": client.breaker.state,
-            "limiter": client.limiter.state,
-        }
-    if services.redis is not None:
-        cache = {"backend": "redis", "reachable": services.redis.ping(), "entries": len(services.cache)}
-    else:
-        cache = {"backend": "memory", "reachable": True, "entries": len(services.cache)}
-    degraded = not cache["reachable"] or any(u["breaker"] != "closed" for u in upstreams.values())
-    answer = {"ok": True, "degraded": degraded, "cache": cache, "upstreams": upstreams}
-    if upstreams["mediarithmics"]["configured"]:
-        try:
-            answer["outbox"] = {"usable": True, **services.outbox.counts()}
-        except ProxyError:
-            answer["outbox"] = {"usable": False}
-            answer["degraded"] = True
-    return answer
 
 
 def _view(endpoint: Endpoint, services: Services):

@@ -116,6 +116,8 @@ class Settings:
     outbox_path: str = "ccproxy-outbox.sqlite3"
     outbox_max_attempts: int = 25
     outbox_max_backoff: float = 300.0
+    # /readyz reports the outbox unwritable when its file system has less free space.
+    outbox_min_free_mb: float = 10.0
     # Signs one-click consent links and email-open pixels (HMAC-SHA256).
     link_secret: str = _secret()
     link_ttl_days: float = 30.0

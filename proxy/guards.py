@@ -102,12 +102,21 @@ class Limiter(Protocol):
     def state(self) -> dict: ...
 
 
+def paused_error(upstream: str, wait: float) -> UpstreamRateLimited:
+    """What a call gets while `upstream` is paused by its own Retry-After (no call is made):
+    the remaining pause as Retry-After."""
+    return UpstreamRateLimited(upstream, f"{upstream} asked the proxy to wait; try again later",
+                               retry_after=max(1, math.ceil(wait)))
+
+
 class RateLimiter:
     """A token bucket that keeps any 60-second window at or under `per_minute` calls.
 
     Capacity C = limit/6 with refill (limit - C)/60 per second: a burst of C, and at most
     C + 60 x refill = limit calls in any minute, so the proxy never causes a 429. An
-    upstream 429's Retry-After pauses all calls without parking threads: they fail fast.
+    upstream's Retry-After (on a 429, or a 503 that sends one) pauses all calls to it for
+    that long, limit or no limit, without parking threads: they fail fast. In memory, so
+    per process; `redis_backend.RedisRateLimiter` shares limit and pause.
     """
 
     def __init__(self, upstream: str, per_minute: float, timer: Timer = time.monotonic):
@@ -123,13 +132,13 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        if self.per_minute <= 0:
-            return
         with self._lock:
             now = self.timer()
             if now < self.paused_until:
                 self.rejected += 1
-                raise self._limited(self.paused_until - now, "asked the proxy to slow down")
+                raise paused_error(self.upstream, self.paused_until - now)
+            if self.per_minute <= 0:
+                return
             self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.refill)
             self.updated = now
             if self.tokens >= 1:
@@ -137,23 +146,25 @@ class RateLimiter:
                 return
             self.rejected += 1
             wait = (1 - self.tokens) / self.refill if self.refill > 0 else 60
-            raise self._limited(wait, "call budget is spent")
+            raise UpstreamRateLimited(
+                self.upstream, f"the proxy's {self.upstream} call budget is spent; try again later",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     def pause(self, seconds: float) -> None:
         with self._lock:
             self.paused_until = max(self.paused_until, self.timer() + seconds)
 
-    def _limited(self, wait: float, why: str) -> UpstreamRateLimited:
-        return UpstreamRateLimited(
-            self.upstream, f"the proxy's {self.upstream} {why}; try again later",
-            retry_after=max(1, math.ceil(wait)),
-        )
+    def paused_for(self) -> float:
+        """Seconds left of a pause the upstream asked for (0 when not paused)."""
+        return max(0.0, self.paused_until - self.timer())
 
     @property
     def state(self) -> dict:
         tokens = round(self.tokens, 2) if math.isfinite(self.tokens) else None  # None: no limit
         return {"per_minute": self.per_minute, "tokens": tokens,
-                "paused": self.timer() < self.paused_until, "rejected": self.rejected}
+                "paused": self.timer() < self.paused_until, "paused_for": math.ceil(self.paused_for()),
+                "rejected": self.rejected}
 
 
 class RetryBudget:

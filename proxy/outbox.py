@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS writes (
     delivered_at REAL
 );
 CREATE INDEX IF NOT EXISTS writes_due ON writes (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
 """
 
 
@@ -103,7 +104,11 @@ class Outbox:
         # One connection per operation: safe across threads, greenlets and forks.
         db = sqlite3.connect(self.path, timeout=self.busy_timeout if timeout is None else timeout,
                              isolation_level=None)
-        db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            db.close()  # never leak an open file (a full disk fails here; it blocks a remount)
+            raise
         return db
 
     def add(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
@@ -122,6 +127,32 @@ class Outbox:
 
     def retry(self, write_id: str | None = None) -> int:
         return off_the_event_loop(self._retry_now, write_id)
+
+    def write_problem(self, min_free_bytes: int) -> str:
+        """Why a write could not be recorded now ("" when it could): /readyz asks."""
+        return off_the_event_loop(self._write_problem_now, min_free_bytes)
+
+    def _write_problem_now(self, min_free_bytes: int) -> str:
+        # A read-only or full file system first (as root, file modes say nothing), then a real
+        # committed write: SQLite's own view (locks, page limit, a file that cannot grow).
+        try:
+            fs = os.statvfs(os.path.dirname(self.path))
+        except OSError as exc:
+            return f"its directory cannot be examined ({exc.strerror})"
+        if fs.f_flag & os.ST_RDONLY:
+            return "its file system is read-only"
+        free = fs.f_bavail * fs.f_frsize
+        if free < min_free_bytes:
+            return f"its file system has {free // 1024} KB free, under the {min_free_bytes // 1024} KB wanted"
+        try:
+            db = self._connect(timeout=0.5)
+            try:
+                db.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (time.time(),))
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            return f"a test write failed ({exc})"
+        return ""
 
     def claim(self, limit: int = 10) -> list[Write]:
         return off_the_event_loop(self._claim_now, limit)

@@ -23,7 +23,7 @@ import redis
 from .cache import Entry, MemoryStore
 from .clients.base import Answer
 from .errors import UpstreamRateLimited
-from .guards import RateLimiter
+from .guards import RateLimiter, paused_error
 
 log = logging.getLogger("ccproxy.redis")
 PREFIX = "ccproxy:"
@@ -141,28 +141,41 @@ class RedisStore:
         return int(count) if count is not None else len(self.fallback)
 
 
-_BUCKET = """
+# KEYS[1] the bucket, KEYS[2] the upstream's pause (a key that expires when the pause ends).
+# Answers {allowed, seconds to wait, whether the wait is the upstream's pause}.
+_ACQUIRE = """
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return {0, tostring(pause / 1000), 1} end
 local capacity = tonumber(ARGV[1])
+if capacity <= 0 then return {1, '0', 0} end
 local refill = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
-local data = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'paused')
+local data = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(data[1]) or capacity
 local ts = tonumber(data[2]) or now
-local paused = tonumber(data[3]) or 0
-if now < paused then return {0, tostring(paused - now)} end
 tokens = math.min(capacity, tokens + math.max(0, now - ts) * refill)
 local ok = 0
 if tokens >= 1 then tokens = tokens - 1 ok = 1 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], 120)
-if ok == 1 then return {1, '0'} end
-return {0, tostring((1 - tokens) / refill)}
+if ok == 1 then return {1, '0', 0} end
+return {0, tostring((1 - tokens) / refill), 0}
+"""
+
+# Lengthen a pause, never shorten it (two 429s with different Retry-After: the later end wins).
+_PAUSE = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return 1
 """
 
 
 class RedisRateLimiter:
-    """The deployment-wide limit for one upstream, in one Redis token bucket shared by every
-    process and instance; the process-local limiter takes over while Redis is away."""
+    """The deployment-wide limit and Retry-After pause for one upstream, in Redis: one token
+    bucket and one pause key shared by every process and instance, so a worker that never
+    saw the upstream's 429 pauses too. The process-local limiter takes over while Redis is
+    away (and holds a copy of any pause seen, so a paused process asks Redis no more)."""
 
     def __init__(self, upstream: str, per_minute: float, health: RedisHealth, local: RateLimiter):
         self.upstream = upstream
@@ -172,30 +185,48 @@ class RedisRateLimiter:
         self.health = health
         self.local = local
         self.key = f"{PREFIX}rate:{upstream}"
+        self.pause_key = f"{PREFIX}pause:{upstream}"
         self.rejected = 0
+        # EVALSHA, falling back to loading the script once: no script text on every call.
+        self._acquire = health.client.register_script(_ACQUIRE)
+        self._pause = health.client.register_script(_PAUSE)
 
     def acquire(self) -> None:
-        if self.per_minute <= 0:
-            return
+        if self.local.paused_for() > 0:
+            self.rejected += 1
+            self.local.acquire()  # raises the pause's error
+        capacity = self.capacity if math.isfinite(self.capacity) else 0
         answer = self.health.run(
-            lambda: self.health.client.eval(_BUCKET, 1, self.key, self.capacity, self.refill, time.time()),
+            lambda: self._acquire(keys=[self.key, self.pause_key],
+                                  args=[capacity, self.refill if capacity else 0, time.time()]),
             default=None,
         )
         if answer is None:
             self.local.acquire()
             return
-        allowed, wait = int(answer[0]), float(answer[1])
-        if not allowed:
-            self.rejected += 1
-            raise UpstreamRateLimited(
-                self.upstream, f"the proxy's {self.upstream} call budget is spent; try again later",
-                retry_after=max(1, math.ceil(wait)),
-            )
+        allowed, wait, paused = int(answer[0]), float(answer[1]), int(answer[2])
+        if allowed:
+            return
+        self.rejected += 1
+        if paused:
+            self.local.pause(wait)  # remembered here: no Redis call until it ends
+            raise paused_error(self.upstream, wait)
+        raise UpstreamRateLimited(
+            self.upstream, f"the proxy's {self.upstream} call budget is spent; try again later",
+            retry_after=max(1, math.ceil(wait)),
+        )
 
     def pause(self, seconds: float) -> None:
         self.local.pause(seconds)
-        self.health.run(lambda: self.health.client.hset(self.key, "paused", str(time.time() + seconds)))
+        millis = max(1, int(seconds * 1000))
+        self.health.run(lambda: self._pause(keys=[self.pause_key], args=[millis]))
 
     @property
     def state(self) -> dict:
-        return {"per_minute": self.per_minute, "shared": True, "rejected": self.rejected}
+        shared_ms = self.health.run(lambda: self.health.client.pttl(self.pause_key), default=None)
+        paused_for = max(self.local.paused_for(), (shared_ms or 0) / 1000)
+        return {"per_minute": self.per_minute, "shared": True, "rejected": self.rejected,
+                "paused": paused_for > 0, "paused_for": math.ceil(paused_for)}
+
+    def paused_for(self) -> float:
+        return self.local.paused_for()

@@ -7,11 +7,13 @@ Clients never import Flask and never cache; they return parsed JSON or raise.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -29,6 +31,7 @@ from ..errors import (
 )
 from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
 from ..observability import current_request_id
+from .transport import bounded_pool, call_deadline
 
 USER_AGENT = f"connected-content-proxy/{__version__}"
 
@@ -61,6 +64,25 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Vendor answers nest a handful of levels; far deeper is broken or hostile, and would
+# overflow Python's recursion in the shapers and encoders (a 500) if let through.
+MAX_DEPTH = 64
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests objects/arrays more than `limit` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if type(node) is dict else node if type(node) is list else ()
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 _DECODER = json.JSONDecoder(object_pairs_hook=_compact_object, parse_constant=_no_constants)
 
 
@@ -82,16 +104,25 @@ def make_pool(pool_size: int = 64, proxy: str = "") -> urllib3.PoolManager:
     options: dict[str, Any] = {"num_pools": 16, "maxsize": pool_size, "block": False, "retries": False,
                "headers": {"User-Agent": USER_AGENT}}
     if proxy:
-        return urllib3.ProxyManager(proxy, **options)
-    return urllib3.PoolManager(**options)
+        return bounded_pool(urllib3.ProxyManager(proxy, **options))
+    return bounded_pool(urllib3.PoolManager(**options))
 
 
 def retry_after_seconds(value: str | None, default: int = 1) -> int:
-    """Seconds from a Retry-After header (delta-seconds form); a sane default otherwise."""
-    try:
-        return max(1, min(3600, int(float(value)))) if value else default
-    except ValueError:
+    """Seconds from a Retry-After header (RFC 9110: delay-seconds or an HTTP-date), between
+    1 s and an hour; a sane default when absent or unreadable."""
+    if not value:
         return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return default
+    if seconds != seconds:  # NaN
+        return default
+    return max(1, min(3600, math.ceil(seconds)))
 
 
 def path_segment(value: str) -> str:
@@ -199,7 +230,17 @@ class HttpClient:
         if json_body is not None:
             body = json.dumps(json_body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        timeout = urllib3.Timeout(connect=min(self.timeout[0], left), read=min(self.timeout[1], left))
+        # One budget for connect, headers and body together (transport.py), cut at the deadline.
+        budget = min(left, self.timeout[0] + self.timeout[1])
+        timeout = urllib3.Timeout(connect=min(self.timeout[0], budget), read=min(self.timeout[1], budget))
+        with call_deadline(budget):
+            status, content, retry_after = self._exchange(method, url, body, headers, timeout)
+        if status not in ok_statuses:
+            self.raise_for_status(status, retry_after)
+        return self._parse(status, content)
+
+    def _exchange(self, method, url, body, headers, timeout) -> tuple[int, bytes, str | None]:
+        """Send the request and read the answer (status, capped body, Retry-After)."""
         try:
             response = self.pool.request(method, url, body=body, headers=headers, timeout=timeout,
                                          preload_content=False, redirect=False, retries=False)
@@ -224,10 +265,14 @@ class HttpClient:
             raise
         finally:
             response.release_conn()
-        if status not in ok_statuses:
-            self.raise_for_status(status, response.headers.get("Retry-After"))
+        return status, content, response.headers.get("Retry-After")
+
+    def _parse(self, status: int, content: bytes) -> tuple[int, Any]:
         try:
             parsed = _DECODER.decode(content.decode("utf-8")) if content else None
+        except RecursionError:
+            self.breaker.failure()
+            raise self._too_deep(status) from None
         except ValueError:
             if not 200 <= status < 300:
                 # An expected error status (e.g. 404) may come with any body: the status says it.
@@ -238,8 +283,15 @@ class HttpClient:
                 self.name, f"{self.name} answered with something that is not JSON",
                 upstream_status=status,
             ) from None
+        if nesting_exceeds(parsed, MAX_DEPTH):
+            self.breaker.failure()
+            raise self._too_deep(status)
         self.breaker.success()
         return status, parsed
+
+    def _too_deep(self, status: int) -> UpstreamBadAnswer:
+        return UpstreamBadAnswer(self.name, f"{self.name} answered with JSON nested deeper than "
+                                 f"{MAX_DEPTH} levels", upstream_status=status)
 
     def _read_capped(self, response: urllib3.BaseHTTPResponse) -> bytes:
         # Read at most max_bytes + 1 so a huge body is refused without buffering it all.
@@ -255,6 +307,13 @@ class HttpClient:
     def raise_for_status(self, status: int, retry_after: str | None) -> None:
         """Map an unexpected HTTP status to a typed error (and tell the breaker and limiter);
         messages never carry secrets."""
+        if status == 503 and retry_after:
+            # Overloaded and saying for how long: honour it like a 429 (pause, no retry).
+            seconds = retry_after_seconds(retry_after)
+            self.breaker.failure()
+            self.limiter.pause(seconds)
+            raise UpstreamUnavailable(self.name, f"{self.name} is unavailable and asked the proxy to "
+                                      "wait; try again later", upstream_status=status, retry_after=seconds)
         if status in (502, 503, 504):
             raise _Retryable(UpstreamUnavailable(
                 self.name, f"{self.name} failed with HTTP {status}", upstream_status=status
@@ -269,6 +328,7 @@ class HttpClient:
                 self.name, f"{self.name} refused the proxy's credentials", upstream_status=status
             )
         if status == 429:
+            # Paused for the time it asked, configured rate limit or not (deployment-wide on Redis).
             self.limiter.pause(retry_after_seconds(retry_after))
             raise UpstreamRateLimited(
                 self.name,

@@ -2,14 +2,20 @@
 
 Control endpoints live under `/__sandbox/` (never part of the real APIs):
 - `GET /__sandbox/stats` -> {"calls": n, "paths": {...}}
-- `POST /__sandbox/faults` {"mode": "slow|hang|error|ratelimit|reset|malformed|oversized|none",
-  "seconds": 2, "count": null} -> the next `count` calls (all when null) misbehave.
+- `POST /__sandbox/faults` {"mode": "<mode>", "seconds": 2, "count": null} -> the next `count`
+  calls (all when null) misbehave. Modes: `slow`/`hang` (no answer for `seconds`), `error` (500),
+  `ratelimit` (429, `Retry-After: seconds`, 30 by default), `unavailable` (503 with
+  `Retry-After: seconds`), `reset`, `malformed`, `oversized`, `deep` (JSON nested 1,000
+  levels), `trickle_headers` (status line and headers one byte every `seconds`), `slow_body`
+  (headers at once, then the body in 8-byte pieces `seconds` apart), `trickle` (headers at
+  once, then the body one byte every `seconds`), `none`.
 - `POST /__sandbox/reset` clears counters and faults.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 from collections import Counter
@@ -19,7 +25,12 @@ from flask import Flask, Response, jsonify, request
 
 from .server import RateWindow
 
-FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized")
+FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized",
+               "unavailable", "deep", "trickle_headers", "slow_body", "trickle")
+# The body the dribbling faults send: valid JSON, 64 bytes, so a client that waited long
+# enough would get a usable answer (the point is that it must not wait).
+_DRIBBLED = b'{"pad": "' + b"x" * 53 + b'"}'
+
 
 
 class SandboxState:
@@ -121,7 +132,22 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
         elif fault == "error":
             return Response('{"error":"internal error"}', 500, mimetype="application/json")
         elif fault == "ratelimit":
-            return _too_many(30)
+            return _too_many(int(state.fault_seconds) or 30)
+        elif fault == "unavailable":
+            response = jsonify({"error": "service unavailable"})
+            response.status_code = 503
+            response.headers["Retry-After"] = str(int(state.fault_seconds) or 30)
+            return response
+        elif fault == "deep":
+            return Response(b'{"userData": ' + b"[" * 1000 + b"]" * 1000 + b"}", 200,
+                            mimetype="application/json")
+        elif fault == "trickle_headers":
+            return _trickle_headers(request.environ, state.fault_seconds or 1.0)
+        elif fault in ("slow_body", "trickle"):
+            piece = 8 if fault == "slow_body" else 1
+            return Response(_dribble(_DRIBBLED, piece, state.fault_seconds or 1.0), 200,
+                            headers={"Content-Length": str(len(_DRIBBLED))},
+                            mimetype="application/json")
         elif fault == "reset":
             return Response(_broken_stream(), 200, mimetype="application/json")
         elif fault == "malformed":
@@ -134,6 +160,30 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
         return None
 
     return app
+
+
+def _dribble(body: bytes, piece: int, interval: float):
+    # Each piece arrives well within any per-read timeout; the whole takes len/piece intervals.
+    for start in range(0, len(body), piece):
+        time.sleep(interval)
+        yield body[start:start + piece]
+
+
+def _trickle_headers(environ: dict, interval: float) -> Response:
+    """Write a whole answer on the raw socket, its status line and headers one byte at a time,
+    then close: the server's own answer afterwards finds the connection gone."""
+    sock = environ["werkzeug.socket"]
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(_DRIBBLED))
+    try:
+        for i in range(len(head)):
+            sock.sendall(head[i:i + 1])
+            time.sleep(interval)
+        sock.sendall(_DRIBBLED)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the client gave up, as it should
+    return Response(b"", 200)
 
 
 def _too_many(seconds: int) -> Response:
