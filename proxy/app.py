@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,11 @@ def create_app(
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
+    from .consent import bp as consent_bp
     from .writes import bp as writes_bp
 
     app.register_blueprint(writes_bp)
+    app.register_blueprint(consent_bp)
     app.config["MAX_CONTENT_LENGTH"] = 1_000_000  # write bodies; larger is a JSON 413
     services.start_delivery()
     atexit.register(services.close)
@@ -104,11 +107,18 @@ def readiness(services: Services) -> dict[str, Any]:
     degraded = not cache["reachable"] or any(u["breaker"] != "closed" for u in upstreams.values())
     answer = {"ok": True, "degraded": degraded, "cache": cache, "upstreams": upstreams}
     if upstreams["mediarithmics"]["configured"]:
+        outbox: dict[str, Any]
         try:
-            answer["outbox"] = {"usable": True, **services.outbox.counts()}
-        except ProxyError:
-            answer["outbox"] = {"usable": False}
+            outbox = {"usable": True, **services.outbox.counts()}
+        except (ProxyError, sqlite3.Error):
+            outbox = {"usable": False}
             answer["degraded"] = True
+        answer["outbox"] = outbox
+        # Writes would be refused (disk full, unwritable file): say why.
+        if not outbox["usable"] or not services.outbox.writable():
+            outbox["usable"] = False
+            answer["degraded"] = True
+            answer["reasons"] = ["outbox_unwritable"]
     return answer
 
 

@@ -31,12 +31,12 @@ def proxy_process(sandboxes, tmp_path):
     env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
                 "CCPROXY_OUTBOX_MAX_BACKOFF": "0.5", "CCPROXY_LOG_LEVEL": "WARNING"})
 
-    def start() -> tuple[subprocess.Popen, str]:
+    def start(**settings: str) -> tuple[subprocess.Popen, str]:
         port = free_port()
         log = (tmp_path / f"serve-{len(procs)}.log").open("w")
         logs.append(log)
         proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                env={**env, **{"CCPROXY_" + k.upper(): v for k, v in settings.items()}}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         wait_until_up(base, proc)
@@ -101,7 +101,9 @@ def test_kill_while_upstream_fails_then_restart_delivers_everything_once(sandbox
 def test_clean_restart_during_deliveries_never_delivers_twice(sandboxes, proxy_process):
     sandboxes.state("mediarithmics").latency = 0.25  # deliveries are in flight when we stop
     try:
-        proc, base = proxy_process()
+        # Two deliveries at a time, so that the stop comes with some delivered, some in flight
+        # and some waiting.
+        proc, base = proxy_process(outbox_concurrency="2")
         markers, ids = post_activities(base, 10)
         time.sleep(0.4)
         proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,166 @@
+"""Writes you can trust, with real processes: `ccproxy serve` with two gevent workers sharing
+one outbox, against the sandbox over loopback. Concurrent idempotent POSTs, a delivery slower
+than the lease, and a full disk (a small tmpfs in a mount namespace)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import test_write_safety
+from test_cli import free_port
+
+sandbox_writes = test_write_safety.sandbox_writes  # the fixture, shared
+KEY = "write-safety-key"
+ACTIVITIES = "/v1/mediarithmics/activities"
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 30) -> None:
+    """Until /healthz answers, within an overall deadline (a worker still booting may hold
+    an accepted connection for a while: a read timeout is not a failure yet)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+def store_of(sandboxes):
+    return sandboxes.servers["mediarithmics"].app.config["STORE"]
+
+
+def activity(marker: str, pad: str = "") -> dict:
+    return {"$type": "TOUCH", "$ts": 1735689600000, "marker": marker, "pad": pad,
+            "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "serve"}]}
+
+
+def session() -> requests.Session:
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {KEY}"
+    return s
+
+
+@pytest.fixture
+def serve(sandboxes, tmp_path):
+    """Start `ccproxy serve` (two workers by default); every process is killed at the end."""
+    procs, logs = [], []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    env.update({"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()})
+    env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
+                "CCPROXY_OUTBOX_MAX_BACKOFF": "0.5", "CCPROXY_LOG_LEVEL": "WARNING"})
+
+    def start(workers: int = 2, prefix: tuple[str, ...] = (), **settings: str) -> str:
+        port = free_port()
+        log = (tmp_path / f"serve-{len(procs)}.log").open("w")
+        logs.append(log)
+        command = [*prefix, sys.executable, "-m", "proxy.cli", "serve", "--port", str(port),
+                   "--workers", str(workers)]
+        proc = subprocess.Popen(command, env={**env, **{"CCPROXY_" + k.upper(): v for k, v in settings.items()}},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(base, proc, 30)
+        return base
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+    for log in logs:
+        log.close()
+
+
+def wait_delivered(base: str, write_id: str, seconds: float = 60.0) -> dict:
+    s = session()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        body = s.get(f"{base}/v1/mediarithmics/writes/{write_id}", timeout=5).json()
+        if body["state"] == "delivered":
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{write_id} not delivered: {body}")
+
+
+def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, sandboxes):
+    base = serve()
+    markers = [uuid.uuid4().hex for _ in range(10)]
+
+    def post(marker: str) -> requests.Response:
+        return session().post(base + ACTIVITIES, json=activity(marker), timeout=10,
+                              headers={"Idempotency-Key": f"dispatch-1-{marker}"})
+
+    with ThreadPoolExecutor(30) as pool:  # three at once for each of ten keys
+        answers = list(pool.map(post, [m for m in markers for _ in range(3)]))
+    assert [r.status_code for r in answers] == [202] * 30
+    for n in range(len(markers)):
+        bodies = [r.json() for r in answers[3 * n: 3 * n + 3]]
+        assert len({b["id"] for b in bodies}) == 1
+        assert sorted(b["duplicate"] for b in bodies) == [False, True, True]
+        wait_delivered(base, bodies[0]["id"])
+    time.sleep(0.5)
+    seen = [a.get("marker") for a in store_of(sandboxes).activities]
+    assert [seen.count(m) for m in markers] == [1] * 10
+
+
+def test_a_write_slower_than_the_lease_is_delivered_once(serve, sandboxes, sandbox_writes):
+    sandbox_writes.slow_seconds, sandbox_writes.slow_count = 18.0, 1
+    base = serve()
+    marker = uuid.uuid4().hex
+    write_id = session().post(base + ACTIVITIES, json=activity(marker), timeout=10).json()["id"]
+    done = wait_delivered(base, write_id, 60)
+    assert done["attempts"] == 1
+    time.sleep(1.0)
+    assert [a.get("marker") for a in store_of(sandboxes).activities].count(marker) == 1
+    # Both workers polled the outbox for the whole 18 s, and neither started it again.
+    assert sum(1 for w in store_of(sandboxes).writes if w[3].get("marker") == marker) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a tmpfs mount")
+def test_a_full_outbox_answers_503_and_readyz_says_why(serve, sandboxes, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    outbox = disk / "outbox.sqlite3"
+    # A private mount namespace: a 400 KB tmpfs only the proxy sees, removed with it.
+    script = f'mount -t tmpfs -o size=400k tmpfs {disk} && exec "$@"'
+    sandboxes.state("mediarithmics").set_fault("error")  # nothing drains; rows pile up
+    base = serve(1, ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"),
+                 outbox_path=str(outbox), link_secret="s" * 32, outbox_max_backoff="60")
+    s = session()
+    statuses = []
+    for n in range(40):
+        r = s.post(base + ACTIVITIES, json=activity(f"full-{n}", pad="x" * 40_000), timeout=10)
+        statuses.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "outbox_unavailable"
+            assert int(r.headers["Retry-After"]) > 0
+            break
+    assert 202 in statuses and statuses[-1] == 503, statuses
+    assert 500 not in statuses
+    ready = requests.get(base + "/readyz", timeout=5).json()
+    assert ready["degraded"] is True and "outbox_unwritable" in ready["reasons"]
+    assert ready["outbox"]["usable"] is False
+    link = s.get(base + "/v1/mediarithmics/pixel-link?email_hash=full&event=open", timeout=5).json()["url"]
+    gif = requests.get(link, timeout=5)
+    assert gif.status_code == 200 and gif.headers["Content-Type"] == "image/gif"
+    consent = s.put(base + "/v1/mediarithmics/choices?user_point_id=full-1&processing_id=101",
+                    json={"$choice_acceptance_value": False, "pad": "x" * 40_000}, timeout=10)
+    assert consent.status_code == 503 and "Retry-After" in consent.headers
