@@ -307,3 +307,24 @@ def test_subscribe_links_are_not_signed_from_a_fallback(make_app, tmp_path, sand
     assert r.status_code == 503 and "Retry-After" in r.headers
     html = client.get("/v1/render/consent_footer?user_point_id=fb-1").get_data(as_text=True)
     assert "not subscribed" not in html and "Unsubscribe in one click" in html
+
+
+def test_an_outbox_from_the_previous_release_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from proxy.outbox import SCHEMA
+
+    path = str(tmp_path / "old.sqlite3")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(SCHEMA + "CREATE INDEX writes_due ON writes (state, next_attempt_at);")
+    for number, kind in enumerate(("activity", "choice", "choice")):
+        db.execute("INSERT INTO writes (id, kind, method, path, query, body, state, next_attempt_at, created_at)"
+                   " VALUES (?, ?, 'PUT', ?, '{}', '{}', 'queued', 0, ?)",
+                   (f"old-{number}", kind, "/a" if kind == "activity" else "/choice-1", number))
+    db.close()
+    outbox = Outbox(path)
+    claimed = outbox.claim(10)
+    # The first choice comes first (consent lane); the second waits for it (same user point).
+    assert [w.id for w in claimed] == ["old-1", "old-0"]
+    outbox.delivered(claimed[0])
+    assert [w.id for w in outbox.claim(10)] == ["old-2"]

@@ -100,8 +100,10 @@ def wait_delivered(base: str, write_id: str, seconds: float = 60.0) -> dict:
     raise AssertionError(f"{write_id} not delivered: {body}")
 
 
-def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, sandboxes):
+def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, sandboxes, tmp_path):
     base = serve()
+    # Started without CCPROXY_LINK_SECRET: start-up says pixels are not recorded.
+    assert "CCPROXY_LINK_SECRET is not set" in (tmp_path / "serve-0.log").read_text()
     markers = [uuid.uuid4().hex for _ in range(10)]
 
     def post(marker: str) -> requests.Response:
