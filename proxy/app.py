@@ -54,7 +54,7 @@ def create_app(
 
     app.register_blueprint(writes_bp)
     app.register_blueprint(consent_bp)
-    app.config["MAX_CONTENT_LENGTH"] = 1_000_000  # write bodies; larger is a JSON 413
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body  # write bodies; larger is a JSON 413
     services.start_delivery()
     atexit.register(services.close)
 
@@ -140,9 +140,13 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
         code = (error.name or "error").lower().replace(" ", "_")
-        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(
-            error.code or 500, error.description or "error"
-        )
+        message = {
+            404: "no such endpoint", 405: "method not allowed on this endpoint",
+            413: f"the request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes "
+                 "(CCPROXY_MAX_BODY)",
+        }.get(error.code or 500, error.description or "error")
+        if error.code == 413:
+            code = "body_too_large"
         return json_response(
             {"ok": False, "error": {"code": code, "message": message}}, error.code or 500
         )

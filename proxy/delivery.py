@@ -50,6 +50,11 @@ class Deliverer:
             self._threads.append(thread)
         return self
 
+    def request_stop(self) -> None:
+        """Stop claiming at once (the server is shutting down); deliveries in flight finish.
+        Called from a signal handler: only sets the flag (the loop sees it within a poll)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop claiming; wait for the deliveries in flight to be recorded."""
         self._stop.set()

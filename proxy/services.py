@@ -179,6 +179,11 @@ class Services:
         client.observe = self.mediarithmics.observe
         return client
 
+    def stop_delivering(self) -> None:
+        """Claim no more writes (shutting down); the deliveries in flight finish."""
+        if self.deliverer is not None:
+            self.deliverer.request_stop()
+
     def close(self) -> None:
         """Let deliveries in flight finish and be recorded (clean shutdown)."""
         if self.deliverer is not None:

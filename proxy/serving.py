@@ -9,12 +9,14 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from .config import Settings
+from .connections import guarded_worker_class
 
 
 def default_workers() -> int:
@@ -48,6 +50,27 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
     }
 
 
+def _on_worker_start(worker: Any) -> None:
+    """In each worker: on SIGTERM stop claiming outbox writes at once, before gunicorn waits
+    for open connections; otherwise the master's SIGKILL at the end of the graceful period
+    can land mid-delivery and leave a write to be delivered a second time after restart."""
+    services = worker.wsgi.extensions["ccproxy"]
+    handle_exit = worker.handle_exit
+
+    def on_term(signum: int, frame: Any) -> None:
+        services.stop_delivering()
+        handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _on_worker_exit(_server: Any, worker: Any) -> None:
+    """Record the deliveries in flight before the worker process ends."""
+    services = getattr(worker.wsgi, "extensions", {}).get("ccproxy")
+    if services is not None:
+        services.close()
+
+
 class WsgiServer(BaseApplication):
     """gunicorn running the app that `load_app()` builds in each worker (after the fork, so
     after gevent has patched the standard library)."""
@@ -73,4 +96,13 @@ def serve(settings: Settings, host: str, port: int, workers: int | None = None) 
         return create_app(settings)
 
     options = gunicorn_options(host, port, workers or default_workers(), settings.log_level)
+    options.update(
+        post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
+        # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
+        # worker keeps accepting and can shed an idle connection for the new one.
+        worker_class=guarded_worker_class(settings.header_timeout, settings.keepalive_timeout,
+                                          settings.max_connections),
+        worker_connections=settings.max_connections + 1,
+        keepalive=max(1, round(settings.keepalive_timeout)),
+    )
     WsgiServer(load_app, options).run()

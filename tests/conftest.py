@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from servers import Servers, servers_fixture
 
 from proxy import config, create_app
 from proxy.sandbox import stack
@@ -58,6 +59,12 @@ def _fresh_sandboxes(request):
         for name in running.servers:
             running.state(name).reset()
     yield
+
+
+@pytest.fixture
+def servers(tmp_path) -> Servers:
+    """Start real server processes; each is stopped when the test ends, even when it fails."""
+    yield from servers_fixture(tmp_path)
 
 
 @pytest.fixture
@@ -132,12 +139,18 @@ def redis_server(tmp_path_factory):
     import redis
 
     client = redis.Redis.from_url(url)
-    for _ in range(100):
+    deadline = time.monotonic() + 60  # an overall limit for a slow boot, not a speed check
+    while True:
         try:
             client.ping()
             break
-        except redis.ConnectionError:
+        except redis.RedisError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("redis-server did not start") from None
             time.sleep(0.05)
-    yield {"url": url, "port": port, "proc": proc, "client": client}
-    proc.terminate()
-    proc.wait(5)
+    try:
+        yield {"url": url, "port": port, "proc": proc, "client": client}
+    finally:
+        proc.terminate()
+        proc.wait(30)

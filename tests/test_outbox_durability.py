@@ -4,17 +4,13 @@ once; a clean restart in the middle of deliveries delivers none twice. Real proc
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
 
 import pytest
 import requests
-from test_cli import free_port, wait_until_up
+from servers import wait_for
 
 KEY = "outbox-test-key"
 
@@ -24,31 +20,15 @@ def store_of(sandboxes):
 
 
 @pytest.fixture
-def proxy_process(sandboxes, tmp_path):
-    procs, logs = [], []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
-    env.update({"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()})
+def proxy_process(sandboxes, servers, tmp_path):
+    env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
     env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
                 "CCPROXY_OUTBOX_MAX_BACKOFF": "0.5", "CCPROXY_LOG_LEVEL": "WARNING"})
 
-    def start(**settings: str) -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        log = (tmp_path / f"serve-{len(procs)}.log").open("w")
-        logs.append(log)
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--workers", "1"],
-                                env={**env, **{"CCPROXY_" + k.upper(): v for k, v in settings.items()}}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        wait_until_up(base, proc)
-        return proc, base
+    def start():
+        return servers.start(["serve", "--workers", "1"], env, clean_env=True)
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    for log in logs:
-        log.close()
+    return start
 
 
 def post_activities(base, count):
@@ -66,7 +46,7 @@ def post_activities(base, count):
     return markers, ids
 
 
-def wait_all_delivered(base, ids, seconds=30.0):
+def wait_all_delivered(base, ids, seconds=120.0):
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {KEY}"
     deadline = time.monotonic() + seconds
@@ -86,32 +66,27 @@ def arrivals(sandboxes, markers):
 
 def test_kill_while_upstream_fails_then_restart_delivers_everything_once(sandboxes, proxy_process):
     sandboxes.state("mediarithmics").set_fault("error")  # every delivery fails for now
-    proc, base = proxy_process()
-    markers, ids = post_activities(base, 8)
-    time.sleep(1.0)  # deliveries are attempted, and fail
+    first = proxy_process()
+    markers, ids = post_activities(first.base, 8)
+    wait_for(lambda: sandboxes.state("mediarithmics").calls >= 1, what="a failed delivery attempt")
     assert arrivals(sandboxes, markers) == [0] * 8
-    os.killpg(proc.pid, signal.SIGKILL)  # no goodbye: master and worker die at once
-    proc.wait(10)
+    first.kill()  # no goodbye: master and worker die at once
     sandboxes.state("mediarithmics").set_fault("none")
-    _proc, base = proxy_process()
-    wait_all_delivered(base, ids)
+    wait_all_delivered(proxy_process().base, ids)
     assert arrivals(sandboxes, markers) == [1] * 8
 
 
 def test_clean_restart_during_deliveries_never_delivers_twice(sandboxes, proxy_process):
-    sandboxes.state("mediarithmics").latency = 0.25  # deliveries are in flight when we stop
+    # Slow deliveries and more writes than can be delivered before the stop, on any machine.
+    sandboxes.state("mediarithmics").latency = 1.0
     try:
-        # Two deliveries at a time, so that the stop comes with some delivered, some in flight
-        # and some waiting.
-        proc, base = proxy_process(outbox_concurrency="2")
-        markers, ids = post_activities(base, 10)
-        time.sleep(0.4)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        first = proxy_process()
+        markers, ids = post_activities(first.base, 30)
+        wait_for(lambda: sandboxes.state("mediarithmics").calls >= 1, what="a delivery in flight")
+        assert first.terminate() == 0
         delivered_before = sum(arrivals(sandboxes, markers))
-        assert delivered_before < 10  # the stop really came mid-way
-        _proc, base = proxy_process()
-        wait_all_delivered(base, ids)
+        assert delivered_before < 30  # the stop really came mid-way
+        wait_all_delivered(proxy_process().base, ids)
     finally:
         sandboxes.state("mediarithmics").latency = 0
-    assert arrivals(sandboxes, markers) == [1] * 10
+    assert arrivals(sandboxes, markers) == [1] * 30

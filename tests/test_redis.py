@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
+import redis
 from conftest import upstream_calls
+from servers import wait_for
 
 from proxy import config, create_app
 
@@ -86,7 +87,8 @@ def test_redis_outage_keeps_answering_and_is_reported(sandboxes, tmp_path):
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--save", "",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        probe = redis.Redis(port=port, socket_timeout=5)
+        wait_for(lambda: _pings(probe), what="redis-server answering")
         settings = config.load(overrides={**sandboxes.proxy_settings(),
                                           "redis_url": f"redis://127.0.0.1:{port}/0"}, environ={})
         client = create_app(settings).test_client()
@@ -94,8 +96,15 @@ def test_redis_outage_keeps_answering_and_is_reported(sandboxes, tmp_path):
         assert client.get(RECS + "outage1").status_code == 200
     finally:
         proc.terminate()
-        proc.wait(5)
+        proc.wait(30)
     r = client.get(RECS + "outage2")
     assert r.status_code == 200 and r.get_json()["item_count"] == 5
     ready = client.get("/readyz").get_json()
     assert ready["cache"]["reachable"] is False and ready["degraded"] is True
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -16,27 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import test_write_safety
-from test_cli import free_port
 
 sandbox_writes = test_write_safety.sandbox_writes  # the fixture, shared
 KEY = "write-safety-key"
 ACTIVITIES = "/v1/mediarithmics/activities"
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, seconds: float = 30) -> None:
-    """Until /healthz answers, within an overall deadline (a worker still booting may hold
-    an accepted connection for a while: a read timeout is not a failure yet)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/healthz", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up")
 
 
 def store_of(sandboxes):
@@ -55,38 +36,18 @@ def session() -> requests.Session:
 
 
 @pytest.fixture
-def serve(sandboxes, tmp_path):
-    """Start `ccproxy serve` (two workers by default); every process is killed at the end."""
-    procs, logs = [], []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
-    env.update({"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()})
+def serve(sandboxes, servers, tmp_path):
+    """Start `ccproxy serve` (two workers by default); `servers` stops each one at the end."""
+    env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
     env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
                 "CCPROXY_OUTBOX_MAX_BACKOFF": "0.5", "CCPROXY_LOG_LEVEL": "WARNING"})
 
-    def start(workers: int = 2, prefix: tuple[str, ...] = (), **settings: str) -> str:
-        port = free_port()
-        log = (tmp_path / f"serve-{len(procs)}.log").open("w")
-        logs.append(log)
-        command = [*prefix, sys.executable, "-m", "proxy.cli", "serve", "--port", str(port),
-                   "--workers", str(workers)]
-        proc = subprocess.Popen(command, env={**env, **{"CCPROXY_" + k.upper(): v for k, v in settings.items()}},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        wait_until_up(base, proc, 30)
-        return base
+    def start(workers: int = 2, prefix: tuple[str, ...] = (), **settings: str):
+        return servers.start(["serve", "--workers", str(workers)],
+                             {**env, **{"CCPROXY_" + k.upper(): v for k, v in settings.items()}},
+                             clean_env=True, command=[*prefix, sys.executable, "-m", "proxy.cli"])
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-    for log in logs:
-        log.close()
+    return start
 
 
 def wait_delivered(base: str, write_id: str, seconds: float = 60.0) -> dict:
@@ -100,10 +61,11 @@ def wait_delivered(base: str, write_id: str, seconds: float = 60.0) -> dict:
     raise AssertionError(f"{write_id} not delivered: {body}")
 
 
-def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, sandboxes, tmp_path):
-    base = serve()
+def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, sandboxes):
+    server = serve()
+    base = server.base
     # Started without CCPROXY_LINK_SECRET: start-up says pixels are not recorded.
-    assert "CCPROXY_LINK_SECRET is not set" in (tmp_path / "serve-0.log").read_text()
+    assert "CCPROXY_LINK_SECRET is not set" in server.output()
     markers = [uuid.uuid4().hex for _ in range(10)]
 
     def post(marker: str) -> requests.Response:
@@ -125,7 +87,7 @@ def test_concurrent_posts_with_one_key_across_two_workers_make_one_write(serve, 
 
 def test_a_write_slower_than_the_lease_is_delivered_once(serve, sandboxes, sandbox_writes):
     sandbox_writes.slow_seconds, sandbox_writes.slow_count = 18.0, 1
-    base = serve()
+    base = serve().base
     marker = uuid.uuid4().hex
     write_id = session().post(base + ACTIVITIES, json=activity(marker), timeout=10).json()["id"]
     done = wait_delivered(base, write_id, 60)
@@ -145,7 +107,7 @@ def test_a_full_outbox_answers_503_and_readyz_says_why(serve, sandboxes, tmp_pat
     script = f'mount -t tmpfs -o size=400k tmpfs {disk} && exec "$@"'
     sandboxes.state("mediarithmics").set_fault("error")  # nothing drains; rows pile up
     base = serve(1, ("unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"),
-                 outbox_path=str(outbox), link_secret="s" * 32, outbox_max_backoff="60")
+                 outbox_path=str(outbox), link_secret="s" * 32, outbox_max_backoff="60").base
     s = session()
     statuses = []
     for n in range(40):

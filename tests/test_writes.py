@@ -17,7 +17,7 @@ def store_of(sandboxes):
     return sandboxes.servers["mediarithmics"].app.config["STORE"]
 
 
-def wait_for_state(client, write_id, states=("delivered",), seconds=10.0):
+def wait_for_state(client, write_id, states=("delivered",), seconds=60.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         body = client.get(f"/v1/mediarithmics/writes/{write_id}").get_json()
@@ -116,7 +116,7 @@ def test_unknown_write_is_404(writer):
     assert writer.get("/v1/mediarithmics/writes/nope").status_code == 404
 
 
-def pixel_recorded(sandboxes, marker, seconds=5.0):
+def pixel_recorded(sandboxes, marker, seconds=60.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         found = [a for a in store_of(sandboxes).activities
@@ -188,7 +188,7 @@ def test_consent_link_confirms_and_records_once_clicked(writer, sandboxes):
     assert current_choice(writer, {"user_point_id": "link-ok"}) is True  # opening changes nothing
     done = writer.post(link, data={"List-Unsubscribe": "One-Click"})
     assert done.status_code == 200 and b"unsubscribed" in done.data
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while current_choice(writer, {"user_point_id": "link-ok"}) is not False and time.monotonic() < deadline:
         time.sleep(0.05)
     assert current_choice(writer, {"user_point_id": "link-ok"}) is False

@@ -1,0 +1,166 @@
+"""Slow and abusive clients (proxy/connections.py): unit tests of the guard's order of
+shedding, and a two-worker `ccproxy serve` under thousands of half-open connections."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+from servers import wait_for
+
+from proxy.connections import ACTIVE, IDLE, WAITING, ConnectionGuard, GuardedSocket
+
+KEY = "conn-test-key"
+
+
+def pair(guard: ConnectionGuard) -> tuple[GuardedSocket, socket.socket]:
+    server_side, client_side = socket.socketpair()
+    return GuardedSocket(server_side, guard), client_side
+
+
+def test_idle_connections_are_shed_first_then_the_oldest_waiting_never_an_active_one():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=3)
+    active, _c1 = pair(guard)
+    with active.reading_request():
+        pass  # headers read: being answered
+    idle, _c2 = pair(guard)
+    with idle.reading_request():
+        pass
+    guard.move(idle, IDLE, 75)  # answered, waiting for its next request
+    waiting, _c3 = pair(guard)
+    assert (active.phase, idle.phase, waiting.phase) == (ACTIVE, IDLE, WAITING)
+    newest, _c4 = pair(guard)  # one over the cap: the idle one goes
+    assert idle.phase == "" and idle.recv(10) == b"" and guard.shed_count == 1
+    newer, _c5 = pair(guard)  # then the oldest still sending its headers
+    assert waiting.phase == "" and newest.phase == WAITING and newer.phase == WAITING
+    assert active.phase == ACTIVE and len(guard) == 3 and guard.shed_count == 2
+
+
+def test_headers_have_their_own_deadline_and_a_keepalive_wait_its_own():
+    guard = ConnectionGuard(header_timeout=0.2, keepalive_timeout=60, max_connections=10)
+    conn, client = pair(guard)
+    client.sendall(b"GET / HT")
+    assert conn.recv(100) == b"GET / HT"
+    time.sleep(0.3)
+    client.sendall(b"TP/1.1\r\n")
+    assert conn.recv(100) == b""  # too late: read as a hang-up
+    assert guard.timed_out == 1
+    kept, client2 = pair(guard)
+    with kept.reading_request():
+        pass
+    with kept.reading_request():  # idle between requests: the keep-alive clock, not the header one
+        time.sleep(0.3)
+        client2.sendall(b"GET /next HTTP/1.1\r\n")
+        assert kept.recv(100).startswith(b"GET /next")
+        assert kept.phase == WAITING  # the next request began: its headers are due soon
+
+
+@pytest.fixture
+def guarded_server(sandboxes, servers):
+    def start(**settings):
+        env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
+        env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_LOG_LEVEL": "WARNING"})
+        env.update({"CCPROXY_" + k.upper(): str(v) for k, v in settings.items()})
+        return servers.start(["serve", "--workers", "2"], env)
+
+    return start
+
+
+def open_half_requests(port: int, count: int) -> list[socket.socket]:
+    """Connections that send part of a request line and never finish it (slowloris)."""
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        held.append(s)
+    wait_for(lambda: _all_connected(held), seconds=60, what="every connection established")
+    for s in held:
+        try:
+            s.send(b"GET /v1/amplitude/properties?user_id=")
+        except OSError:
+            pass
+    return held
+
+
+def _all_connected(held: list[socket.socket]) -> bool:
+    return all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for s in held)
+
+
+def closed_by_server(held: list[socket.socket]) -> int:
+    closed = 0
+    for s in held:
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    return closed
+
+
+def test_thousands_of_half_open_connections_do_not_stop_answers(guarded_server):
+    server = guarded_server(max_connections=200)
+    port = int(server.base.rsplit(":", 1)[1])
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cached = f"{server.base}/v1/amplitude/properties?user_id=testUser"
+    assert requests.get(cached, headers=auth, timeout=30).status_code == 200  # warm one worker
+    held = open_half_requests(port, 3000)
+    try:
+        # Each worker holds at most 200: the rest were closed to make room for new clients.
+        wait_for(lambda: closed_by_server(held) >= 3000 - 2 * 200 - 50, seconds=120,
+                 what="the excess connections shed", poll=0.5)
+        for _ in range(5):
+            assert requests.get(f"{server.base}/healthz", timeout=30).status_code == 200
+            answer = requests.get(cached, headers=auth, timeout=30)
+            assert answer.status_code == 200 and answer.json()["found"] is True
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_request_that_never_finishes_its_headers_is_closed(guarded_server):
+    server = guarded_server(header_timeout=1, keepalive_timeout=30)
+    port = int(server.base.rsplit(":", 1)[1])
+    dribbler = socket.create_connection(("127.0.0.1", port), timeout=60)
+    kept = requests.Session()
+    assert kept.get(f"{server.base}/healthz", timeout=30).status_code == 200
+    started = time.monotonic()
+    try:
+        closed = False
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            try:
+                dribbler.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            dribbler.settimeout(0.3)
+            try:
+                if dribbler.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed, "a dribbling client kept its connection"
+        # Closed by the header clock, long before the 30 s keep-alive one (loose bound).
+        assert time.monotonic() - started < 25
+        # An idle keep-alive connection is not cut by the header clock: it is reused.
+        assert kept.get(f"{server.base}/healthz", timeout=30).status_code == 200
+    finally:
+        dribbler.close()
+
+
+def test_a_body_over_the_limit_is_a_json_413(guarded_server):
+    server = guarded_server(max_body=1000)
+    r = requests.post(f"{server.base}/v1/mediarithmics/activities", data=b"{" + b" " * 5000 + b"}",
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 413
+    assert r.json() == {"ok": False, "error": {
+        "code": "body_too_large", "message": "the request body is larger than 1000 bytes (CCPROXY_MAX_BODY)"}}
