@@ -67,17 +67,28 @@ def run_checks(settings: Settings) -> list[Probe]:
     return results
 
 
-def report(results: list[Probe], out: TextIO) -> int:
-    """Print one line per upstream; the exit status for the command."""
+def warnings(settings: Settings) -> list[str]:
+    """Configuration that works but is unsafe or half set up (printed, not a failure)."""
+    from .cli import link_secret_warning
+
+    found = [link_secret_warning(settings)]
+    return [w for w in found if w]
+
+
+def report(results: list[Probe], out: TextIO, notes: list[str] | None = None) -> int:
+    """Print one line per upstream, then warnings; the exit status for the command."""
     width = max(len(r.upstream) for r in results)
     for r in results:
         mark = {"ok": "OK  ", "skipped": "--  "}.get(r.status, "FAIL")
         latency = f"{r.ms:7.1f} ms" if r.status != "skipped" else "          "
         out.write(f"{mark} {r.upstream:<{width}}  {latency}  {r.url}  credential {r.secret}  {r.detail}\n")
+    for note in notes or []:
+        out.write(f"WARN {note}\n")
     configured = [r for r in results if r.status != "skipped"]
     if not configured:
         out.write("no upstream is configured: set at least one upstream's settings (see README)\n")
         return 1
     failed = [r for r in results if r.failed]
     out.write(f"{len(configured) - len(failed)} of {len(configured)} configured upstreams healthy\n")
+
     return 1 if failed else 0

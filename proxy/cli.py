@@ -27,10 +27,24 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings.replace(workers=args.workers)
     else:
         settings = settings.replace(workers=default_workers())
+    warning = link_secret_warning(settings)
+    if warning:
+        log.warning(warning)
     log.info("ccproxy listening on http://%s:%s (auth %s)", args.host, args.port,
              "on" if settings.api_keys else "off")
     serve(settings, args.host, args.port, args.workers)
     return 0
+
+
+def link_secret_warning(settings: config.Settings) -> str:
+    """What start-up and `ccproxy check` say when pixels and consent links are not signed."""
+    if settings.link_secret:
+        return ""
+    if settings.allow_unsigned_pixel:
+        return ("CCPROXY_LINK_SECRET is not set and CCPROXY_ALLOW_UNSIGNED_PIXEL=true: anyone can "
+                "record opens for any user through pixel.gif; consent links are disabled")
+    return ("CCPROXY_LINK_SECRET is not set: pixel.gif records nothing (unsigned pixels could be "
+            "forged) and consent links are disabled")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -101,11 +115,11 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import report, run_checks
+    from .check import report, run_checks, warnings
 
     settings = config.load(config_file=args.config)  # a SettingsError names the bad setting
     print("configuration: valid", file=sys.stdout)
-    return report(run_checks(settings), sys.stdout)
+    return report(run_checks(settings), sys.stdout, warnings(settings))
 
 
 def _outbox(args: argparse.Namespace) -> int:
@@ -113,6 +127,12 @@ def _outbox(args: argparse.Namespace) -> int:
 
     settings = config.load(config_file=args.config)
     outbox = Outbox(settings.outbox_path, settings.outbox_max_attempts, settings.outbox_max_backoff)
+    if args.action == "purge":
+        count = outbox.purge_dead(args.id)
+        delivered = 0 if args.id else outbox.purge_delivered(settings.outbox_retention)
+        print(f"purged {count} dead letter(s)" + (f" and {delivered} delivered write(s) past retention"
+                                                   if delivered else ""))
+        return 0 if count or not args.id else 1
     if args.action == "retry":
         count = outbox.retry(args.id)
         print(f"requeued {count} dead letter(s)")
@@ -156,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=None, help="TOML settings file (else CCPROXY_CONFIG)")
     check.set_defaults(run=_check)
 
-    outbox = sub.add_parser("outbox", help="list the outbox (dead letters by default) or retry dead letters")
-    outbox.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
-    outbox.add_argument("id", nargs="?", default=None, help="retry: one write id (default: every dead letter)")
+    outbox = sub.add_parser("outbox", help="list the outbox (dead letters by default), retry or purge dead letters")
+    outbox.add_argument("action", nargs="?", choices=("list", "retry", "purge"), default="list")
+    outbox.add_argument("id", nargs="?", default=None,
+                        help="retry/purge: one write id (default: every dead letter)")
     outbox.add_argument("--state", default="dead", help="list: queued, failed, dead or delivered ('' for all)")
     outbox.add_argument("--limit", type=int, default=100)
     outbox.add_argument("--config", default=None)

@@ -118,6 +118,20 @@ class Settings:
     outbox_max_backoff: float = 300.0
     # /readyz reports the outbox unwritable when its file system has less free space.
     outbox_min_free_mb: float = 10.0
+    # Deliveries in flight at once per process (writes/s ~= this x workers / upstream latency).
+    outbox_concurrency: int = 16
+    # Seconds a delivery may wait for mediarithmics' answer (writes are not on the send path).
+    outbox_write_timeout: float = 30.0
+    # Seconds delivered rows are kept before they are purged (7 days).
+    outbox_retention: float = 604800.0
+    # Undelivered rows past which new opens and activities are refused at intake (0: no cap).
+    outbox_max_rows: int = 1_000_000
+    # Seconds an Idempotency-Key is remembered (24 h).
+    idempotency_ttl: float = 86400.0
+    # Seconds within which the same pixel link is recorded once (1 h).
+    pixel_dedup_window: float = 3600.0
+    # Record unsigned pixels when no CCPROXY_LINK_SECRET is set (anyone could forge them).
+    allow_unsigned_pixel: bool = False
     # Signs one-click consent links and email-open pixels (HMAC-SHA256).
     link_secret: str = _secret()
     link_ttl_days: float = 30.0
@@ -199,10 +213,18 @@ def mask(secret: str) -> str:
     return "*" * min(len(secret) - 2, 8) + secret[-2:] if len(secret) > 6 else "*" * len(secret)
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
 def _coerce(name: str, kind: type, raw: Any) -> Any:
-    if isinstance(raw, kind) and not isinstance(raw, bool):
+    if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
+    if kind is bool:
+        if text.lower() in TRUE_WORDS + FALSE_WORDS:
+            return text.lower() in TRUE_WORDS
+        raise SettingsError(f"{env_name(name)} must be true or false, got {text!r}")
     try:
         if kind is int:
             return int(text)
@@ -214,7 +236,7 @@ def _coerce(name: str, kind: type, raw: Any) -> Any:
 
 
 def _field_types() -> dict[str, type]:
-    hints = {"str": str, "int": int, "float": float}
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
     return {f.name: hints[str(f.type)] for f in fields(Settings)}
 
 
@@ -290,6 +312,12 @@ def validate(settings: Settings) -> Settings:
                  "preview_concurrency", "render_max_iterations", "render_max_output", "render_timeout"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{env_name(name)} must be positive")
+    for name in ("outbox_retention", "outbox_max_rows", "idempotency_ttl", "pixel_dedup_window"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)} must not be negative")
+    if settings.outbox_concurrency < 1 or settings.outbox_write_timeout <= 0:
+        raise SettingsError(f"{env_name('outbox_concurrency')} must be at least 1 and "
+                            f"{env_name('outbox_write_timeout')} positive")
     if settings.workers < 1 or settings.breaker_threshold < 1:
         raise SettingsError("workers and breaker_threshold must be at least 1")
     for name in ("header_timeout", "keepalive_timeout"):

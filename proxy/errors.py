@@ -6,6 +6,9 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 ├── LiquidError (422)             a Liquid preview does not parse or render
 ├── RenderLimitExceeded (422)     a Liquid preview or a template render went over a bound
 ├── PreviewBusy (503 + Retry-After) every preview slot of this process is taken
+├── OutboxUnavailable (503)       a write could not be stored (disk full, outbox cap)
+├── IdempotencyKeyReused (422)    an idempotency key sent again with another request
+├── ConsentStateUnknown (503)     a consent link would have to guess the choice's state
 └── UpstreamError (upstream=...)  an upstream call failed; never cached (502: unexpected 4xx)
     ├── UpstreamAuthError (502)   the upstream refused our credential (not worth a retry)
     ├── NotConfigured (503)       the upstream's settings are missing
@@ -129,3 +132,31 @@ class UpstreamUnavailable(TransientError):
 class NotConfigured(UpstreamError):
     status = 503
     code = "upstream_not_configured"
+
+
+class OutboxUnavailable(ProxyError):
+    """The outbox cannot store a write now (disk full, unwritable file, cap reached): nothing
+    was recorded, so the caller may retry (503 + Retry-After, never a 500)."""
+
+    status = 503
+    code = "outbox_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 5):
+        super().__init__(message, code=code, retry_after=retry_after)
+
+
+class IdempotencyKeyReused(ProxyError):
+    """An idempotency key came back with a different request than the one it first named."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class ConsentStateUnknown(ProxyError):
+    """A subscription state that a link must bind could not be read: no guess is signed."""
+
+    status = 503
+    code = "consent_state_unknown"
+
+    def __init__(self, message: str, *, retry_after: int = 30):
+        super().__init__(message, retry_after=retry_after)

@@ -51,21 +51,21 @@ def _preview_args(args: Mapping[str, str]) -> dict[str, str]:
 
 def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Functions templates may call. consent_link(accept) is a signed one-click link for the
-    recipient in `args` (their selector and processing_id), or "" when links are not set up."""
+    recipient in `args` (their selector and processing_id), or "" when links are not set up
+    or (a subscribe link only) the choice's current version cannot be read."""
     args = dict(args or {})
 
     def consent_link(accept: bool) -> str:
         from . import params
-        from .writes import consent_url, issued_choice_version
+        from .consent import consent_url
 
         if not _services().settings.link_secret:
             return ""
         try:
             selector = params.user_point_selector(args)
             processing = args.get("processing_id") or "101"
-            version = issued_choice_version(selector, processing)
             expires = int(time.time() + _services().settings.link_ttl_days * 86400)
-            return consent_url(selector, processing, bool(accept), version, expires, base_url())
+            return consent_url(selector, processing, bool(accept), expires, base_url())
         except ProxyError:
             return ""
 

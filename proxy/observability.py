@@ -126,6 +126,37 @@ class _StateCollector:
             rejected.add_metric([client.name, self.worker], client.limiter.state.get("rejected", 0))
         yield breaker
         yield rejected
+        yield from _outbox_metrics(self.services, self.worker)
+
+
+def _outbox_metrics(services: Any, worker: str) -> Iterable:
+    """Outbox depth and oldest age per lane, dead letters (the box's file, whichever worker
+    answers), and writes refused at intake (per worker)."""
+    import sqlite3
+
+    outbox = getattr(services, "_outbox", None)
+    if outbox is None:
+        return
+    try:
+        lanes = outbox.lane_stats()
+        dead = outbox.counts().get("dead", 0)
+    except sqlite3.Error:
+        return
+    depth = GaugeMetricFamily("ccproxy_outbox_depth", "Undelivered writes by lane", labels=["lane"])
+    oldest = GaugeMetricFamily("ccproxy_outbox_oldest_seconds", "Age of the oldest undelivered write by lane",
+                               labels=["lane"])
+    for lane, stats in lanes.items():
+        depth.add_metric([lane], stats.depth)
+        oldest.add_metric([lane], stats.oldest_age)
+    yield depth
+    yield oldest
+    yield GaugeMetricFamily("ccproxy_outbox_dead_letters", "Writes mediarithmics refused, kept for an operator",
+                            value=dead)
+    dropped = CounterMetricFamily("ccproxy_outbox_dropped", "Writes not recorded at intake, by reason",
+                                  labels=["reason", "worker"])
+    for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):
+        dropped.add_metric([reason, worker], outbox.dropped.get(reason, 0))
+    yield dropped
 
 
 class JsonFormatter(logging.Formatter):

@@ -208,29 +208,40 @@ def document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": {
                     "type": "object", "required": ["ok", "id", "kind", "state", "status_url"],
                     "properties": {"ok": {"const": True}, "id": {"type": "string"}, "kind": {"type": "string"},
-                                   "state": {"const": "queued"}, "status_url": {"type": "string"}}}}}}
+                                   "state": {"const": "queued"}, "status_url": {"type": "string"},
+                                   "duplicate": {"type": "boolean", "description":
+                                                 "true: the idempotency key named an earlier write (this is its id)"}}}}}}
+    idempotency = [
+        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "maxLength": 255},
+         "description": "one write per key (scoped to the credential and endpoint) for CCPROXY_IDEMPOTENCY_TTL"},
+        {"name": "idempotency_key", "in": "query", "schema": {"type": "string", "maxLength": 255},
+         "description": "the same, for a Connected Content URL"}]
     json_body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
     selector = [_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash",
                                                "compartment_id", "user_account_id")]
     write_errors = {"400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                     "503": _error("mediarithmics is not configured, or the outbox cannot store", True)}
+    keyed_write_errors = {**write_errors,
+                          "422": _error("idempotency_key_reused: the key named a different request")}
     paths["/v1/mediarithmics/activities"] = {"post": {
         "summary": "Queue a user activity (validated: $user_identifiers or a legacy id, $type, $ts).",
         "operationId": "v1_mediarithmics_activities", "requestBody": json_body,
-        "responses": {"202": accepted, **write_errors}}}
+        "parameters": idempotency,
+        "responses": {"202": accepted, **keyed_write_errors}}}
     paths["/v1/mediarithmics/profile"]["put"] = {
         "summary": "Queue a user profile update (force_replace / merge_objects as mediarithmics documents).",
         "operationId": "v1_mediarithmics_profile_put", "requestBody": json_body,
         "parameters": [*[_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash")],
                        _parameter("compartment_id", True), _parameter("user_account_id", True),
                        {"name": "force_replace", "in": "query", "schema": PARAM_SCHEMAS["track"]},
-                       {"name": "merge_objects", "in": "query", "schema": PARAM_SCHEMAS["track"]}],
-        "responses": {"202": accepted, **write_errors}}
+                       {"name": "merge_objects", "in": "query", "schema": PARAM_SCHEMAS["track"]},
+                       *idempotency],
+        "responses": {"202": accepted, **keyed_write_errors}}
     paths["/v1/mediarithmics/choices"]["put"] = {
         "summary": "Queue a user choice (needs $choice_acceptance_value).",
         "operationId": "v1_mediarithmics_choices_put", "requestBody": json_body,
-        "parameters": [*selector, _parameter("processing_id", True)],
-        "responses": {"202": accepted, **write_errors}}
+        "parameters": [*selector, _parameter("processing_id", True), *idempotency],
+        "responses": {"202": accepted, **keyed_write_errors}}
     paths["/v1/mediarithmics/writes/{write_id}"] = {"get": {
         "summary": "State of a queued write: queued, delivered, failed (retrying) or dead.",
         "operationId": "v1_mediarithmics_write",

@@ -1,13 +1,24 @@
-"""A durable outbox for writes to mediarithmics: nothing accepted is lost.
+"""A durable outbox for writes to mediarithmics: nothing accepted is lost or silently doubled.
 
 A write is committed to SQLite (WAL, synchronous=FULL) before the proxy answers 202, then
-delivered by a background worker with retries, jittered exponential backoff and the
-upstream's rate limit. Deliveries are claimed with a short lease, so several processes
-can share one outbox and none delivers a write another is delivering. A clean stop lets
-the deliveries in flight finish and be recorded, so nothing is delivered twice across a
-clean restart (after a crash, a write whose delivery was cut off is retried once its
-lease expires: at least once). Writes the upstream rejects as invalid (4xx but 429) are
-dead letters, kept with the upstream's message until retried by `ccproxy outbox retry`.
+delivered by `delivery.Deliverer` with retries, jittered exponential backoff and the
+upstream's rate limit. One file is shared by every process of a box (SQLite locks);
+what is per process is said where it matters.
+
+- **Idempotency**: a write may carry a scoped key (`idempotency.IdemKey`). A unique index on
+  it, checked and written in the write's own transaction, makes one row per key while the
+  key lives, whichever process or thread got there first.
+- **Lanes**: consent (choices) first, then profile updates, then activities and opens: a
+  claim takes the lowest lane first, so an unsubscribe never waits behind a send's opens.
+- **Order**: writes to the same user point and processing (or profile) carry one
+  `order_key`; only the oldest pending one of a key can be claimed, so concurrent
+  deliveries never reorder an unsubscribe and a resubscribe.
+- **Leases**: a claim leases writes to this process; the deliverer renews the lease while a
+  delivery is in flight, so a slow upstream never gets a write started twice. After a crash
+  the lease runs out and the write is delivered again with its id and key (at least once).
+- **Bounds**: delivered rows are purged after the retention (never while their idempotency
+  key lives); opens and activities are refused at intake past `max_rows` undelivered rows;
+  consent and profile writes are only refused when the disk itself refuses them.
 
 States: queued -> delivered | failed (retrying) -> delivered | dead.
 """
@@ -22,14 +33,24 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import UpstreamError, UpstreamRateLimited
+from .errors import IdempotencyKeyReused, OutboxUnavailable
+
+if TYPE_CHECKING:
+    from .idempotency import IdemKey
 
 log = logging.getLogger("ccproxy.outbox")
 LEASE_SECONDS = 15.0
+# Lanes by kind: lower is delivered first.
+LANES = {"choice": 0, "profile": 1, "activity": 2}
+LANE_NAMES = {lane: kind for kind, lane in LANES.items()}
+PENDING = "state IN ('queued','failed')"
+COLUMNS = ("id, kind, method, path, query, body, state, attempts, last_error, created_at,"
+           " delivered_at, lane, seq, order_key")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS writes (
     id TEXT PRIMARY KEY,
@@ -47,7 +68,24 @@ CREATE TABLE IF NOT EXISTS writes (
     created_at REAL NOT NULL,
     delivered_at REAL
 );
-CREATE INDEX IF NOT EXISTS writes_due ON writes (state, next_attempt_at);
+"""
+# Added since the first release: an existing outbox is upgraded in place.
+NEW_COLUMNS = {
+    "lane": "INTEGER NOT NULL DEFAULT 2",
+    "seq": "INTEGER",
+    "order_key": "TEXT",
+    "idem_key": "TEXT",
+    "idem_hash": "TEXT",
+    "idem_until": "REAL",
+}
+INDEXES = f"""
+DROP INDEX IF EXISTS writes_due;
+CREATE UNIQUE INDEX IF NOT EXISTS writes_idem ON writes (idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS writes_lane ON writes (lane, seq) WHERE {PENDING};
+CREATE INDEX IF NOT EXISTS writes_order ON writes (order_key, seq) WHERE order_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS writes_seq ON writes (seq);
+CREATE INDEX IF NOT EXISTS writes_delivered ON writes (delivered_at) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS writes_state ON writes (state);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL NOT NULL);
 """
 
@@ -65,6 +103,9 @@ class Write:
     last_error: str | None
     created_at: float
     delivered_at: float | None
+    lane: int = 2
+    seq: int = 0
+    order_key: str | None = None
 
     def status(self) -> dict[str, Any]:
         """What GET /v1/mediarithmics/writes/<id> answers."""
@@ -73,6 +114,20 @@ class Write:
             "attempts": self.attempts, "last_error": self.last_error or "",
             "created_at": _iso(self.created_at), "delivered_at": _iso(self.delivered_at),
         }
+
+
+@dataclass(frozen=True)
+class Added:
+    """The outcome of storing a write: its id, and whether its key named an earlier one."""
+
+    id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class LaneStats:
+    depth: int
+    oldest_age: float
 
 
 def _iso(moment: float | None) -> str:
@@ -84,37 +139,153 @@ def backoff(attempts: int, cap: float = 300.0) -> float:
     return min(cap, 0.5 * 2 ** min(attempts, 12)) * random.uniform(0.5, 1.5)
 
 
+def order_key(kind: str, path: str) -> str | None:
+    """Writes that must arrive in the order accepted: one user point's choice for one
+    processing, or one profile (the upstream path names both). Activities are independent."""
+    return path if kind in ("choice", "profile") else None
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another writer held the file for longer than we would wait: not a broken outbox."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 class Outbox:
     """The write store. Every public method runs its SQLite work off the event loop."""
+
     def __init__(self, path: str, max_attempts: int = 25, max_backoff: float = 300.0,
-                 busy_timeout: float = 2.0):
+                 busy_timeout: float = 2.0, max_rows: int = 0):
         # Absolute, so a later change of working directory cannot point it at another file.
         self.path = os.path.abspath(path)
         self.max_attempts = max_attempts
         self.max_backoff = max_backoff
         self.busy_timeout = busy_timeout
+        self.max_rows = max_rows
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        # Per process: intake refusals by reason (metrics).
+        self.dropped: Counter[str] = Counter()
+        self._pending_estimate: tuple[float, int] = (0.0, 0)
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._migrate()
 
-    def _connect(self, timeout: float | None = None) -> sqlite3.Connection:
-        # One connection per operation: safe across threads, greenlets and forks.
+    def _migrate(self) -> None:
+        db = self._connect(timeout=30.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("BEGIN IMMEDIATE")  # several workers may start at once
+            db.execute(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(writes)")}
+            for column, decl in NEW_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE writes ADD COLUMN {column} {decl}")
+            if "seq" not in have:  # rows of an older outbox: keep their order and lanes
+                db.execute("UPDATE writes SET seq = rowid, lane = CASE kind WHEN 'choice' THEN 0"
+                           " WHEN 'profile' THEN 1 ELSE 2 END,"
+                           " order_key = CASE WHEN kind IN ('choice','profile') THEN path END")
+            for statement in INDEXES.strip().split(";\n"):
+                db.execute(statement.rstrip(";"))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def _connect(self, timeout: float | None = None, durable: bool = True) -> sqlite3.Connection:
+        """One connection per operation: safe across threads, greenlets and forks. Accepting a
+        write syncs to disk before the 202 (synchronous=FULL); delivery bookkeeping (claims,
+        leases, outcomes) does not wait for the disk (NORMAL: WAL keeps it safe from a crash
+        of the process; a power cut may forget an outcome, and the write is sent again, at
+        least once), so the drain rate is not the disk's sync rate."""
         db = sqlite3.connect(self.path, timeout=self.busy_timeout if timeout is None else timeout,
                              isolation_level=None)
         try:
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
         except sqlite3.Error:
             db.close()  # never leak an open file (a full disk fails here; it blocks a remount)
             raise
         return db
 
+    # -- intake ---------------------------------------------------------------------------
+
     def add(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
-            timeout: float | None = None) -> str:
-        """Store a write durably; its id. Raises sqlite3.Error if it could not be stored."""
-        return off_the_event_loop(self._add_now, kind, method, path, query, body, timeout)
+            timeout: float | None = None, *, idem: IdemKey | None = None,
+            write_id: str | None = None, sheddable: bool = False) -> Added:
+        """Store a write durably. With `idem`, a live key answers the earlier write
+        (`duplicate`) or raises IdempotencyKeyReused; `sheddable` writes (opens, activities)
+        raise OutboxUnavailable past the row cap. Raises sqlite3.Error when not stored."""
+        if sheddable and self._over_cap():
+            self.dropped["outbox_full"] += 1
+            raise OutboxUnavailable(f"the outbox holds {self.max_rows} or more undelivered writes; "
+                                    "new activities are refused until it drains",
+                                    code="outbox_full", retry_after=30)
+        added = off_the_event_loop(self._add_now, kind, method, path, query, body, timeout,
+                                   idem, write_id)
+        if not added.duplicate:
+            with self._lock:
+                stamp, count = self._pending_estimate
+                self._pending_estimate = (stamp, count + 1)
+        return added
+
+    def _over_cap(self) -> bool:
+        """Whether the undelivered rows reach the cap; counted at most once a second per
+        process (a count is a scan), so the cap may be passed by one second of intake."""
+        if not self.max_rows:
+            return False
+        with self._lock:
+            stamp, count = self._pending_estimate
+        if time.monotonic() - stamp >= 1.0:
+            try:
+                count = off_the_event_loop(self._pending_now)
+            except sqlite3.Error:
+                return False  # storing will say what is wrong
+            with self._lock:
+                self._pending_estimate = (time.monotonic(), count)
+        return count >= self.max_rows
+
+    def _pending_now(self) -> int:
+        db = self._connect()
+        try:
+            return int(db.execute(f"SELECT COUNT(*) FROM writes WHERE {PENDING}").fetchone()[0])
+        finally:
+            db.close()
+
+    def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
+                 timeout: float | None, idem: IdemKey | None, write_id: str | None) -> Added:
+        write_id = write_id or uuid.uuid4().hex
+        now = time.time()
+        db = self._connect(timeout)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if idem is not None:
+                row = db.execute("SELECT id, idem_hash, idem_until FROM writes WHERE idem_key = ?",
+                                 (idem.key,)).fetchone()
+                if row is not None and row[2] >= now:
+                    db.execute("ROLLBACK")
+                    if row[1] != idem.body_hash:
+                        raise IdempotencyKeyReused(
+                            "this idempotency key was first used with a different request; "
+                            "use a new key for a new write")
+                    return Added(row[0], duplicate=True)
+                if row is not None:  # expired: the key may name a new write
+                    db.execute("UPDATE writes SET idem_key = NULL WHERE id = ?", (row[0],))
+            db.execute(
+                "INSERT INTO writes (id, kind, method, path, query, body, state, next_attempt_at,"
+                " created_at, lane, seq, order_key, idem_key, idem_hash, idem_until)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?,"
+                " (SELECT COALESCE(MAX(seq), 0) + 1 FROM writes), ?, ?, ?, ?)",
+                (write_id, kind, method, path, json.dumps(query), json.dumps(body), now, now,
+                 LANES.get(kind, 2), order_key(kind, path),
+                 idem.key if idem else None, idem.body_hash if idem else None,
+                 now + idem.ttl if idem else None),
+            )
+            db.execute("COMMIT")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+        return Added(write_id)
+
+    # -- reading --------------------------------------------------------------------------
 
     def get(self, write_id: str) -> Write | None:
         return off_the_event_loop(self._get_now, write_id)
@@ -125,8 +296,9 @@ class Outbox:
     def counts(self) -> dict[str, int]:
         return off_the_event_loop(self._counts_now)
 
-    def retry(self, write_id: str | None = None) -> int:
-        return off_the_event_loop(self._retry_now, write_id)
+    def lane_stats(self) -> dict[str, LaneStats]:
+        """Undelivered writes per lane and the age of the oldest (for every process of the box)."""
+        return off_the_event_loop(self._lane_stats_now)
 
     def write_problem(self, min_free_bytes: int) -> str:
         """Why a write could not be recorded now ("" when it could): /readyz asks."""
@@ -154,33 +326,11 @@ class Outbox:
             return f"a test write failed ({exc})"
         return ""
 
-    def claim(self, limit: int = 10) -> list[Write]:
-        return off_the_event_loop(self._claim_now, limit)
-
-    def _finish(self, write_id: str, sql: str, args: tuple) -> None:
-        off_the_event_loop(self._finish_now, write_id, sql, args)
-
-    def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
-                 timeout: float | None = None) -> str:
-        write_id = uuid.uuid4().hex
-        now = time.time()
-        db = self._connect(timeout)
-        try:
-            db.execute(
-                "INSERT INTO writes (id, kind, method, path, query, body, state, next_attempt_at,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (write_id, kind, method, path, json.dumps(query), json.dumps(body), now, now),
-            )
-        finally:
-            db.close()
-        return write_id
 
     def _get_now(self, write_id: str) -> Write | None:
         db = self._connect()
         try:
-            row = db.execute(
-                "SELECT id, kind, method, path, query, body, state, attempts, last_error, created_at,"
-                " delivered_at FROM writes WHERE id = ?", (write_id,)).fetchone()
+            row = db.execute(f"SELECT {COLUMNS} FROM writes WHERE id = ?", (write_id,)).fetchone()
         finally:
             db.close()
         return _write(row) if row else None
@@ -188,13 +338,12 @@ class Outbox:
     def _list_writes_now(self, state: str | None = None, limit: int = 100) -> list[Write]:
         db = self._connect()
         try:
-            sql = ("SELECT id, kind, method, path, query, body, state, attempts, last_error, created_at,"
-                   " delivered_at FROM writes")
+            sql = f"SELECT {COLUMNS} FROM writes"
             args: tuple = ()
             if state:
                 sql += " WHERE state = ?"
                 args = (state,)
-            rows = db.execute(sql + " ORDER BY created_at LIMIT ?", (*args, limit)).fetchall()
+            rows = db.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         finally:
             db.close()
         return [_write(row) for row in rows]
@@ -206,41 +355,107 @@ class Outbox:
         finally:
             db.close()
 
-    def _retry_now(self, write_id: str | None = None) -> int:
-        """Requeue one dead letter (or all of them); how many were requeued."""
-        db = self._connect()
-        try:
-            if write_id:
-                cursor = db.execute("UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
-                                    " WHERE id=? AND state='dead'", (time.time(), write_id))
-            else:
-                cursor = db.execute("UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
-                                    " WHERE state='dead'", (time.time(),))
-            return cursor.rowcount
-        finally:
-            db.close()
-
-    def _claim_now(self, limit: int = 10) -> list[Write]:
-        """Lease up to `limit` due writes to this process."""
+    def _lane_stats_now(self) -> dict[str, LaneStats]:
         now = time.time()
         db = self._connect()
         try:
+            rows = db.execute(f"SELECT lane, COUNT(*), MIN(created_at) FROM writes WHERE {PENDING}"
+                              " GROUP BY lane").fetchall()
+        finally:
+            db.close()
+        stats = {name: LaneStats(0, 0.0) for name in LANES}
+        for lane, depth, oldest in rows:
+            stats[LANE_NAMES.get(lane, "activity")] = LaneStats(depth, max(0.0, now - oldest))
+        return stats
+
+    # -- operator commands ------------------------------------------------------------------
+
+    def retry(self, write_id: str | None = None) -> int:
+        """Requeue one dead letter (or all of them); how many were requeued."""
+        return off_the_event_loop(self._change_dead, write_id,
+                                  "UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
+                                  " WHERE state='dead'", (time.time(),))
+
+    def purge_dead(self, write_id: str | None = None) -> int:
+        """Delete one dead letter (or all of them); how many were deleted."""
+        return off_the_event_loop(self._change_dead, write_id, "DELETE FROM writes WHERE state='dead'", ())
+
+    def _change_dead(self, write_id: str | None, sql: str, args: tuple) -> int:
+        db = self._connect()
+        try:
+            if write_id:
+                return db.execute(sql + " AND id=?", (*args, write_id)).rowcount
+            return db.execute(sql, args).rowcount
+        finally:
+            db.close()
+
+    def purge_delivered(self, retention: float, batch: int = 5000) -> int:
+        """Delete rows delivered more than `retention` seconds ago, whose idempotency key has
+        expired too (a key keeps its row); in batches, so no writer waits long."""
+        return off_the_event_loop(self._purge_delivered_now, retention, batch)
+
+    def _purge_delivered_now(self, retention: float, batch: int) -> int:
+        now = time.time()
+        total = 0
+        db = self._connect()
+        try:
+            while True:
+                deleted = db.execute(
+                    "DELETE FROM writes WHERE rowid IN (SELECT rowid FROM writes WHERE state='delivered'"
+                    " AND delivered_at < ? AND (idem_until IS NULL OR idem_until < ?) LIMIT ?)",
+                    (now - retention, now, batch)).rowcount
+                total += deleted
+                if deleted < batch:
+                    return total
+        finally:
+            db.close()
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def claim(self, limit: int = 10) -> list[Write]:
+        return off_the_event_loop(self._claim_now, limit)
+
+    def _claim_now(self, limit: int = 10) -> list[Write]:
+        """Lease up to `limit` due writes to this process: lowest lane first, then oldest;
+        of writes sharing an order key, only the oldest pending one."""
+        now = time.time()
+        db = self._connect(durable=False)
+        try:
             db.execute("BEGIN IMMEDIATE")
             rows = db.execute(
-                "UPDATE writes SET lease_owner=?, lease_until=? WHERE id IN ("
-                " SELECT id FROM writes WHERE state IN ('queued','failed') AND next_attempt_at<=?"
-                " AND (lease_until IS NULL OR lease_until<?) ORDER BY next_attempt_at LIMIT ?)"
-                " RETURNING id, kind, method, path, query, body, state, attempts, last_error,"
-                " created_at, delivered_at",
+                f"UPDATE writes SET lease_owner=?, lease_until=? WHERE id IN ("
+                # The lane index walks in delivery order: no sort of every pending row.
+                f" SELECT w.id FROM writes w INDEXED BY writes_lane WHERE w.{PENDING} AND w.next_attempt_at<=?"
+                f" AND (w.lease_until IS NULL OR w.lease_until<?)"
+                f" AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes p"
+                f"  WHERE p.order_key = w.order_key AND p.seq < w.seq AND p.{PENDING}))"
+                f" ORDER BY w.lane, w.seq LIMIT ?) RETURNING {COLUMNS}",
                 (self.owner, now + LEASE_SECONDS, now, now, limit),
             ).fetchall()
             db.execute("COMMIT")
         finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             db.close()
-        return [_write(row) for row in rows]
+        return sorted((_write(row) for row in rows), key=lambda w: (w.lane, w.seq))
+
+    def renew(self) -> int:
+        """Extend the lease of every write this process holds (deliveries in flight)."""
+        return off_the_event_loop(self._renew_now)
+
+    def _renew_now(self) -> int:
+        db = self._connect(timeout=5.0, durable=False)
+        try:
+            return db.execute(f"UPDATE writes SET lease_until=? WHERE lease_owner=? AND {PENDING}",
+                              (time.time() + LEASE_SECONDS, self.owner)).rowcount
+        finally:
+            db.close()
+
+    def _finish(self, write_id: str, sql: str, args: tuple) -> None:
+        off_the_event_loop(self._finish_now, write_id, sql, args)
 
     def _finish_now(self, write_id: str, sql: str, args: tuple) -> None:
-        db = self._connect(timeout=30.0)  # an outcome must be recorded, even on a busy file
+        db = self._connect(timeout=30.0, durable=False)  # recorded even on a busy file
         try:
             db.execute(sql + " WHERE id=? AND lease_owner=?", (*args, write_id, self.owner))
         finally:
@@ -286,73 +501,7 @@ def off_the_event_loop(function: Callable[..., Any], *args: Any) -> Any:
 
 
 def _write(row: tuple) -> Write:
-    (write_id, kind, method, path, query, body, state, attempts, last_error, created, delivered) = row
+    (write_id, kind, method, path, query, body, state, attempts, last_error, created, delivered,
+     lane, seq, key) = row
     return Write(write_id, kind, method, path, json.loads(query), json.loads(body), state, attempts,
-                 last_error, created, delivered)
-
-
-class Deliverer:
-    """The background worker: claims due writes and sends them, until stopped."""
-
-    def __init__(self, outbox: Outbox, send: Callable[[Write], None], poll: float = 0.2):
-        self.outbox = outbox
-        self.send = send
-        self.poll = poll
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Deliverer:
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._thread.start()
-        return self
-
-    def request_stop(self) -> None:
-        """Stop claiming at once (the server is shutting down); deliveries in flight finish."""
-        self._stop.set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop claiming; wait for the deliveries in flight to be recorded."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_once(self) -> int:
-        """Deliver what is due now; how many writes were handled. When asked to stop, the
-        delivery in flight finishes and the rest of the batch is handed back at once."""
-        claimed = self.outbox.claim()
-        for write in claimed:
-            if self._stop.is_set():
-                self.outbox.release(write)
-            else:
-                self._deliver(write)
-        return len(claimed)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                handled = self.run_once()
-            except sqlite3.Error as exc:
-                log.warning("outbox unavailable: %s", exc)
-                handled = 0
-            if not handled:
-                self._stop.wait(self.poll)
-
-    def _deliver(self, write: Write) -> None:
-        try:
-            self.send(write)
-        except UpstreamRateLimited as limited:
-            if limited.upstream_status is None:  # our own budget: not an attempt
-                self.outbox.postponed(write, float(limited.retry_after or 1))
-            else:
-                self.outbox.failed(write, limited.message)
-        except UpstreamError as error:
-            status = error.upstream_status
-            if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):
-                self.outbox.dead(write, error.message)
-            else:
-                self.outbox.failed(write, error.message)
-        except Exception as exc:  # never let one write stop the worker
-            log.exception("outbox delivery crashed")
-            self.outbox.failed(write, f"{type(exc).__name__}")
-        else:
-            self.outbox.delivered(write)
+                 last_error, created, delivered, lane, seq or 0, key)

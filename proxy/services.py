@@ -19,11 +19,12 @@ from .clients.experiment import ExperimentClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
-from .errors import ProxyError, TransientError
+from .errors import OutboxUnavailable, ProxyError, TransientError
 from .guards import CircuitBreaker, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
-    from .outbox import Deliverer, Outbox
+    from .delivery import Deliverer
+    from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
 
@@ -137,11 +138,12 @@ class Services:
 
             try:
                 self._outbox = Outbox(self.settings.outbox_path, self.settings.outbox_max_attempts,
-                                      self.settings.outbox_max_backoff)
+                                      self.settings.outbox_max_backoff,
+                                      max_rows=self.settings.outbox_max_rows)
             except (OSError, sqlite3.Error) as exc:
                 log.error("outbox %s cannot be opened: %s", self.settings.outbox_path, exc)
-                raise ProxyError("the outbox cannot be opened; nothing was recorded",
-                                 code="outbox_unavailable", retry_after=30) from None
+                raise OutboxUnavailable("the outbox cannot be opened; nothing was recorded",
+                                        retry_after=30) from None
         return self._outbox
 
     def start_delivery(self) -> None:
@@ -150,16 +152,32 @@ class Services:
             return
         if not all(value for _name, value in self.mediarithmics.required):
             return
-        from .outbox import Deliverer
+        from .delivery import Deliverer
 
-        client = self.mediarithmics
         try:
             outbox = self.outbox
         except ProxyError:
             return  # logged; writes answer 503 and /readyz reports it
+        client = self.delivery_client()
+        s = self.settings
         self.deliverer = Deliverer(
-            outbox, lambda w: client.write(w.method, w.path, w.query, w.body)
+            outbox, lambda w: client.write(w.method, w.path, w.query, w.body),
+            concurrency=s.outbox_concurrency, retention=s.outbox_retention,
         ).start()
+
+    def delivery_client(self) -> MediarithmicsClient:
+        """The client deliveries use: off the send path, so it waits up to
+        CCPROXY_OUTBOX_WRITE_TIMEOUT (a write cut off by a short timeout may have landed, and
+        would be sent again); its own breaker, the reads' rate limiter (one upstream budget)."""
+        s = self.settings
+        client = self._guarded(MediarithmicsClient(
+            self.pool, s.mediarithmics_url, s.mediarithmics_token, s.mediarithmics_datamart_id,
+            connect_timeout=s.upstream_connect_timeout, read_timeout=s.outbox_write_timeout,
+            max_bytes=s.upstream_max_bytes,
+        ))
+        client.limiter = self.mediarithmics.limiter
+        client.observe = self.mediarithmics.observe
+        return client
 
     def stop_delivering(self) -> None:
         """Claim no more writes (shutting down); the deliveries in flight finish."""

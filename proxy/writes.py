@@ -1,24 +1,31 @@
-"""mediarithmics write side: activities, the email-open pixel, profile and choice updates,
-signed one-click consent links. Every write goes through the durable outbox and is
-answered 202 with an id; none is cached.
+"""mediarithmics write side: activities, the email-open pixel, profile and choice updates.
+Every write goes through the durable outbox and is answered 202 with an id; none is
+cached. Each accepts an idempotency key (see `idempotency`). Consent links and pages are
+in `consent`.
+
+The pixel is recorded at most once per link within CCPROXY_PIXEL_DEDUP_WINDOW (per box in
+SQLite, per deployment with Redis); without CCPROXY_LINK_SECRET unsigned pixels are only
+recorded when CCPROXY_ALLOW_UNSIGNED_PIXEL=true (anyone could forge them).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, request
 
-from . import links, params
+from . import auth, idempotency, links, params
 from .clients.base import path_segment
-from .errors import BadRequest, NotConfigured, NotFound, ProxyError
+from .errors import BadRequest, NotFound, OutboxUnavailable, ProxyError
+from .idempotency import IdemKey
+from .outbox import Added, is_busy
 from .responses import json_response
 
 bp = Blueprint("writes", __name__)
@@ -27,10 +34,8 @@ log = logging.getLogger("ccproxy.writes")
 # A 1x1 transparent GIF.
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 PIXEL_PATH = "/v1/mediarithmics/pixel.gif"
-CONSENT_PATH = "/v1/mediarithmics/consent"
 LEGACY_IDS = ("$user_agent_id", "$email_hash")
 SELECTOR_PARAMS = ("user_point_id", "user_agent_id", "email_hash", "compartment_id", "user_account_id")
-LINK_PARAMS = (*SELECTOR_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
 
 
 def _services():
@@ -43,9 +48,10 @@ def _outbox():
     return services.outbox
 
 
-def _accepted(write_id: str, kind: str) -> Response:
-    return json_response({"ok": True, "id": write_id, "kind": kind, "state": "queued",
-                          "status_url": f"/v1/mediarithmics/writes/{write_id}"}, 202,
+def _accepted(added: Added, kind: str) -> Response:
+    return json_response({"ok": True, "id": added.id, "kind": kind, "state": "queued",
+                          "duplicate": added.duplicate,
+                          "status_url": f"/v1/mediarithmics/writes/{added.id}"}, 202,
                          {"Cache-Control": "no-store"})
 
 
@@ -57,15 +63,45 @@ def _json_object_body() -> dict[str, Any]:
     return body
 
 
-def _store(kind: str, method: str, path: str, query: dict[str, str], body: Any,
-           timeout: float | None = None) -> str:
+def _request_key(body: Any) -> IdemKey | None:
+    """The caller's idempotency key, scoped to its credential and this endpoint."""
+    headers: Any = request.headers  # werkzeug's Headers: a mapping in all but name
+    return idempotency.from_request(
+        headers, request.args, auth.presented_key(headers),
+        f"{request.method} {request.path}", body, _services().settings.idempotency_ttl)
+
+
+def store(kind: str, method: str, path: str, query: dict[str, str], body: Any, *,
+          timeout: float | None = None, idem: IdemKey | None = None, sheddable: bool = False) -> Added:
+    """Store a write in the outbox (once per live idempotency key). A write that cannot be
+    stored is a 503 with Retry-After: nothing was recorded, the caller may retry."""
     outbox = _outbox()
+    write_id = uuid.uuid4().hex
+    redis = _services().redis
+    shared = idempotency.RedisKeys(redis) if idem is not None and redis is not None else None
+    if shared is not None and idem is not None:
+        earlier = shared.claim(idem, write_id)
+        if earlier:
+            return Added(earlier, duplicate=True)
     try:
-        return outbox.add(kind, method, path, query, body, timeout)
-    except (sqlite3.Error, OSError):
-        log.exception("outbox write failed")
-        raise ProxyError("the write could not be stored; nothing was recorded",
-                         code="outbox_unavailable", retry_after=5) from None
+        added = outbox.add(kind, method, path, query, body, timeout, idem=idem, write_id=write_id,
+                           sheddable=sheddable)
+    except (sqlite3.Error, OSError) as exc:
+        if shared is not None and idem is not None:
+            shared.forget(idem)
+        busy = isinstance(exc, sqlite3.Error) and is_busy(exc)
+        if not busy:
+            outbox.dropped["outbox_unwritable"] += 1
+            log.error("outbox write failed: %s", exc)
+        raise OutboxUnavailable("the write could not be stored; nothing was recorded",
+                                retry_after=1 if busy else 5) from None
+    except ProxyError:
+        if shared is not None and idem is not None:
+            shared.forget(idem)
+        raise
+    if added.duplicate and shared is not None and idem is not None:
+        shared.remember(idem, added.id)  # Redis named our unstored id: name the stored one
+    return added
 
 
 def activity_problem(activity: Any) -> str | None:
@@ -113,7 +149,9 @@ def post_activity():
     problem = activity_problem(activity)
     if problem:
         raise BadRequest(problem, code="invalid_activity")
-    return _accepted(_store("activity", "POST", _activities_path(), {}, activity), "activity")
+    added = store("activity", "POST", _activities_path(), {}, activity, idem=_request_key(activity),
+                  sheddable=True)
+    return _accepted(added, "activity")
 
 
 def email_open_activity(args: Mapping[str, str]) -> dict[str, Any]:
@@ -130,22 +168,55 @@ def email_open_activity(args: Mapping[str, str]) -> dict[str, Any]:
             "$events": [{"$event_name": event, "$ts": now, "$properties": props}]}
 
 
+class PixelRefused(Exception):
+    """Why a pixel load is not recorded (logged and counted; the GIF answers all the same)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _record_open(args: Mapping[str, str]) -> None:
+    services = _services()
+    settings = services.settings
+    if settings.link_secret:
+        links.verify(settings.link_secret, PIXEL_PATH, args)
+    elif not settings.allow_unsigned_pixel:
+        raise PixelRefused("unsigned", "unsigned pixel: set CCPROXY_LINK_SECRET "
+                           "(or CCPROXY_ALLOW_UNSIGNED_PIXEL=true)")
+    activity = email_open_activity(args)
+    # The link itself names the open: its replays within the window are one open.
+    idem = idempotency.link_key(PIXEL_PATH, urlencode(sorted(args.items())), settings.pixel_dedup_window) \
+        if settings.pixel_dedup_window else None
+    # A short wait at most: the open is worth less than the email client's patience.
+    added = store("activity", "POST", _activities_path(), {}, activity, timeout=0.05, idem=idem,
+                  sheddable=True)
+    if added.duplicate:
+        raise PixelRefused("duplicate", "the same pixel link was recorded within the dedup window")
+
+
 @bp.get(PIXEL_PATH)
 def pixel():
     """Always a 1x1 GIF, fast: a broken or busy outbox never breaks an email's rendering."""
     try:
-        settings = _services().settings
-        if settings.link_secret:
-            links.verify(settings.link_secret, PIXEL_PATH, request.args)
-        activity = email_open_activity(request.args)
-        # A short wait at most: the open is worth less than the email client's patience.
-        _store("activity", "POST", _activities_path(), {}, activity, timeout=0.05)
+        _record_open(request.args)
+    except PixelRefused as why:
+        _count_refused(why.reason)
+        log.info("pixel not recorded: %s", why)
     except (ProxyError, links.LinkError) as why:
         log.info("pixel not recorded: %s", getattr(why, "message", None) or getattr(why, "reason", why))
     except Exception:
         log.exception("pixel not recorded")
     return Response(PIXEL, mimetype="image/gif",
                     headers={"Cache-Control": "no-store, no-cache, must-revalidate, max-age=0"})
+
+
+def _count_refused(reason: str) -> None:
+    """Counted here: store() counts the outbox's own refusals (full, unwritable)."""
+    try:
+        _outbox().dropped[f"pixel_{reason}"] += 1
+    except ProxyError:
+        pass
 
 
 def _profile_selector(args: Mapping[str, str]) -> dict[str, str]:
@@ -175,10 +246,10 @@ def put_profile():
     path = (client.user_point_path(_profile_selector(args))
             + f"/user_profiles/compartment_id={path_segment(compartment or '')}"
             + f"/user_account_id={path_segment(account or '')}")
-    return _accepted(_store("profile", "PUT", path, query, profile), "profile")
+    return _accepted(store("profile", "PUT", path, query, profile, idem=_request_key(profile)), "profile")
 
 
-def _processing_id(args: Mapping[str, str]) -> str:
+def processing_id_of(args: Mapping[str, str]) -> str:
     from .endpoints.mediarithmics import processing_id
 
     value = processing_id(args, required=True)
@@ -186,7 +257,7 @@ def _processing_id(args: Mapping[str, str]) -> str:
     return value
 
 
-def _choice_path(selector: Mapping[str, str], processing: str) -> str:
+def choice_path(selector: Mapping[str, str], processing: str) -> str:
     client = _services().mediarithmics
     return client.user_point_path(dict(selector)) + f"/user_choices/processing_id={path_segment(processing)}"
 
@@ -197,8 +268,9 @@ def put_choice():
     if not isinstance(choice.get("$choice_acceptance_value"), bool):
         raise BadRequest("$choice_acceptance_value is required (true or false)", code="invalid_body")
     selector = params.user_point_selector(request.args)
-    processing = _processing_id(request.args)
-    return _accepted(_store("choice", "PUT", _choice_path(selector, processing), {}, choice), "choice")
+    processing = processing_id_of(request.args)
+    added = store("choice", "PUT", choice_path(selector, processing), {}, choice, idem=_request_key(choice))
+    return _accepted(added, "choice")
 
 
 @bp.get("/v1/mediarithmics/writes/<write_id>")
@@ -209,39 +281,11 @@ def write_status(write_id: str):
     return json_response(write.status(), headers={"Cache-Control": "no-store"})
 
 
-def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
-    """The choice's last change (`$choice_ts`), read fresh: confirming a link checks it."""
-    answer = _services().mediarithmics.choices(dict(selector), processing)
-    stamps = [c.get("$choice_ts") or 0 for c in answer.data or [] if isinstance(c, dict)]
-    return str(max(stamps) if stamps else 0)
-
-
-def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
-    """The same, through the cache: links are made at send time, once per recipient, and a
-    read per link must not cost an upstream call each (a change within the cache TTL only
-    makes the link ask the recipient to use a newer email)."""
-    from .endpoints import call
-
-    done = call(_services(), "/v1/mediarithmics/choices", {**selector, "processing_id": processing})
-    stamps = [c.get("choice_ts") or 0 for c in done.body.get("choices_list", []) if isinstance(c, dict)]
-    return str(max(stamps) if stamps else 0)
-
-
-def consent_url(selector: Mapping[str, str], processing: str, accept: bool,
-                version: str, expires_at: int, base: str) -> str:
-    settings = _services().settings
-    if not settings.link_secret:
-        raise NotConfigured("links", "signed links are not configured: set CCPROXY_LINK_SECRET")
-    link_params = {**selector, "processing_id": processing, "accept": "true" if accept else "false",
-                   "v": version}
-    return f"{base}{CONSENT_PATH}?{links.signed_query(settings.link_secret, CONSENT_PATH, link_params, expires_at)}"
-
-
-def _base_url() -> str:
+def base_url() -> str:
     return (_services().settings.public_url or request.host_url).rstrip("/")
 
 
-def _expiry(args: Mapping[str, str]) -> int:
+def expiry(args: Mapping[str, str]) -> int:
     raw = args.get("expires")
     days = _services().settings.link_ttl_days
     if not raw:
@@ -251,17 +295,6 @@ def _expiry(args: Mapping[str, str]) -> int:
     return int(raw)
 
 
-@bp.get("/v1/mediarithmics/consent-link")
-def consent_link():
-    args = request.args
-    selector = params.user_point_selector(args)
-    processing = _processing_id(args)
-    accept = params.boolean(args, "accept", False)
-    version = issued_choice_version(selector, processing)
-    url = consent_url(selector, processing, accept, version, _expiry(args), _base_url())
-    return json_response({"ok": True, "url": url}, headers={"Cache-Control": "no-store"})
-
-
 @bp.get("/v1/mediarithmics/pixel-link")
 def pixel_link():
     args = request.args
@@ -269,63 +302,8 @@ def pixel_link():
     settings = _services().settings
     link_params = {k: v for k, v in args.items() if k != "expires"}
     if not settings.link_secret:
-        url = f"{_base_url()}{PIXEL_PATH}?{urlencode(link_params)}"
+        url = f"{base_url()}{PIXEL_PATH}?{urlencode(link_params)}"
     else:
-        url = f"{_base_url()}{PIXEL_PATH}?" + links.signed_query(
-            settings.link_secret, PIXEL_PATH, link_params, _expiry(args))
+        url = f"{base_url()}{PIXEL_PATH}?" + links.signed_query(
+            settings.link_secret, PIXEL_PATH, link_params, expiry(args))
     return json_response({"ok": True, "url": url}, headers={"Cache-Control": "no-store"})
-
-
-def _page(title: str, body: str, status: int = 200) -> Response:
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#1f2328}}
-button{{font:inherit;padding:.6rem 1.2rem;border:0;border-radius:6px;background:#0969da;color:#fff;cursor:pointer}}</style>
-</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"""
-    return Response(page, status=status, mimetype="text/html",
-                    headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
-
-
-def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, str]:
-    links.verify(_services().settings.link_secret, CONSENT_PATH, args)
-    unknown = set(args) - set(LINK_PARAMS)
-    if unknown:
-        raise links.LinkError("This link is not valid.")
-    selector = {k: args[k] for k in SELECTOR_PARAMS if k in args}
-    return selector, args.get("processing_id", ""), args.get("accept") == "true", args.get("v", "0")
-
-
-@bp.get(CONSENT_PATH)
-def consent_page():
-    """What a recipient sees on clicking: a confirmation, so link scanners change nothing."""
-    try:
-        _selector, _processing, accept, _version = _verified_link(request.args)
-    except links.LinkError as refused:
-        return _page("Link not valid", f"<p>{html.escape(refused.reason)} Nothing was changed.</p>", 403)
-    action = "Subscribe" if accept else "Unsubscribe"
-    form = (f'<p>{"Receive" if accept else "Stop receiving"} these emails?</p>'
-            f'<form method="post"><button type="submit">{action}</button></form>')
-    return _page(f"{action}?", form)
-
-
-@bp.post(CONSENT_PATH)
-def consent_confirm():
-    """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
-    try:
-        selector, processing, accept, version = _verified_link(request.args)
-        if current_choice_version(selector, processing) != version:
-            raise links.LinkError("Your preferences changed since this email was sent, so this "
-                                  "link no longer applies.")
-    except links.LinkError as refused:
-        return _page("Link not valid", f"<p>{html.escape(refused.reason)} Nothing was changed.</p>", 403)
-    except ProxyError:
-        return _page("Please try again", "<p>We could not check your preferences just now. "
-                     "Nothing was changed; please try again in a minute.</p>", 503)
-    choice = {"$choice_acceptance_value": accept, "$choice_ts": int(time.time() * 1000),
-              "$origin": "email-link"}
-    try:
-        _store("choice", "PUT", _choice_path(selector, processing), {}, choice)
-    except ProxyError:
-        return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503)
-    done = "You are subscribed." if accept else "You are unsubscribed. You will not receive these emails any more."
-    return _page("Done", f"<p>{done}</p>")

@@ -4,6 +4,10 @@ Selector values starting with `unknown` are unknown user points (404). Others ge
 deterministic profile and two choices: processing 101 (newsletter; refused when the
 id contains `optout`) and 102 (personalised offers). Writes change what later reads
 return, as the real API does.
+
+Write faults (`POST /__sandbox/writes {"latency": 0.05, "slow_seconds": 18, "slow_count": 1}`):
+every write waits `latency` seconds (reads do not), and the next `slow_count` writes take
+`slow_seconds` to answer, as a slow upstream would.
 """
 
 from __future__ import annotations
@@ -46,7 +50,18 @@ class Store:
         self.profiles: dict[str, dict[str, Any]] = {}
         self.activities: list[dict[str, Any]] = []
         self.writes: list[tuple[str, str, dict[str, str], Any]] = []  # method, path, query, body
+        self.write_latency = 0.0
+        self.slow_seconds = 0.0
+        self.slow_count = 0
         self.lock = threading.Lock()
+
+    def write_delay(self) -> float:
+        """Seconds the current write waits before it is applied."""
+        with self.lock:
+            if self.slow_count > 0:
+                self.slow_count -= 1
+                return self.slow_seconds
+            return self.write_latency
 
     def user_choices(self, selector: str) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -100,7 +115,20 @@ def make_app(token: str = DEFAULT_TOKEN, datamart_id: str = DEFAULT_DATAMART, st
             return None
         if request.headers.get("Authorization") != token:
             return _error(401, "Authentication failed", "INVALID_TOKEN")
+        if request.method in ("POST", "PUT"):
+            delay = store.write_delay()
+            if delay:
+                time.sleep(delay)
         return None
+
+    @app.post("/__sandbox/writes")
+    def write_faults():
+        body = request.get_json(silent=True) or {}
+        with store.lock:
+            store.write_latency = float(body.get("latency", store.write_latency))
+            store.slow_seconds = float(body.get("slow_seconds", store.slow_seconds))
+            store.slow_count = int(body.get("slow_count", store.slow_count))
+        return jsonify({"ok": True})
 
     def check(datamart: str, selector: str):
         if datamart != datamart_id:

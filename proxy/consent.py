@@ -1,0 +1,137 @@
+"""One-click consent links and the pages a recipient sees: links that always work.
+
+- Unsubscribe links (`accept=false`) bind no choice version: withdrawing consent must work
+  for as long as the link lives, whatever changed since (CAN-SPAM, GDPR, RFC 8058). Older
+  unsubscribe links that carry a `v` are honoured the same way.
+- Subscribe links (`accept=true`) bind the choice's version (`$choice_ts`), so a link from
+  an old email cannot undo a later unsubscribe. When that version cannot be read, no link
+  is signed: `consent-link` answers 503 + Retry-After rather than a guess.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Mapping
+
+from flask import Blueprint, Response, request
+
+from . import links, params
+from .errors import ConsentStateUnknown, NotConfigured, ProxyError
+from .responses import json_response
+from .writes import (
+    SELECTOR_PARAMS,
+    _services,
+    base_url,
+    choice_path,
+    expiry,
+    processing_id_of,
+    store,
+)
+
+bp = Blueprint("consent", __name__)
+CONSENT_PATH = "/v1/mediarithmics/consent"
+LINK_PARAMS = (*SELECTOR_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
+
+
+def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
+    """The choice's last change (`$choice_ts`), read fresh: confirming a link checks it."""
+    answer = _services().mediarithmics.choices(dict(selector), processing)
+    stamps = [c.get("$choice_ts") or 0 for c in answer.data or [] if isinstance(c, dict)]
+    return str(max(stamps) if stamps else 0)
+
+
+def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
+    """The same, through the cache: links are made at send time, once per recipient, and a
+    read per link must not cost an upstream call each (a change within the cache TTL only
+    makes the link ask the recipient to use a newer email). An answer that is not the
+    upstream's (an error, an operator fallback) raises ConsentStateUnknown."""
+    from .endpoints import call
+
+    done = call(_services(), "/v1/mediarithmics/choices", {**selector, "processing_id": processing})
+    if done.status != 200 or done.body.get("fallback"):
+        raise ConsentStateUnknown("the current choice could not be read, so no subscribe link "
+                                  "was signed; retry shortly")
+    stamps = [c.get("choice_ts") or 0 for c in done.body.get("choices_list", []) if isinstance(c, dict)]
+    return str(max(stamps) if stamps else 0)
+
+
+def consent_url(selector: Mapping[str, str], processing: str, accept: bool,
+                expires_at: int, base: str) -> str:
+    """A signed link; a subscribe link binds the choice's version (read through the cache)."""
+    settings = _services().settings
+    if not settings.link_secret:
+        raise NotConfigured("links", "signed links are not configured: set CCPROXY_LINK_SECRET")
+    link_params = {**selector, "processing_id": processing, "accept": "true" if accept else "false"}
+    if accept:
+        link_params["v"] = issued_choice_version(selector, processing)
+    return f"{base}{CONSENT_PATH}?{links.signed_query(settings.link_secret, CONSENT_PATH, link_params, expires_at)}"
+
+
+@bp.get("/v1/mediarithmics/consent-link")
+def consent_link():
+    args = request.args
+    selector = params.user_point_selector(args)
+    processing = processing_id_of(args)
+    accept = params.boolean(args, "accept", False)
+    url = consent_url(selector, processing, accept, expiry(args), base_url())
+    return json_response({"ok": True, "url": url}, headers={"Cache-Control": "no-store"})
+
+
+def _page(title: str, body: str, status: int = 200, retry_after: int | None = None) -> Response:
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#1f2328}}
+button{{font:inherit;padding:.6rem 1.2rem;border:0;border-radius:6px;background:#0969da;color:#fff;cursor:pointer}}</style>
+</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"""
+    headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return Response(page, status=status, mimetype="text/html", headers=headers)
+
+
+def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, str | None]:
+    links.verify(_services().settings.link_secret, CONSENT_PATH, args)
+    unknown = set(args) - set(LINK_PARAMS)
+    if unknown:
+        raise links.LinkError("This link is not valid.")
+    selector = {k: args[k] for k in SELECTOR_PARAMS if k in args}
+    return selector, args.get("processing_id", ""), args.get("accept") == "true", args.get("v")
+
+
+@bp.get(CONSENT_PATH)
+def consent_page():
+    """What a recipient sees on clicking: a confirmation, so link scanners change nothing."""
+    try:
+        _selector, _processing, accept, _version = _verified_link(request.args)
+    except links.LinkError as refused:
+        return _page("Link not valid", f"<p>{html.escape(refused.reason)} Nothing was changed.</p>", 403)
+    action = "Subscribe" if accept else "Unsubscribe"
+    form = (f'<p>{"Receive" if accept else "Stop receiving"} these emails?</p>'
+            f'<form method="post"><button type="submit">{action}</button></form>')
+    return _page(f"{action}?", form)
+
+
+@bp.post(CONSENT_PATH)
+def consent_confirm():
+    """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
+    try:
+        selector, processing, accept, version = _verified_link(request.args)
+        # Only a subscribe is checked against the version it was made for; an unsubscribe
+        # within its expiry is always honoured, and needs no upstream read.
+        if accept and current_choice_version(selector, processing) != (version or "0"):
+            raise links.LinkError("Your preferences changed since this email was sent, so this "
+                                  "link no longer applies.")
+    except links.LinkError as refused:
+        return _page("Link not valid", f"<p>{html.escape(refused.reason)} Nothing was changed.</p>", 403)
+    except ProxyError:
+        return _page("Please try again", "<p>We could not check your preferences just now. "
+                     "Nothing was changed; please try again in a minute.</p>", 503, 60)
+    choice = {"$choice_acceptance_value": accept, "$choice_ts": int(time.time() * 1000),
+              "$origin": "email-link"}
+    try:
+        store("choice", "PUT", choice_path(selector, processing), {}, choice)
+    except ProxyError:
+        return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503, 60)
+    done = "You are subscribed." if accept else "You are unsubscribed. You will not receive these emails any more."
+    return _page("Done", f"<p>{done}</p>")

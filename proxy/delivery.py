@@ -1,0 +1,162 @@
+"""The outbox's delivery worker, one per process: claims due writes and sends them,
+`concurrency` at a time, until stopped.
+
+- Deliveries run concurrently (threads; greenlets under gevent). The outbox only lets one
+  write per order key be claimed at a time, so concurrency never reorders one user point's
+  choice or profile writes.
+- While deliveries are in flight a heartbeat renews their lease every few seconds, so a
+  delivery slower than the lease (an upstream taking 18 s) is never started a second time
+  by another process. Outcomes are recorded only under this process's lease (`lease_owner`),
+  so a process that lost its lease (the file unwritable for 15 s) cannot overwrite another's.
+- Every `purge_every` seconds delivered rows older than the retention are purged (any
+  process may do it; the outbox is shared by the box).
+- A clean stop claims nothing more, lets the deliveries in flight finish and be recorded,
+  and hands nothing back half done.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+from .errors import UpstreamError, UpstreamRateLimited
+from .outbox import LEASE_SECONDS, Outbox, Write
+
+log = logging.getLogger("ccproxy.outbox")
+
+
+class Deliverer:
+    def __init__(self, outbox: Outbox, send: Callable[[Write], None], poll: float = 0.2,
+                 concurrency: int = 16, retention: float = 0.0, purge_every: float = 60.0):
+        self.outbox = outbox
+        self.send = send
+        self.poll = poll
+        self.concurrency = max(1, concurrency)
+        self.retention = retention
+        self.purge_every = purge_every
+        self._stop = threading.Event()
+        self._slots = threading.Condition()
+        self._in_flight = 0
+        self._threads: list[threading.Thread] = []
+        self._next_purge = 0.0
+
+    def start(self) -> Deliverer:
+        for name, target in (("outbox", self._run), ("outbox-lease", self._heartbeat)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def request_stop(self) -> None:
+        """Stop claiming at once (the server is shutting down); deliveries in flight finish.
+        Called from a signal handler: only sets the flag (the loop sees it within a poll)."""
+        self._stop.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming; wait for the deliveries in flight to be recorded."""
+        self._stop.set()
+        with self._slots:
+            self._slots.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._slots:
+            while self._in_flight and time.monotonic() < deadline:
+                self._slots.wait(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def run_once(self) -> int:
+        """Claim what is due for the free slots and start delivering it; how many were claimed."""
+        with self._slots:
+            free = self.concurrency - self._in_flight
+        if free <= 0 or self._stop.is_set():
+            return 0
+        claimed = self.outbox.claim(free)
+        for write in claimed:
+            if self._stop.is_set():
+                self.outbox.release(write)
+                continue
+            with self._slots:
+                self._in_flight += 1
+            threading.Thread(target=self._deliver_then_free, args=(write,), name="outbox-send",
+                             daemon=True).start()
+        return len(claimed)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._maybe_purge()
+            try:
+                claimed = self.run_once()
+            except sqlite3.Error as exc:
+                log.warning("outbox unavailable: %s", exc)
+                claimed = 0
+            with self._slots:
+                if self._stop.is_set():
+                    return
+                if self._in_flight >= self.concurrency:
+                    self._slots.wait(self.poll)  # until a slot frees
+                elif not claimed:
+                    self._slots.wait(self.poll)  # nothing due: poll again soon
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 5):
+            self._renew()
+        while self._in_flight:  # stopping: keep the leases of what still runs
+            self._renew()
+            time.sleep(0.5)
+
+    def _renew(self) -> None:
+        if not self._in_flight:
+            return
+        try:
+            self.outbox.renew()
+        except sqlite3.Error as exc:
+            log.warning("outbox lease not renewed: %s", exc)
+
+    def _maybe_purge(self) -> None:
+        if not self.retention or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + min(self.purge_every, max(self.retention / 2, 0.1))
+        try:
+            purged = self.outbox.purge_delivered(self.retention)
+        except sqlite3.Error as exc:
+            log.warning("outbox purge failed: %s", exc)
+            return
+        if purged:
+            log.info("outbox purged %d delivered writes", purged)
+
+    def _deliver_then_free(self, write: Write) -> None:
+        try:
+            self._deliver(write)
+        except sqlite3.Error as exc:  # the outcome could not be recorded: the lease runs out
+            log.error("outbox outcome of %s not recorded: %s", write.id, exc)
+        finally:
+            with self._slots:
+                self._in_flight -= 1
+                self._slots.notify_all()
+
+    def _deliver(self, write: Write) -> None:
+        try:
+            self.send(write)
+        except UpstreamRateLimited as limited:
+            if limited.upstream_status is None:  # our own budget: not an attempt
+                self.outbox.postponed(write, float(limited.retry_after or 1))
+            else:
+                self.outbox.failed(write, limited.message)
+        except UpstreamError as error:
+            status = error.upstream_status
+            if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):
+                self.outbox.dead(write, error.message)
+            else:
+                self.outbox.failed(write, error.message)
+        except Exception as exc:  # never let one write stop the worker
+            log.exception("outbox delivery crashed")
+            self.outbox.failed(write, f"{type(exc).__name__}")
+        else:
+            self.outbox.delivered(write)
