@@ -13,6 +13,8 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
         └── UpstreamUnavailable   connection refused/reset, 5xx, circuit open
 
 Where the operator configured a fallback, transient errors become HTTP 200 with it.
+
+CannotListen                     start-up only: the address to serve on cannot be bound
 """
 
 from __future__ import annotations
@@ -102,3 +104,8 @@ class UpstreamUnavailable(TransientError):
 class NotConfigured(UpstreamError):
     status = 503
     code = "upstream_not_configured"
+
+
+class CannotListen(Exception):
+    """`serve`/`demo` cannot bind their address (port in use, no permission, unknown host);
+    the message is the one line the command prints."""

@@ -83,6 +83,15 @@ def test_experiment_control_vs_treatment(page, live_proxy):
         "Summer sale: up to 40% off"
     )
     expect(columns.nth(1).locator(".result-json")).to_contain_text('"tracked": false')
+    # the hero image comes from the sandbox itself: it loads with no internet
+    hero = columns.nth(1).frame_locator("iframe").locator("img")
+    expect(hero).to_have_attribute("src", re.compile(r"^http://127\.0\.0\.1:\d+/images/summer-sale\.svg$"))
+    for column in range(2):
+        frame = columns.nth(column).locator("iframe.result-frame").element_handle().content_frame()
+        assert frame is not None
+        frame.wait_for_function(
+            "() => { const img = document.querySelector('img');"
+            " return img && img.complete && img.naturalWidth === 600; }")
     # variants live 60 s, less than Braze's minimum cache: the page says what Braze will do
     expect(columns.nth(1).locator(".snippet-notes")).to_contain_text("at least 5 minutes")
     assert "treatment-1" not in columns.nth(1).locator(".snippet").input_value()

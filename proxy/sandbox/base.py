@@ -5,6 +5,7 @@ Control endpoints live under `/__sandbox/` (never part of the real APIs):
 - `POST /__sandbox/faults` {"mode": "slow|hang|error|ratelimit|reset|malformed|oversized|none",
   "seconds": 2, "count": null} -> the next `count` calls (all when null) misbehave.
 - `POST /__sandbox/reset` clears counters and faults.
+Images a sandbox serves for previews (`/images/...`) are not calls either.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from flask import Flask, Response, jsonify, request
 
 from .server import RateWindow
 
+# Control endpoints and the sandbox's own images (what a browser loads in a preview) are not
+# API calls: never counted, delayed or faulted.
+UNCOUNTED = ("/__sandbox/", "/images/")
 FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized")
 
 
@@ -107,7 +111,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
 
     @app.before_request
     def behave() -> Any:
-        if request.path.startswith("/__sandbox/"):
+        if request.path.startswith(UNCOUNTED):
             return None
         fault = state.record(request.path)
         state.last_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI", "")
