@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
+from .liquid_lint import lint
 from .liquid_preview import Fetched, render_liquid
 from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
@@ -121,11 +122,14 @@ def preview_liquid():
     if services.settings.public_url:
         own_hosts.add(urlsplit(services.settings.public_url).netloc)
 
+    fetched: dict[str, list[Any]] = {}  # path -> JSON answers, for the linter's open maps
+
     def resolve(path: str, args: dict[str, str]) -> Fetched:
         args = _preview_args(args)
         try:
             if path in REGISTRY:
                 done = call(services, path, args)
+                fetched.setdefault(path, []).append(done.body)
                 return Fetched(done.status, done.body, done.cache)
             if path.startswith("/v1/render/"):
                 name = path.removeprefix("/v1/render/")
@@ -144,6 +148,7 @@ def preview_liquid():
         raise
     except Exception as exc:  # Liquid syntax or render errors, shown to the author
         raise LiquidError(f"Liquid error: {exc}") from None
+    answer["warnings"] = lint(payload["liquid"], fetched, own_hosts)
     return json_response(answer)
 
 

@@ -50,6 +50,9 @@ HEADERS = {
     "Age": {"description": "seconds since the upstream answered (hits)", "schema": {"type": "string"}},
     "X-Request-Id": {"description": "the caller's id, or a new one", "schema": {"type": "string"}},
 }
+LINT_WARNING = {"type": "object", "required": ["line", "code", "message"],
+                "properties": {"line": {"type": "integer"}, "code": {"type": "string", "pattern": "^[a-z_]+$"},
+                               "message": {"type": "string"}}}
 # Examples that run as written against `ccproxy demo` (a test runs every README example).
 EXAMPLE_ACTIVITY = {"$type": "TOUCH", "$ts": 1735689600000,
                     "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "abc"}]}
@@ -194,12 +197,13 @@ def document() -> dict[str, Any]:
             "properties": {"liquid": {"type": "string", "maxLength": 100000},
                            "attributes": {"type": "object"}}},
             "example": {"liquid": "Hi {{${first_name}}}", "attributes": {"user_id": "u1", "first_name": "Ada"}}}}},
-        "responses": {"200": _plain({"type": "object", "required": ["ok", "output", "aborted", "abort_reason", "calls"],
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "output", "aborted", "abort_reason", "calls", "warnings"],
                                      "properties": {"ok": {"const": True}, "output": {"type": "string"},
                                                     "aborted": {"type": "boolean"},
                                                     "abort_reason": {"type": ["string", "null"]},
-                                                    "calls": {"type": "array", "items": {"type": "object"}}}},
-                                    "the rendered message"),
+                                                    "calls": {"type": "array", "items": {"type": "object"}},
+                                                    "warnings": {"type": "array", "items": LINT_WARNING}}},
+                                    "the rendered message, and what would break or render empty in Braze"),
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                       "422": _error("the Liquid does not parse or render")},
     }}
