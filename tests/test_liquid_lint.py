@@ -4,6 +4,7 @@ which renders right and lints clean."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -124,11 +125,21 @@ def test_the_catalogs_liquid_lints_clean(app, name):
     assert lint(saves + template.liquid, {}, {"proxy.example.com"}) == []
 
 
-def test_the_readme_braze_message_lints_clean():
-    text = README.read_text()
-    message = text.split("<!-- braze-message:start -->")[1].split("<!-- braze-message:end -->")[0]
-    message = message.split("```liquid\n")[1].split("```")[0]
-    assert lint(message, {}, {"proxy.example.com"}) == []
+def test_every_liquid_example_in_the_readme_lints_clean():
+    blocks = re.findall(r"```liquid\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 7
+    for block in blocks:
+        assert lint(block, {}, {"proxy.example.com"}) == [], block
+
+
+@pytest.mark.parametrize("name", ["recs_block", "hero_banner", "loyalty_badge", "consent_footer"])
+def test_the_preview_pages_snippets_lint_clean(make_app, name):
+    client = make_app(public_url="https://proxy.example.com").test_client()
+    snippets = client.get(f"/v1/preview/render/{name}?user_id=u1&third_party_id=t1&email_hash=h1").get_json()["snippets"]
+    pasted = [v for v in snippets.values() if isinstance(v, str) and "connected_content" in v]
+    assert len(pasted) >= 2
+    for snippet in pasted:
+        assert lint(snippet, {}, {"proxy.example.com"}) == [], snippet
 
 
 def test_warnings_carry_the_line_of_the_braze_source():
