@@ -8,12 +8,13 @@ import logging
 import sys
 
 from . import config
+from .errors import CannotListen
 
 log = logging.getLogger("ccproxy")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serving import default_workers, serve
+    from .serving import default_workers, listen, serve
 
     settings = config.load(config_file=args.config)
     if not settings.api_keys and not args.no_auth:
@@ -27,12 +28,13 @@ def _serve(args: argparse.Namespace) -> int:
         settings = settings.replace(workers=args.workers)
     else:
         settings = settings.replace(workers=default_workers())
+    listener = listen(args.host, args.port)  # a busy port is the one line it prints
     warning = link_secret_warning(settings)
     if warning:
         log.warning(warning)
-    log.info("ccproxy listening on http://%s:%s (auth %s)", args.host, args.port,
-             "on" if settings.api_keys else "off")
-    serve(settings, args.host, args.port, args.workers)
+    auth = "on" if settings.api_keys else "off"
+    serve(settings, listener, args.workers, on_ready=lambda: log.info(
+        "ccproxy listening on http://%s:%s (auth %s)", args.host, args.port, auth))
     return 0
 
 
@@ -49,13 +51,15 @@ def link_secret_warning(settings: config.Settings) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     from .sandbox import stack
-    from .serving import serve
+    from .serving import listen, serve
 
     user_settings = config.load()
     if not _is_loopback(args.host) and not user_settings.api_keys:
         print("ccproxy: the demo is open without keys, so it only listens on loopback; "
               "set CCPROXY_API_KEYS to listen on another address", file=sys.stderr)
         return 2
+    # Bind first: a busy port is one line, before any sandbox starts or anything is logged.
+    listener = listen(args.host, args.port)
     sandboxes = stack.start("127.0.0.1")
     for name, server in sandboxes.servers.items():
         log.info("sandbox %s upstream listening on %s", name, server.url)
@@ -67,13 +71,14 @@ def _demo(args: argparse.Namespace) -> int:
         **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32)
     )
     base = f"http://{args.host}:{args.port}"
-    log.info("ccproxy demo listening on %s", base)
-    log.info(
-        "try: curl '%s/v1/amplitude/recommendations?user_id=testUser&rec_id=testRecId,testRecId2'",
-        base,
-    )
+
+    def ready() -> None:
+        log.info("ccproxy demo listening on %s", base)
+        log.info("try: curl '%s/v1/amplitude/recommendations?user_id=testUser&rec_id=testRecId,testRecId2'",
+                 base)
+
     try:
-        serve(settings, args.host, args.port, args.workers)
+        serve(settings, listener, args.workers, on_ready=ready)
     finally:
         sandboxes.stop()
     return 0
@@ -216,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.SettingsError as exc:
         print(f"ccproxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    except CannotListen as exc:
+        print(f"ccproxy: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
         └── UpstreamUnavailable   connection refused/reset, 5xx, circuit open
 
 Where the operator configured a fallback, transient errors become HTTP 200 with it.
+
+CannotListen                     start-up only: the address to serve on cannot be bound
 """
 
 from __future__ import annotations
@@ -160,3 +162,8 @@ class ConsentStateUnknown(ProxyError):
 
     def __init__(self, message: str, *, retry_after: int = 30):
         super().__init__(message, retry_after=retry_after)
+
+
+class CannotListen(Exception):
+    """`serve`/`demo` cannot bind their address (port in use, no permission, unknown host);
+    the message is the one line the command prints."""

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
+from .liquid_lint import lint
 from .liquid_preview import Fetched
 from .preview_pool import PreviewPool
 from .render_limits import LiquidLimits
@@ -136,11 +137,14 @@ def preview_liquid():
     if services.settings.public_url:
         own_hosts.add(urlsplit(services.settings.public_url).netloc)
 
+    fetched: dict[str, list[Any]] = {}  # path -> JSON answers, for the linter's open maps
+
     def resolve(path: str, args: dict[str, str]) -> Fetched:
         args = _preview_args(args)
         try:
             if path in REGISTRY:
                 done = call(services, path, args)
+                fetched.setdefault(path, []).append(done.body)
                 return Fetched(done.status, done.body, done.cache)
             if path.startswith("/v1/render/"):
                 name = path.removeprefix("/v1/render/")
@@ -153,8 +157,10 @@ def preview_liquid():
         return Fetched(404, "")
 
     # Syntax errors are a 422 liquid_error, limits a 422 liquid_limit (render_limits.py).
-    return json_response(_previews().render_liquid(payload["liquid"], attributes, resolve, own_hosts,
-                                                   library.directory / "content_blocks"))
+    answer = _previews().render_liquid(payload["liquid"], attributes, resolve, own_hosts,
+                                       library.directory / "content_blocks")
+    answer["warnings"] = lint(payload["liquid"], fetched, own_hosts)
+    return json_response(answer)
 
 
 @bp.get("/preview")

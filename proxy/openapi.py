@@ -50,6 +50,14 @@ HEADERS = {
     "Age": {"description": "seconds since the upstream answered (hits)", "schema": {"type": "string"}},
     "X-Request-Id": {"description": "the caller's id, or a new one", "schema": {"type": "string"}},
 }
+LINT_WARNING = {"type": "object", "required": ["line", "code", "message"],
+                "properties": {"line": {"type": "integer"}, "code": {"type": "string", "pattern": "^[a-z_]+$"},
+                               "message": {"type": "string"}}}
+# Examples that run as written against `ccproxy demo` (a test runs every README example).
+EXAMPLE_ACTIVITY = {"$type": "TOUCH", "$ts": 1735689600000,
+                    "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "abc"}]}
+CONSENT_LINK_EXAMPLE = "email_hash=abc&processing_id=101&accept=false"
+PIXEL_LINK_EXAMPLE = "email_hash=abc&event=email_open&campaign=spring"
 RETRY_AFTER = {"Retry-After": {"description": "seconds before trying again", "schema": {"type": "string"}}}
 
 
@@ -192,13 +200,15 @@ def document() -> dict[str, Any]:
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["liquid"],
             "properties": {"liquid": {"type": "string", "maxLength": 100000},
-                           "attributes": {"type": "object"}}}}}},
-        "responses": {"200": _plain({"type": "object", "required": ["ok", "output", "aborted", "abort_reason", "calls"],
+                           "attributes": {"type": "object"}}},
+            "example": {"liquid": "Hi {{${first_name}}}", "attributes": {"user_id": "u1", "first_name": "Ada"}}}}},
+        "responses": {"200": _plain({"type": "object", "required": ["ok", "output", "aborted", "abort_reason", "calls", "warnings"],
                                      "properties": {"ok": {"const": True}, "output": {"type": "string"},
                                                     "aborted": {"type": "boolean"},
                                                     "abort_reason": {"type": ["string", "null"]},
-                                                    "calls": {"type": "array", "items": {"type": "object"}}}},
-                                    "the rendered message"),
+                                                    "calls": {"type": "array", "items": {"type": "object"}},
+                                                    "warnings": {"type": "array", "items": LINT_WARNING}}},
+                                    "the rendered message, and what would break or render empty in Braze"),
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                       "422": _error("the Liquid does not parse or render (liquid_error), or went over "
                                     "a limit and was stopped (liquid_limit, naming the limit and its value)"),
@@ -216,7 +226,10 @@ def document() -> dict[str, Any]:
          "description": "one write per key (scoped to the credential and endpoint) for CCPROXY_IDEMPOTENCY_TTL"},
         {"name": "idempotency_key", "in": "query", "schema": {"type": "string", "maxLength": 255},
          "description": "the same, for a Connected Content URL"}]
-    json_body = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    def json_body(example: dict[str, Any]) -> dict[str, Any]:
+        return {"required": True, "content": {"application/json": {"schema": {"type": "object"},
+                                                                   "example": example}}}
     selector = [_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash",
                                                "compartment_id", "user_account_id")]
     write_errors = {"400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
@@ -225,12 +238,13 @@ def document() -> dict[str, Any]:
                           "422": _error("idempotency_key_reused: the key named a different request")}
     paths["/v1/mediarithmics/activities"] = {"post": {
         "summary": "Queue a user activity (validated: $user_identifiers or a legacy id, $type, $ts).",
-        "operationId": "v1_mediarithmics_activities", "requestBody": json_body,
+        "operationId": "v1_mediarithmics_activities", "requestBody": json_body(EXAMPLE_ACTIVITY),
         "parameters": idempotency,
         "responses": {"202": accepted, **keyed_write_errors}}}
     paths["/v1/mediarithmics/profile"]["put"] = {
         "summary": "Queue a user profile update (force_replace / merge_objects as mediarithmics documents).",
-        "operationId": "v1_mediarithmics_profile_put", "requestBody": json_body,
+        "operationId": "v1_mediarithmics_profile_put", "requestBody": json_body({"loyalty": {"tier": "gold"}}),
+        "x-example": "email_hash=abc&compartment_id=1&user_account_id=acc-1&force_replace=false&merge_objects=true",
         "parameters": [*[_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash")],
                        _parameter("compartment_id", True), _parameter("user_account_id", True),
                        {"name": "force_replace", "in": "query", "schema": PARAM_SCHEMAS["track"]},
@@ -239,12 +253,17 @@ def document() -> dict[str, Any]:
         "responses": {"202": accepted, **keyed_write_errors}}
     paths["/v1/mediarithmics/choices"]["put"] = {
         "summary": "Queue a user choice (needs $choice_acceptance_value).",
-        "operationId": "v1_mediarithmics_choices_put", "requestBody": json_body,
+        "operationId": "v1_mediarithmics_choices_put",
+        "requestBody": json_body({"$choice_acceptance_value": True}),
+        "x-example": "email_hash=abc&processing_id=102",
         "parameters": [*selector, _parameter("processing_id", True), *idempotency],
         "responses": {"202": accepted, **keyed_write_errors}}
     paths["/v1/mediarithmics/writes/{write_id}"] = {"get": {
         "summary": "State of a queued write: queued, delivered, failed (retrying) or dead.",
         "operationId": "v1_mediarithmics_write",
+        # The id comes from the answer to a write.
+        "x-example-shell": ('curl "{base}$(' + _curl("{base}/v1/mediarithmics/activities", "post",
+                                                     EXAMPLE_ACTIVITY, silent=True) + ' | jq -r .status_url)"'),
         "parameters": [{"name": "write_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": _plain({"type": "object", "required": ["ok", "id", "state", "attempts"],
                                      "properties": {"ok": {"const": True}, "id": {"type": "string"},
@@ -260,29 +279,38 @@ def document() -> dict[str, Any]:
                           "properties": {"ok": {"const": True}, "url": {"type": "string"}}}, "a signed URL")
     paths["/v1/mediarithmics/consent-link"] = {"get": {
         "summary": "A signed one-click consent link for an email footer (expiry included in the signature).",
-        "operationId": "v1_mediarithmics_consent_link",
+        "operationId": "v1_mediarithmics_consent_link", "x-example": CONSENT_LINK_EXAMPLE,
         "parameters": [*selector, _parameter("processing_id", True),
                        {"name": "accept", "in": "query", "schema": PARAM_SCHEMAS["track"]},
                        {"name": "expires", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
         "responses": {"200": link_answer, **write_errors}}}
     paths["/v1/mediarithmics/pixel-link"] = {"get": {
         "summary": "A (signed, when CCPROXY_LINK_SECRET is set) email-open pixel URL.",
-        "operationId": "v1_mediarithmics_pixel_link",
+        "operationId": "v1_mediarithmics_pixel_link", "x-example": PIXEL_LINK_EXAMPLE,
         "parameters": [*selector, {"name": "event", "in": "query", "required": True,
                                    "schema": PARAM_SCHEMAS["user_id"]}],
         "responses": {"200": link_answer, **write_errors}}}
     paths["/v1/mediarithmics/pixel.gif"] = {"get": {
         "summary": "Email-open pixel: always a 1x1 GIF; queues an activity with `event` when the input is valid.",
         "operationId": "v1_mediarithmics_pixel", "security": [{}],
+        # A signed pixel URL comes from pixel-link; -D - shows the answer's headers (a GIF).
+        "x-example-shell": ("curl -sD - -o /dev/null \"$(curl -s '{base}/v1/mediarithmics/pixel-link?"
+                            + PIXEL_LINK_EXAMPLE + "' | jq -r .url)\""),
         "parameters": [*selector, {"name": "event", "in": "query", "schema": {"type": "string"}}],
         "responses": {"200": {"description": "a 1x1 GIF", "content": {"image/gif": {"schema": {"type": "string"}}}}}}}
     consent_page = {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
     paths["/v1/mediarithmics/consent"] = {
         "get": {"summary": "The page a recipient sees on clicking a consent link (changes nothing).",
                 "operationId": "v1_mediarithmics_consent_page", "security": [{}],
+                "x-example-shell": ("curl \"$(curl -s '{base}/v1/mediarithmics/consent-link?"
+                                    + CONSENT_LINK_EXAMPLE + "' | jq -r .url)\""),
                 "responses": {"200": consent_page, "403": consent_page}},
         "post": {"summary": "Confirm a consent link; RFC 8058 one-click compatible. Records the choice.",
                  "operationId": "v1_mediarithmics_consent_confirm", "security": [{}],
+                 # What a mail client sends for RFC 8058 one-click, to a freshly made link.
+                 "x-example-shell": ("curl -X POST -d 'List-Unsubscribe=One-Click' \"$(curl -s "
+                                     "'{base}/v1/mediarithmics/consent-link?email_hash=one-click-1&"
+                                     "processing_id=101&accept=false' | jq -r .url)\""),
                  "responses": {"200": consent_page, "403": consent_page, "503": consent_page}},
     }
     paths["/v1/templates"] = {"get": {
@@ -323,22 +351,41 @@ def document() -> dict[str, Any]:
     }
 
 
+def _curl(url: str, method: str, body: Any = None, silent: bool = False) -> str:
+    """One curl command line; a JSON body is sent as written, in single quotes."""
+    parts = ["curl"] + (["-s"] if silent else [])
+    if method != "get":
+        parts += ["-X", method.upper()]
+    parts.append(f"'{url}'")
+    if body is not None:
+        data = json.dumps(body)
+        assert "'" not in data, "an example body cannot hold a single quote"
+        parts += ["-H", "'content-type: application/json'", "-d", f"'{data}'"]
+    return " ".join(parts)
+
+
+def example_command(path: str, method: str, op: dict[str, Any], base: str) -> str:
+    """The shell command that runs an operation's example against `base`, as written."""
+    if "x-example-shell" in op:
+        return str(op["x-example-shell"]).replace("{base}", base)
+    example = op.get("x-example", "")
+    if "{" in path:
+        url = f"{base}{path.split('{')[0]}{example}"
+    else:
+        url = f"{base}{path}" + (f"?{example}" if example else "")
+    body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("example")
+    return _curl(url, method, body)
+
+
 def markdown_reference(base: str = "http://localhost:8080") -> str:
-    """The README's endpoint table, one curl example each, from the document."""
+    """The README's endpoint table, one runnable curl example each, from the document."""
     doc = document()
     lines = ["| endpoint | summary | example |", "|---|---|---|"]
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            example = op.get("x-example")
-            if example:
-                url = f"{base}{path.split('{')[0]}{example}" if "{" in path else f"{base}{path}?{example}"
-                curl = f"`curl '{url}'`"
-            elif method == "post":
-                curl = (f"`curl {base}{path} -H 'content-type: application/json' "
-                        "-d '{\"liquid\": \"Hi {{${user_id}}}\", \"attributes\": {\"user_id\": \"u1\"}}'`")
-            else:
-                curl = f"`curl '{base}{path}'`"
-            lines.append(f"| `{method.upper()} {path}` | {op['summary']} | {curl} |")
+            # A pipe inside a table cell must be escaped, even in code.
+            curl = example_command(path, method, op, base).replace("|", "\\|")
+            lines.append(f"| `{method.upper()} {path}` | {op['summary']} | `{curl}` |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,10 @@ README and bench/RESULTS.md for the measurements).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,9 @@ from gunicorn.app.base import BaseApplication
 
 from .config import Settings
 from .connections import guarded_worker_class
+from .errors import CannotListen
+
+BACKLOG = 2048
 
 
 def default_workers() -> int:
@@ -38,7 +43,7 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
         # call after 2 s, so a few seconds finish every useful request.
         "graceful_timeout": 5,
         "timeout": 30,
-        "backlog": 2048,
+        "backlog": BACKLOG,
         "loglevel": log_level.lower(),
         "errorlog": "-",
         # The proxy writes its own JSON access log (with request ids), not gunicorn's.
@@ -89,14 +94,47 @@ class WsgiServer(BaseApplication):
         return self.load_app()
 
 
-def serve(settings: Settings, host: str, port: int, workers: int | None = None) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port now, as gunicorn would (SO_REUSEADDR, same backlog).
+
+    Binding before anything is logged or started means a busy port is one clear line
+    (CannotListen) instead of "listening on ..." followed by gunicorn's five retries; the
+    bound socket is handed to gunicorn as `fd://`, so nothing can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, socket.gaierror):
+            reason = f"unknown host ({exc.strerror})"
+        elif exc.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        else:
+            reason = (exc.strerror or str(exc)).lower()
+        raise CannotListen(f"cannot listen on {where}: {reason}") from None
+    return sock
+
+
+def serve(settings: Settings, listener: socket.socket, workers: int | None = None,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Run the app on gunicorn over `listener` (from `listen()`); `on_ready` runs in the
+    master once gunicorn is serving the socket, before the workers boot."""
     def load_app():
         from . import create_app
 
         return create_app(settings)
 
+    host, port = listener.getsockname()[:2]
     options = gunicorn_options(host, port, workers or default_workers(), settings.log_level)
+    # gunicorn dups the descriptor and closes ours; the socket stays inheritable for its workers.
+    listener.set_inheritable(True)
+    options["bind"] = f"fd://{listener.detach()}"
     options.update(
+        when_ready=(lambda _arbiter: on_ready()) if on_ready else None,
         post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
         # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
         # worker keeps accepting and can shed an idle connection for the new one.

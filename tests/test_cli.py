@@ -65,3 +65,42 @@ def test_serve_refuses_to_start_without_keys(servers):
 def test_demo_refuses_a_public_address_without_keys(servers):
     code, output = run_to_end(servers, ["demo", "--host", "0.0.0.0"], {"CCPROXY_API_KEYS": ""})
     assert code == 2 and "loopback" in output
+
+
+def _occupied_port():
+    """A listening socket on a free loopback port (what another program on the port looks like)."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    return holder, holder.getsockname()[1]
+
+
+def test_demo_on_a_busy_port_is_one_line_naming_the_port(servers):
+    holder, port = _occupied_port()
+    with holder:
+        code, output = run_to_end(servers, ["demo", "--workers", "1", "--port", str(port)])
+    assert code != 0
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines == [f"ccproxy: cannot listen on 127.0.0.1:{port}: address already in use"], output
+    assert "listening" not in output.replace("cannot listen", "")
+
+
+def test_serve_on_a_busy_port_is_one_line_naming_the_port(servers):
+    holder, port = _occupied_port()
+    with holder:
+        code, output = run_to_end(servers, ["serve", "--no-auth", "--workers", "1", "--port", str(port)])
+    assert code != 0
+    assert [line for line in output.splitlines() if line.strip()] == [
+        f"ccproxy: cannot listen on 127.0.0.1:{port}: address already in use"], output
+
+
+def test_listening_is_said_once_the_port_is_bound(servers):
+    served = servers.start(["serve", "--no-auth", "--workers", "1"])
+    assert requests.get(f"{served.base}/healthz", timeout=5).status_code == 200
+    output = served.stop_and_read()
+    assert served.proc.returncode == 0
+    # one line from the proxy, said after gunicorn took the socket and before workers boot
+    assert output.count(f"ccproxy listening on {served.base} (auth off)") == 1
+    assert output.index(f"ccproxy listening on {served.base}") < output.index("Booting worker")

@@ -68,3 +68,19 @@ def test_not_configured_is_a_named_503(make_app):
 def test_region_urls(make_app, region, url):
     services = make_app(experiment_url="", experiment_region=region).extensions["ccproxy"]
     assert services.experiment.base_url == url
+
+
+def test_hero_images_are_served_by_the_sandbox_itself(client, sandboxes):
+    """The hero payloads point at the sandbox's own images, so previews need no internet."""
+    import requests
+
+    experiment = sandboxes.servers["experiment"].url
+    body = client.get("/v1/experiment/variants?user_id=u-img&flag_keys=hero-banner&track=false").get_json()
+    image_url = body["payloads"]["hero_banner"]["image_url"]
+    assert image_url.startswith(experiment + "/images/")
+    image = requests.get(image_url, timeout=10)
+    assert image.status_code == 200 and image.headers["Content-Type"].startswith("image/svg+xml")
+    assert body["payloads"]["hero_banner"]["headline"] in image.text
+    assert requests.get(f"{experiment}/images/nope.svg", timeout=10).status_code == 404
+    # an image load is not an API call: never counted, never faulted
+    assert upstream_calls(sandboxes, "experiment") == 1

@@ -10,6 +10,7 @@ Control endpoints live under `/__sandbox/` (never part of the real APIs):
   (headers at once, then the body in 8-byte pieces `seconds` apart), `trickle` (headers at
   once, then the body one byte every `seconds`), `none`.
 - `POST /__sandbox/reset` clears counters and faults.
+Images a sandbox serves for previews (`/images/...`) are not calls either.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from flask import Flask, Response, jsonify, request
 
 from .server import RateWindow
 
+# Control endpoints and the sandbox's own images (what a browser loads in a preview) are not
+# API calls: never counted, delayed or faulted.
+UNCOUNTED = ("/__sandbox/", "/images/")
 FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized",
                "unavailable", "deep", "trickle_headers", "slow_body", "trickle")
 # The body the dribbling faults send: valid JSON, 64 bytes, so a client that waited long
@@ -118,7 +122,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
 
     @app.before_request
     def behave() -> Any:
-        if request.path.startswith("/__sandbox/"):
+        if request.path.startswith(UNCOUNTED):
             return None
         fault = state.record(request.path)
         state.last_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI", "")
