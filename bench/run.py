@@ -294,9 +294,15 @@ def report(results: dict, args, out: Path, elapsed: float) -> None:
         "Raw figures (wrk):", "", "```json", json.dumps(results, indent=1), "```", "",
         "![latency by scenario](latency.png)", "",
     ]
-    (out / "RESULTS.md").write_text("\n".join(lines))
+    # Figures of the other bench scripts live below the marker and survive this rewrite.
+    previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").exists() else ""
+    kept = previous[previous.index(OTHER_BENCHES):] if OTHER_BENCHES in previous else ""
+    (out / "RESULTS.md").write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     chart(results, out / "latency.png")
     print("\n".join(lines[:12 + len(rows)]))
+
+
+OTHER_BENCHES = "<!-- other bench scripts: kept by run.py -->"
 
 
 if __name__ == "__main__":
