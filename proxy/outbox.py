@@ -305,17 +305,11 @@ class Outbox:
         return off_the_event_loop(self._write_problem_now, min_free_bytes)
 
     def _write_problem_now(self, min_free_bytes: int) -> str:
-        # A read-only or full file system first (as root, file modes say nothing), then a real
-        # committed write: SQLite's own view (locks, page limit, a file that cannot grow).
-        try:
-            fs = os.statvfs(os.path.dirname(self.path))
-        except OSError as exc:
-            return f"its directory cannot be examined ({exc.strerror})"
-        if fs.f_flag & os.ST_RDONLY:
-            return "its file system is read-only"
-        free = fs.f_bavail * fs.f_frsize
-        if free < min_free_bytes:
-            return f"its file system has {free // 1024} KB free, under the {min_free_bytes // 1024} KB wanted"
+        # A read-only or full file system first, then a real committed write: SQLite's own
+        # view (locks, page limit, a file that cannot grow).
+        problem = filesystem_problem(self.path, min_free_bytes)
+        if problem:
+            return problem
         try:
             db = self._connect(timeout=0.5)
             try:
@@ -486,6 +480,21 @@ class Outbox:
     def dead(self, write: Write, error: str) -> None:
         self._finish(write.id, "UPDATE writes SET state='dead', attempts=attempts+1, last_error=?,"
                      " lease_owner=NULL, lease_until=NULL", (error,))
+
+
+def filesystem_problem(path: str, min_free_bytes: int) -> str:
+    """Why the file system of the outbox at `path` cannot take writes ("" when it can). As
+    root, file modes say nothing: ask the file system itself."""
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        return f"its directory cannot be examined ({exc.strerror})"
+    if fs.f_flag & os.ST_RDONLY:
+        return "its file system is read-only"
+    free = fs.f_bavail * fs.f_frsize
+    if free < min_free_bytes:
+        return f"its file system has {free // 1024} KB free, under the {min_free_bytes // 1024} KB wanted"
+    return ""
 
 
 def off_the_event_loop(function: Callable[..., Any], *args: Any) -> Any:

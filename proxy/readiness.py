@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
+from .outbox import filesystem_problem
 
 if TYPE_CHECKING:
     from .services import Services
@@ -83,7 +84,12 @@ def check_outbox(services: Services, report: dict[str, Any]) -> list[Reason]:
     try:
         outbox = services.outbox
     except ProxyError as error:
-        report["outbox"] = {"usable": False}
+        report["outbox"] = {"usable": False, "writable": False}
+        problem = filesystem_problem(services.settings.outbox_path,
+                                     int(services.settings.outbox_min_free_mb * 2**20))
+        if problem:  # the likeliest reason it could not be opened
+            return [Reason("outbox_unwritable", "outbox",
+                           f"writes cannot be recorded: {problem}; they answer 503 until it is fixed")]
         return [Reason("outbox_unavailable", "outbox", error.message)]
     problem = outbox.write_problem(int(services.settings.outbox_min_free_mb * 2**20))
     try:

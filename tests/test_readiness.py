@@ -50,7 +50,7 @@ def test_unopenable_outbox_is_degraded(make_app, tmp_path):
     r = make_app(outbox_path=str(blocker / "outbox.sqlite3")).test_client().get("/readyz")
     assert r.status_code == 200
     assert [reason["code"] for reason in r.get_json()["reasons"]] == ["outbox_unavailable"]
-    assert r.get_json()["outbox"] == {"usable": False}
+    assert r.get_json()["outbox"] == {"usable": False, "writable": False}
 
 
 def test_a_failing_check_is_a_reason_never_a_500(client, monkeypatch):
