@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
-from .liquid_lint import lint
+from .guards import start_deadline
 from .liquid_preview import Fetched
 from .preview_pool import PreviewPool
 from .render_limits import LiquidLimits
@@ -137,14 +137,20 @@ def preview_liquid():
     if services.settings.public_url:
         own_hosts.add(urlsplit(services.settings.public_url).netloc)
 
-    fetched: dict[str, list[Any]] = {}  # path -> JSON answers, for the linter's open maps
+    clock_started = []
 
     def resolve(path: str, args: dict[str, str]) -> Fetched:
-        args = _preview_args(args)
+        # The data calls share one deadline from the first of them, not from the request's
+        # start: a render process that had to be started first must not eat their budget.
+        # (The envelope restores the request's own deadline when it ends.)
+        if not clock_started:
+            clock_started.append(start_deadline(services.settings.request_deadline))
+        return _resolve(path, _preview_args(args))
+
+    def _resolve(path: str, args: dict[str, str]) -> Fetched:
         try:
             if path in REGISTRY:
                 done = call(services, path, args)
-                fetched.setdefault(path, []).append(done.body)
                 return Fetched(done.status, done.body, done.cache)
             if path.startswith("/v1/render/"):
                 name = path.removeprefix("/v1/render/")
@@ -156,11 +162,10 @@ def preview_liquid():
         # Braze renders a 404 as an empty string.
         return Fetched(404, "")
 
-    # Syntax errors are a 422 liquid_error, limits a 422 liquid_limit (render_limits.py).
-    answer = _previews().render_liquid(payload["liquid"], attributes, resolve, own_hosts,
-                                       library.directory / "content_blocks")
-    answer["warnings"] = lint(payload["liquid"], fetched, own_hosts)
-    return json_response(answer)
+    # Syntax errors are a 422 liquid_error, limits a 422 liquid_limit (render_limits.py); the
+    # render process also lints the message (`warnings`).
+    return json_response(_previews().render_liquid(payload["liquid"], attributes, resolve, own_hosts,
+                                                   library.directory / "content_blocks"))
 
 
 @bp.get("/preview")

@@ -68,9 +68,13 @@ def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
 
     limits = LiquidLimits(**job["limits"])
 
+    fetched: dict[str, list[Any]] = {}  # path -> JSON answers, for the linter's open maps
+
     def resolve(path: str, args: dict[str, str]) -> Fetched:
         send(sock, {"op": "fetch", "path": path, "args": args})
         reply = receive(sock)
+        if isinstance(reply["body"], dict):
+            fetched.setdefault(path, []).append(reply["body"])
         return Fetched(int(reply["status"]), reply["body"], str(reply.get("cache", "-")))
 
     try:
@@ -89,6 +93,11 @@ def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:  # Liquid syntax or render errors, shown to the author
         return {"op": "error", "code": "liquid_error", "message": f"Liquid error: {exc}"}
+    # Linted here, not in the worker: parsing a long message is CPU the send path must not
+    # wait behind, and it falls under the same clock and memory cap as the render.
+    from .liquid_lint import lint  # after the render: its imports are not the data calls' time
+
+    answer["warnings"] = lint(job["source"], fetched, job["allowed_hosts"])
     return {"op": "done", "answer": answer}
 
 
