@@ -13,10 +13,11 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Mapping
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, request
 
-from . import links, params
+from . import idempotency, links, params
 from .errors import ConsentStateUnknown, NotConfigured, ProxyError
 from .responses import json_response
 from .writes import (
@@ -31,6 +32,10 @@ from .writes import (
 
 bp = Blueprint("consent", __name__)
 CONSENT_PATH = "/v1/mediarithmics/consent"
+# Replays of one link (a recipient's double click, a mail client's one-click POST, a script)
+# are one write within this window; after it the same link records again, so an old
+# unsubscribe link still works after a later resubscribe.
+CONSENT_REPLAY_WINDOW = 600.0
 LINK_PARAMS = (*SELECTOR_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
 
 
@@ -130,7 +135,9 @@ def consent_confirm():
     choice = {"$choice_acceptance_value": accept, "$choice_ts": int(time.time() * 1000),
               "$origin": "email-link"}
     try:
-        store("choice", "PUT", choice_path(selector, processing), {}, choice)
+        idem = idempotency.link_key(CONSENT_PATH, urlencode(sorted(request.args.items())),
+                                    CONSENT_REPLAY_WINDOW)
+        store("choice", "PUT", choice_path(selector, processing), {}, choice, idem=idem)
     except ProxyError:
         return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503, 60)
     done = "You are subscribed." if accept else "You are unsubscribed. You will not receive these emails any more."

@@ -45,7 +45,8 @@ def verify(secret: str, path: str, params: Mapping[str, str], now: float | None 
     given = params.get(SIGNATURE, "")
     if not secret or not given:
         raise LinkError("This link is not valid.")
-    if not hmac.compare_digest(given, sign(secret, path, params)):
+    # Bytes: a non-ASCII signature is simply wrong (str compare_digest would raise).
+    if not hmac.compare_digest(given.encode(), sign(secret, path, params).encode()):
         raise LinkError("This link is not valid: it was changed or is incomplete.")
     try:
         expires_at = int(params.get(EXPIRES, ""))

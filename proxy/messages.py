@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
 
+from . import params
 from .endpoints import REGISTRY, call
 from .errors import BadRequest, ProxyError
 from .guards import start_deadline
@@ -57,7 +58,6 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
     args = dict(args or {})
 
     def consent_link(accept: bool) -> str:
-        from . import params
         from .consent import consent_url
 
         if not _services().settings.link_secret:
@@ -124,7 +124,7 @@ def snippet_policy() -> SnippetPolicy:
 
 @bp.post("/v1/preview/liquid")
 def preview_liquid():
-    payload = request.get_json(silent=True)
+    payload = params.json_body(request)
     if not isinstance(payload, dict) or not isinstance(payload.get("liquid"), str):
         raise BadRequest('send JSON {"liquid": "<message>", "attributes": {...}}', code="invalid_body")
     attributes = payload.get("attributes") or {}

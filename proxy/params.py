@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from .errors import BadRequest
 from .shape.common import number_or_text
@@ -18,6 +19,15 @@ MAX_LIST_LENGTH = 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Args = Mapping[str, str]
+
+
+def json_body(request: Any) -> Any:
+    """A request's JSON body, or None when absent or unreadable, a body nested too deep for
+    the parser included (Flask's silent mode lets RecursionError through: a 500)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
 
 # The JSON Schema of every query parameter, built from the same limits the validators
 # below enforce; the OpenAPI document reads it, so docs and checks cannot disagree.

@@ -56,7 +56,7 @@ def _accepted(added: Added, kind: str) -> Response:
 
 
 def _json_object_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    body = params.json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object (Content-Type: application/json)",
                          code="invalid_body")
@@ -145,7 +145,7 @@ def _activities_path() -> str:
 
 @bp.post("/v1/mediarithmics/activities")
 def post_activity():
-    activity = request.get_json(silent=True)
+    activity = params.json_body(request)
     problem = activity_problem(activity)
     if problem:
         raise BadRequest(problem, code="invalid_activity")
@@ -290,7 +290,7 @@ def expiry(args: Mapping[str, str]) -> int:
     days = _services().settings.link_ttl_days
     if not raw:
         return int(time.time() + days * 86400)
-    if not raw.isdigit() or int(raw) <= time.time():
+    if not (raw.isascii() and raw.isdigit()) or int(raw) <= time.time():
         raise BadRequest("expires must be a future time in Unix seconds", code="invalid_parameter")
     return int(raw)
 

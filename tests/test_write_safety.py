@@ -287,8 +287,11 @@ def test_unsubscribe_links_made_while_choices_fail_work_after_recovery(writer, s
         parts = urlsplit(url)
         done = writer.post(f"{parts.path}?{parts.query}")
         assert done.status_code == 200 and b"unsubscribed" in done.data
-    wait_until(lambda: sum(1 for w in store_of(sandboxes).writes if user in w[1]) == 2, 10, "both recorded")
-    assert [w[3]["$choice_acceptance_value"] for w in store_of(sandboxes).writes if user in w[1]] == [False, False]
+    # One write per distinct link: the footer's link may be the very same link (then one write).
+    distinct = len({urlsplit(u).query for u in (unsubscribe.get_json()["url"], footer_link)})
+    wait_until(lambda: sum(1 for w in store_of(sandboxes).writes if user in w[1]) == distinct, 60,
+               "both recorded")
+    assert [w[3]["$choice_acceptance_value"] for w in store_of(sandboxes).writes if user in w[1]] == [False] * distinct
 
 
 def test_an_old_unsubscribe_link_bound_to_a_version_is_honoured(writer, sandboxes):

@@ -120,7 +120,7 @@ def retry_after_seconds(value: str | None, default: int = 1) -> int:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):
             return default
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):  # NaN, inf, 1e999: an upstream's typo, not a pause
         return default
     return max(1, min(3600, math.ceil(seconds)))
 
@@ -210,6 +210,11 @@ class HttpClient:
                 if retries_left <= 0 or not self._retry_allowed():
                     raise error from None
                 retries_left -= 1
+            except BaseException:
+                # Anything unforeseen (a bug, a killed greenlet): never leave a half-open
+                # probe marked as running, or the breaker would refuse every call for good.
+                self.breaker.release()
+                raise
 
     def _retry_allowed(self) -> bool:
         backoff = random.uniform(0.005, 0.03)  # jitter: concurrent retries do not align

@@ -50,6 +50,7 @@ class SandboxState:
         self.last_request_id = ""  # X-Request-Id of the last call, to check it is forwarded
         self.fault = "none"
         self.fault_seconds = 0.0
+        self.retry_after: str | None = None  # a literal Retry-After for 429/503 faults (e.g. "inf")
         self.fault_count: int | None = None
         self.lock = threading.Lock()
 
@@ -78,6 +79,7 @@ class SandboxState:
             self.counters.clear()
             self.last_uri = ""
             self.fault, self.fault_count = "none", None
+            self.retry_after = None
 
 
 def _broken_stream():
@@ -140,7 +142,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
         elif fault == "unavailable":
             response = jsonify({"error": "service unavailable"})
             response.status_code = 503
-            response.headers["Retry-After"] = str(int(state.fault_seconds) or 30)
+            response.headers["Retry-After"] = state.retry_after or str(int(state.fault_seconds) or 30)
             return response
         elif fault == "deep":
             return Response(b'{"userData": ' + b"[" * 1000 + b"]" * 1000 + b"}", 200,

@@ -1,0 +1,68 @@
+"""Hostile or broken input gets a clear answer, never a 500: a reviewer's findings, each
+reproduced here over loopback against the sandboxes."""
+
+from __future__ import annotations
+
+import json
+
+from proxy.clients.base import retry_after_seconds
+from proxy.guards import CircuitBreaker
+
+LINK_SECRET = "hostile-link-secret-0123456789"
+
+
+def test_retry_after_that_is_not_a_finite_number_is_the_default():
+    for value in ("inf", "-inf", "1e999", "nan", "NaN"):
+        assert retry_after_seconds(value, default=7) == 7
+    assert retry_after_seconds("12") == 12 and retry_after_seconds("999999") == 3600
+
+
+def test_an_infinite_retry_after_neither_fails_the_request_nor_jams_the_breaker(make_app, sandboxes, clock):
+    client = make_app(breaker_threshold=1, breaker_reset=0, cache_max_stale=0).test_client()
+    state = sandboxes.state("amplitude")
+    state.set_fault("unavailable", count=3)
+    state.retry_after = "inf"  # the sandbox sends this Retry-After value with its 503
+    r = client.get("/v1/amplitude/properties?user_id=ra-inf")
+    assert r.status_code == 503 and r.get_json()["error"]["code"].startswith("upstream_")
+    state.set_fault("none")
+    state.retry_after = None
+    breaker = client.application.extensions["ccproxy"].amplitude.breaker
+    assert isinstance(breaker, CircuitBreaker) and breaker.probing is False
+    clock.advance(3600)  # past any pause the upstream asked for
+    assert client.get("/v1/amplitude/properties?user_id=ra-inf2").status_code == 200
+
+
+def test_a_non_ascii_signature_or_expiry_is_refused_not_a_500(make_app):
+    client = make_app(link_secret=LINK_SECRET).test_client()
+    for query in ("user_point_id=u1&processing_id=101&accept=false&exp=9999999999&sig=%C3%A9",):
+        assert client.get(f"/v1/mediarithmics/consent?{query}").status_code == 403
+        assert client.post(f"/v1/mediarithmics/consent?{query}").status_code == 403
+    r = client.get("/v1/mediarithmics/consent-link?user_point_id=u1&processing_id=101&accept=false"
+                   "&expires=%C2%B2")
+    assert r.status_code == 400 and r.get_json()["ok"] is False
+
+
+def test_json_nested_too_deep_is_a_400(make_app):
+    client = make_app(link_secret=LINK_SECRET).test_client()
+    deep = "[" * 100_000 + "]" * 100_000
+    for method, path in (("post", "/v1/mediarithmics/activities"),
+                         ("put", "/v1/mediarithmics/choices?user_point_id=u1&processing_id=101"),
+                         ("post", "/v1/preview/liquid")):
+        r = getattr(client, method)(path, data=deep, content_type="application/json")
+        assert r.status_code == 400, (path, r.status_code)
+        assert r.get_json()["error"]["code"] in ("invalid_body", "invalid_activity")
+    assert json.loads("[]") == []
+
+
+def test_one_consent_link_replayed_is_one_write(make_app, sandboxes):
+    from test_writes import consent_link
+
+    client = make_app(link_secret=LINK_SECRET).test_client()
+    link = consent_link(client, "user_point_id=replayed-1")
+    outbox = client.application.extensions["ccproxy"].outbox
+    before = outbox.counts()
+    for _ in range(20):
+        r = client.post(link, data={"List-Unsubscribe": "One-Click"})
+        assert r.status_code == 200 and b"unsubscribed" in r.data
+    after = outbox.counts()
+    assert sum(after.values()) - sum(before.values()) == 1
