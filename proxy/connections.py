@@ -64,6 +64,18 @@ class ConnectionGuard:
             self.phases[conn.phase].pop(conn, None)
         conn.phase = ""
 
+    def shed_idle(self) -> int:
+        """Shutting down: close every connection not being answered, so the worker stops as
+        soon as its requests and deliveries in flight are done (not after keep-alive ends)."""
+        shed = 0
+        for phase in (IDLE, WAITING):
+            while self.phases[phase]:
+                conn, _ = self.phases[phase].popitem(last=False)
+                conn.phase = ""
+                conn.close_now()
+                shed += 1
+        return shed
+
     def _shed_one(self) -> bool:
         for phase in (IDLE, WAITING):
             if self.phases[phase]:
@@ -102,6 +114,10 @@ class GuardedSocket:
         except TimeoutError:
             self.guard.timed_out += 1
             return b""
+        except OSError:
+            if self.deadline == 0.0:  # shed: gevent wakes the blocked read with an error
+                return b""
+            raise
         if data and self.phase == IDLE:
             # The next request has begun: its headers are due within header_timeout.
             self.guard.move(self, WAITING, self.guard.header_timeout)

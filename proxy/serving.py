@@ -65,6 +65,9 @@ def _on_worker_start(worker: Any) -> None:
     def on_term(signum: int, frame: Any) -> None:
         services.stop_delivering()
         handle_exit(signum, frame)
+        guard = getattr(worker, "guard", None)
+        if guard is not None:
+            guard.shed_idle()
 
     signal.signal(signal.SIGTERM, on_term)
 
@@ -142,5 +145,8 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
                                           settings.max_connections),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
+        # Long enough for a delivery in flight to be answered and recorded (idle connections
+        # are closed at once on SIGTERM, so an idle send does not wait for this).
+        graceful_timeout=max(5, round(settings.outbox_write_timeout) + 5),
     )
     WsgiServer(load_app, options).run()

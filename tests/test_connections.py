@@ -164,3 +164,24 @@ def test_a_body_over_the_limit_is_a_json_413(guarded_server):
     assert r.status_code == 413
     assert r.json() == {"ok": False, "error": {
         "code": "body_too_large", "message": "the request body is larger than 1000 bytes (CCPROXY_MAX_BODY)"}}
+
+
+def test_sigterm_closes_idle_keepalive_connections_so_the_stop_is_prompt(guarded_server):
+    server = guarded_server()
+    port = int(server.base.rsplit(":", 1)[1])
+    idle = socket.create_connection(("127.0.0.1", port), timeout=60)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b'{"ok":true}'):
+        answer += idle.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200")
+    server.proc.send_signal(15)  # SIGTERM: the connection above is idle, kept alive
+    # Closed at once (a loose 20 s bound), not after the 35 s graceful period or keep-alive.
+    idle.settimeout(20)
+    try:
+        rest = idle.recv(4096)
+    except ConnectionResetError:
+        rest = b""
+    assert rest == b""  # closed by the server, not left until keep-alive or the graceful end
+    assert server.proc.wait(60) == 0
+    idle.close()
