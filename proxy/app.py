@@ -1,8 +1,9 @@
-"""The app factory: settings, services, routes and the one error handler."""
+"""The app factory: settings, services, routes and error handlers. Building an app has no
+side effects: background delivery starts where the app is served (serving.py) or when a
+caller asks (`Services.start_delivery`)."""
 
 from __future__ import annotations
 
-import atexit
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,11 +14,12 @@ from werkzeug.exceptions import HTTPException
 
 from . import auth, config, observability
 from .cache import Timer
-from .endpoints import Endpoint, load_all
-from .errors import BadRequest, ProxyError
-from .middleware import RequestEnvelope, log_failure
+from .dispatch import http_answer, log_failure
+from .endpoints import load_all
+from .errors import BadRequest, BodyTooLarge, InternalError, MethodNotAllowed, NotFound, ProxyError
+from .middleware import RequestEnvelope
 from .readiness import readiness
-from .responses import cache_headers, json_response
+from .responses import json_response
 from .services import Services
 
 log = logging.getLogger("ccproxy")
@@ -37,12 +39,8 @@ def create_app(
     for client in services.clients:
         client.observe = metrics.observe_upstream
 
-    for endpoint in load_all().values():
-        app.add_url_rule(
-            endpoint.path, endpoint=endpoint.path, view_func=_view(endpoint, services),
-            methods=["GET"],
-        )
-
+    # The data endpoints have no Flask views: the registry routes them (middleware.py).
+    endpoints = dict(load_all())
     from .messages import bp as messages_bp
     from .rendering import TemplateLibrary, default_templates_dir
 
@@ -55,8 +53,6 @@ def create_app(
     app.register_blueprint(writes_bp)
     app.register_blueprint(consent_bp)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body  # write bodies; larger is a JSON 413
-    services.start_delivery()
-    atexit.register(services.close)
 
     @app.get("/metrics")
     def metrics_view():
@@ -81,48 +77,47 @@ def create_app(
         return json_response(answer, status)
 
     _register_error_handlers(app)
-    # Metric and log labels: every fixed route; middleware.route_of names the dynamic ones.
-    routes = [rule.rule for rule in app.url_map.iter_rules() if "<" not in rule.rule]
+    # Metric and log labels: every fixed route and every data endpoint; middleware.route_of
+    # names the dynamic ones.
+    rules = list(app.url_map.iter_rules())
+    routes = [rule.rule for rule in rules if "<" not in rule.rule]
+    shared = {path: {m for rule in rules if rule.rule == path for m in rule.methods or ()}
+              for path in endpoints}  # the writes on a data endpoint's path (PUT, POST)
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
-        app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline, routes,
-        services, {endpoint.path: endpoint for endpoint in load_all().values()},
+        app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline,
+        [*routes, *endpoints], services, endpoints, shared,
     )
     return app
 
 
-def _view(endpoint: Endpoint, services: Services):
-    def view():
-        result = endpoint.handler(services, request.args)
-        return json_response(result.final_body(), headers=cache_headers(result.lookup))
-
-    view.__name__ = endpoint.path
-    return view
-
-
 def _register_error_handlers(app: Flask) -> None:
+    """Every error of the Flask routes answers through dispatch.http_answer, as the data
+    endpoints' errors do."""
+
+    def answer(error: ProxyError) -> Response:
+        status, headers, body = http_answer(error)
+        return json_response(body, status, headers)
+
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError):
         log_failure(error, request.path)
-        return json_response(error.body(), error.status, error.headers())
+        return answer(error)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        code = (error.name or "error").lower().replace(" ", "_")
-        message = {
-            404: "no such endpoint", 405: "method not allowed on this endpoint",
-            413: f"the request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes "
-                 "(CCPROXY_MAX_BODY)",
-        }.get(error.code or 500, error.description or "error")
-        if error.code == 413:
-            code = "body_too_large"
-        return json_response(
-            {"ok": False, "error": {"code": code, "message": message}}, error.code or 500
-        )
+        status = error.code or 500
+        if status == 404:
+            return answer(NotFound("no such endpoint"))
+        if status == 405:
+            return answer(MethodNotAllowed(getattr(error, "valid_methods", None) or ()))
+        if status == 413:
+            return answer(BodyTooLarge(app.config["MAX_CONTENT_LENGTH"]))
+        refused = ProxyError(error.description or "error",
+                             code=(error.name or "error").lower().replace(" ", "_"))
+        refused.status = status
+        return answer(refused)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
         log.exception("unexpected error on %s", request.path)
-        return json_response(
-            {"ok": False, "error": {"code": "internal_error", "message": "the proxy failed; see its logs"}},
-            500,
-        )
+        return answer(InternalError())

@@ -10,20 +10,11 @@ import hmac
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from .errors import ProxyError
+from .errors import Unauthorized
 
 # Load balancers probe the first two without credentials; recipients' mail clients and
 # browsers load the pixel and open consent links (those are trusted by their signature).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent"})
-
-
-class Unauthorized(ProxyError):
-    status = 401
-    code = "unauthorized"
-
-    def headers(self) -> dict[str, str]:
-        # Basic lets a browser prompt once for /preview; its fetches then carry the key.
-        return {"WWW-Authenticate": 'Basic realm="ccproxy", charset="UTF-8"'}
 
 
 class Headers(Protocol):

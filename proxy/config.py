@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from .errors import SettingsError  # raised here; kept importable as config.SettingsError
+
 ENV_PREFIX = "CCPROXY_"
 
 # Amplitude Experiment evaluation hosts by data region (seeds/amplitude-experiment-evaluation-api.txt).
@@ -35,10 +37,6 @@ CACHE_KINDS = (
     "mediarithmics_profile",
     "choices",
 )
-
-
-class SettingsError(ValueError):
-    """A setting is missing or malformed; the message names it."""
 
 
 def _secret() -> Any:

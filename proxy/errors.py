@@ -1,9 +1,16 @@
-"""The proxy's exception tree; one Flask handler turns each into the JSON error shape.
+"""The proxy's exception tree: every exception class of the proxy lives here. One function,
+`dispatch.http_answer`, turns each ProxyError into its status, headers and JSON error shape,
+for the data endpoints' fast path, in-process calls and Flask's error handlers alike.
 
 ProxyError                       -> {"ok": false, "error": {"code", "message"}}
+├── InternalError (500)           anything unexpected: the caller sees no detail, the log does
 ├── BadRequest (400)              the caller's query is wrong
+├── Unauthorized (401 + WWW-Authenticate) no valid API key
 ├── NotFound (404)                no such endpoint or template
+├── MethodNotAllowed (405 + Allow) a method the path does not answer
+├── BodyTooLarge (413)            a write body over CCPROXY_MAX_BODY
 ├── LiquidError (422)             a Liquid preview does not parse or render
+├── TemplateError (422)           a message template fails to compile or render (file, line)
 ├── RenderLimitExceeded (422)     a Liquid preview or a template render went over a bound
 ├── PreviewBusy (503 + Retry-After) every preview slot of this process is taken
 ├── OutboxUnavailable (503)       a write could not be stored (disk full, outbox cap)
@@ -16,14 +23,22 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
         ├── UpstreamTimeout       no answer within the deadline
         ├── UpstreamRateLimited   429 upstream, or the proxy's own budget is spent
         ├── UpstreamBadAnswer     an answer we cannot use (not JSON, too big)
-        └── UpstreamUnavailable   connection refused/reset, 5xx, circuit open
+        └── UpstreamUnavailable   connection refused/reset, 5xx
+            └── CircuitOpen       the upstream's breaker is open: not called for now
 
 Where the operator configured a fallback, transient errors become HTTP 200 with it.
 
 CannotListen                     start-up only: the address to serve on cannot be bound
+LinkError                        a signed link is invalid or expired (answered as an HTML page)
+SettingsError (ValueError)       a setting is missing or malformed (start-up, `ccproxy check`)
+MessageAborted                   a Liquid preview ran abort_message
+PixelRefused                     a pixel load not recorded (the GIF answers all the same)
+Retryable                        inside a client: worth one retry
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class ProxyError(Exception):
@@ -46,9 +61,28 @@ class ProxyError(Exception):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
+class InternalError(ProxyError):
+    """Anything unexpected: the answer names no detail (it is logged with its traceback)."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str = "the proxy failed; see its logs"):
+        super().__init__(message)
+
+
 class BadRequest(ProxyError):
     status = 400
     code = "bad_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        # Basic lets a browser prompt once for /preview; its fetches then carry the key.
+        return {"WWW-Authenticate": 'Basic realm="ccproxy", charset="UTF-8"'}
 
 
 class NotFound(ProxyError):
@@ -56,11 +90,50 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class MethodNotAllowed(ProxyError):
+    """The path exists but does not answer this method; `Allow` lists the ones it does."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, allowed: Iterable[str], message: str = "method not allowed on this endpoint"):
+        super().__init__(message)
+        self.allowed = sorted(set(allowed))
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)} if self.allowed else {}
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "body_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than {limit} bytes (CCPROXY_MAX_BODY)")
+
+
 class LiquidError(ProxyError):
     """A Liquid preview failed to parse or render; the message is for its author."""
 
     status = 422
     code = "liquid_error"
+
+
+class TemplateError(ProxyError):
+    """A template failed to compile or render; names the file and line."""
+
+    status = 422
+    code = "template_error"
+
+    def __init__(self, template: str, line: int | None, detail: str):
+        where = f"{template} line {line}" if line else template
+        super().__init__(f"{where}: {detail}")
+        self.template, self.line = template, line
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"].update({"template": self.template, "line": self.line})
+        return body
 
 
 class RenderLimitExceeded(ProxyError):
@@ -131,6 +204,10 @@ class UpstreamUnavailable(TransientError):
     code = "upstream_unavailable"
 
 
+class CircuitOpen(UpstreamUnavailable):
+    code = "upstream_circuit_open"
+
+
 class NotConfigured(UpstreamError):
     status = 503
     code = "upstream_not_configured"
@@ -164,6 +241,44 @@ class ConsentStateUnknown(ProxyError):
         super().__init__(message, retry_after=retry_after)
 
 
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+class Retryable(Exception):
+    """Inside a client: a failure worth one retry of an idempotent call; carries the
+    UpstreamError to raise otherwise. Never leaves the client."""
+
+    def __init__(self, error: UpstreamError):
+        super().__init__(error.message)
+        self.error = error
+
+
+class MessageAborted(Exception):
+    """A Liquid preview ran `abort_message`: Braze would not send this message."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PixelRefused(Exception):
+    """Why a pixel load is not recorded (logged and counted; the GIF answers all the same)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
 class CannotListen(Exception):
     """`serve`/`demo` cannot bind their address (port in use, no permission, unknown host);
     the message is the one line the command prints."""
+
+
+class LinkError(Exception):
+    """A signed link that is not ours, was altered, or expired; `reason` is safe to show the
+    recipient (an HTML page, not the JSON error shape)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

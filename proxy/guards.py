@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
+from .errors import CircuitOpen, UpstreamRateLimited, UpstreamTimeout
 
 Timer = Callable[[], float]
 
@@ -34,10 +34,6 @@ def remaining(timer: Timer = time.monotonic) -> float:
     """Seconds left in the current request's budget (inf without one)."""
     deadline = _deadline.get()
     return math.inf if deadline is None else deadline - timer()
-
-
-class CircuitOpen(UpstreamUnavailable):
-    code = "upstream_circuit_open"
 
 
 class CircuitBreaker:

@@ -12,16 +12,11 @@ import time
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode
 
+from .errors import LinkError  # raised here; kept importable as links.LinkError
+
 SIGNATURE = "sig"
 EXPIRES = "exp"
 
-
-class LinkError(Exception):
-    """The link cannot be trusted; `reason` is safe to show the recipient."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _canonical(path: str, params: Mapping[str, str]) -> bytes:

@@ -23,6 +23,7 @@ from liquid.tag import Tag
 from liquid.token import TOKEN_EXPRESSION, TOKEN_TAG
 
 from . import braze_filters
+from .errors import MessageAborted
 from .liquid_errors import inline_errors
 
 # Braze writes profile attributes as ${name}; Liquid has no such syntax.
@@ -38,12 +39,6 @@ _OPTION = re.compile(r"\s*:([A-Za-z_]+)")
 CC_OPTIONS = {"save": True, "basic_auth": True, "headers": True, "cache_max_age": True,
               "retry": False, "content_type": True, "method": True, "body": True, "no_cache": False}
 _ABORT = re.compile(r"""^\(\s*(?:"([^"]*)"|'([^']*)')?\s*\)$""")
-
-
-class MessageAborted(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass

@@ -7,31 +7,19 @@ Flask's hook machinery and context-local lookups cost more than the work itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from . import auth, observability
-from .errors import ProxyError, UpstreamError
+from . import auth, dispatch, observability
+from .errors import MethodNotAllowed, ProxyError
 from .guards import end_deadline, start_deadline
-from .responses import JSON_TYPE, cache_headers, json_bytes
+from .responses import JSON_TYPE, json_bytes
 
-INTERNAL_ERROR = {"ok": False, "error": {"code": "internal_error", "message": "the proxy failed; see its logs"}}
-_REASONS = {400: "BAD REQUEST", 401: "UNAUTHORIZED", 404: "NOT FOUND", 422: "UNPROCESSABLE ENTITY",
-            500: "INTERNAL SERVER ERROR", 502: "BAD GATEWAY", 503: "SERVICE UNAVAILABLE",
-            504: "GATEWAY TIMEOUT"}
-
-
-def log_failure(error: ProxyError, path: str) -> None:
-    """What failed upstream and how: never the credential or the full upstream URL."""
-    if isinstance(error, UpstreamError):
-        logging.getLogger("ccproxy").warning(
-            "upstream failure: upstream=%s code=%s upstream_status=%s path=%s",
-            error.upstream, error.code, error.upstream_status, path,
-        )
+# What a data endpoint answers; OPTIONS is answered with Allow, as Flask does for its routes.
+DATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 access_log = logging.getLogger("ccproxy.access")
 _HEADER_ENVIRON = {"Authorization": "HTTP_AUTHORIZATION", "X-Api-Key": "HTTP_X_API_KEY"}
@@ -73,13 +61,15 @@ def query_args(query_string: str) -> dict[str, str]:
 
 class RequestEnvelope:
     """Request id, deadline, auth, metrics and access log around every request; and the
-    data endpoints' GETs answered directly. Their handlers never see Flask (the layering),
-    so the hot path (a cache hit) skips Flask's request cycle, which costs as much as the
-    rest of the answer; everything else goes to the Flask app."""
+    data endpoints answered directly: the endpoint registry is their only router (Flask
+    has no views for them). Their handlers never see Flask (the layering), so the hot path
+    (a cache hit) skips Flask's request cycle, which costs as much as the rest of the
+    answer; everything else goes to the Flask app."""
 
     def __init__(self, app: Callable, metrics: observability.Metrics, api_keys: list[str],
                  deadline: float, routes: Iterable[str], services: Any = None,
-                 endpoints: Mapping[str, Any] | None = None):
+                 endpoints: Mapping[str, Any] | None = None,
+                 app_methods: Mapping[str, Iterable[str]] | None = None):
         self.app = app
         self.metrics = metrics
         self.api_keys = api_keys
@@ -87,6 +77,9 @@ class RequestEnvelope:
         self.routes = frozenset(routes)
         self.services = services
         self.endpoints = dict(endpoints or {})
+        # Methods the Flask app answers on a data endpoint's path (the writes: PUT, POST).
+        self.app_methods = {path: frozenset(methods) - DATA_METHODS
+                            for path, methods in (app_methods or {}).items()}
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -107,18 +100,23 @@ class RequestEnvelope:
 
         path = environ.get("PATH_INFO", "")
         try:
+            method = environ.get("REQUEST_METHOD", "GET")
             try:
                 auth.check(path, _EnvironHeaders(environ), self.api_keys)
-            except auth.Unauthorized as refused:
-                body = json.dumps(refused.body()).encode()
-                respond("401 UNAUTHORIZED", [("Content-Type", "application/json"),
-                                             ("Content-Length", str(len(body))),
-                                             *refused.headers().items()])
-                return [body]
+            except ProxyError as refused:
+                return _send(respond, refused, method)
             endpoint = self.endpoints.get(path)
-            if endpoint is not None and environ.get("REQUEST_METHOD") == "GET":
-                return self._answer(endpoint, environ, respond)
-            return self.app(environ, respond)
+            app_methods = self.app_methods.get(path, frozenset())
+            if endpoint is None or method in app_methods:
+                return self.app(environ, respond)
+            if method in ("GET", "HEAD"):
+                args = query_args(environ.get("QUERY_STRING", ""))
+                return _send(respond, dispatch.run(endpoint, self.services, args, path), method)
+            allowed = DATA_METHODS | app_methods
+            if method == "OPTIONS":
+                respond("200 OK", [("Allow", ", ".join(sorted(allowed))), ("Content-Length", "0")])
+                return []
+            return _send(respond, MethodNotAllowed(allowed), method)
         finally:
             end_deadline(deadline_token)
             seconds = time.perf_counter() - started
@@ -134,19 +132,12 @@ class RequestEnvelope:
                 }})
             observability.reset_request_id(id_token)
 
-    def _answer(self, endpoint: Any, environ: dict, respond: Callable) -> list[bytes]:
-        """One data endpoint GET, as the Flask view and its error handler would answer it."""
-        try:
-            result = endpoint.handler(self.services, query_args(environ.get("QUERY_STRING", "")))
-            status, body = "200 OK", json_bytes(result.final_body())
-            headers = cache_headers(result.lookup)
-        except ProxyError as error:
-            log_failure(error, environ.get("PATH_INFO", ""))
-            status, body, headers = f"{error.status} {_REASONS.get(error.status, 'ERROR')}", \
-                json_bytes(error.body()), error.headers()
-        except Exception:
-            logging.getLogger("ccproxy").exception("unexpected error on %s", environ.get("PATH_INFO"))
-            status, body, headers = "500 INTERNAL SERVER ERROR", json_bytes(INTERNAL_ERROR), {}
-        respond(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(body))),
-                         *headers.items()])
-        return [body]
+
+def _send(respond: Callable, outcome: Any, method: str) -> list[bytes]:
+    """Send dispatch's answer for `outcome`; HEAD gets the same status and headers (its
+    Content-Length included) and no body."""
+    status, headers, body = dispatch.http_answer(outcome)
+    payload = json_bytes(body)
+    respond(dispatch.status_line(status), [("Content-Type", JSON_TYPE),
+                                           ("Content-Length", str(len(payload))), *headers.items()])
+    return [] if method == "HEAD" else [payload]

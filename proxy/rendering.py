@@ -19,28 +19,11 @@ from typing import Any
 import jinja2
 
 from .endpoints import Call, call
-from .errors import NotFound, ProxyError, RenderLimitExceeded
+from .errors import NotFound, RenderLimitExceeded, TemplateError
 from .render_limits import BoundedEnvironment, TemplateLimits
 
 FORMATS = {"html": ".html", "text": ".txt"}
 _NAME = re.compile(r"^[a-z0-9_]{1,64}$")
-
-
-class TemplateError(ProxyError):
-    """A template failed to compile or render; names the file and line."""
-
-    status = 422
-    code = "template_error"
-
-    def __init__(self, template: str, line: int | None, detail: str):
-        where = f"{template} line {line}" if line else template
-        super().__init__(f"{where}: {detail}")
-        self.template, self.line = template, line
-
-    def body(self) -> dict:
-        body = super().body()
-        body["error"].update({"template": self.template, "line": self.line})
-        return body
 
 
 @dataclass(frozen=True)

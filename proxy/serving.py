@@ -56,10 +56,12 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
 
 
 def _on_worker_start(worker: Any) -> None:
-    """In each worker: on SIGTERM stop claiming outbox writes at once, before gunicorn waits
-    for open connections; otherwise the master's SIGKILL at the end of the graceful period
-    can land mid-delivery and leave a write to be delivered a second time after restart."""
+    """In each worker: start background delivery of the outbox (create_app builds the app
+    and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
+    waits for open connections; otherwise the master's SIGKILL at the end of the graceful
+    period can land mid-delivery and leave a write to be delivered a second time after restart."""
     services = worker.wsgi.extensions["ccproxy"]
+    services.start_delivery()
     handle_exit = worker.handle_exit
 
     def on_term(signum: int, frame: Any) -> None:

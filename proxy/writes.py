@@ -23,7 +23,7 @@ from flask import Blueprint, Response, current_app, request
 
 from . import auth, idempotency, links, params
 from .clients.base import path_segment
-from .errors import BadRequest, NotFound, OutboxUnavailable, ProxyError
+from .errors import BadRequest, NotFound, OutboxUnavailable, PixelRefused, ProxyError
 from .idempotency import IdemKey
 from .outbox import Added, is_busy
 from .responses import json_response
@@ -166,14 +166,6 @@ def email_open_activity(args: Mapping[str, str]) -> dict[str, Any]:
     return {"$type": "TOUCH", "$ts": now, "$user_identifiers": user_identifiers(selector),
             "$origin": {"$channel": "email"},
             "$events": [{"$event_name": event, "$ts": now, "$properties": props}]}
-
-
-class PixelRefused(Exception):
-    """Why a pixel load is not recorded (logged and counted; the GIF answers all the same)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 def _record_open(args: Mapping[str, str]) -> None:

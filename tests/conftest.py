@@ -74,15 +74,19 @@ def clock():
 
 @pytest.fixture
 def make_app(sandboxes, clock, tmp_path):
-    """Build a proxy app on the sandboxes; keyword overrides change settings."""
+    """Build a proxy app on the sandboxes; keyword overrides change settings. Background
+    delivery of the outbox starts as `ccproxy serve` starts it in each worker, unless
+    `start_delivery=False` (create_app itself starts nothing)."""
 
     built = []
 
-    def build(**overrides):
+    def build(*, start_delivery: bool = True, **overrides):
         overrides.setdefault("outbox_path", str(tmp_path / f"outbox-{len(built)}.sqlite3"))
         settings = config.load(overrides={**sandboxes.proxy_settings(), **overrides}, environ={})
         app = create_app(settings, timer=clock)
         app.config["TESTING"] = True
+        if start_delivery:
+            app.extensions["ccproxy"].start_delivery()
         built.append(app)
         return app
 

@@ -29,6 +29,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..errors import Retryable as _Retryable
 from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
 from ..observability import current_request_id
 from .transport import bounded_pool, call_deadline
@@ -84,14 +85,6 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_compact_object, parse_constant=_no_constants)
-
-
-class _Retryable(Exception):
-    """A failure worth one retry of an idempotent call; carries the error to raise otherwise."""
-
-    def __init__(self, error: UpstreamError):
-        super().__init__(error.message)
-        self.error = error
 
 
 def make_pool(pool_size: int = 64, proxy: str = "") -> urllib3.PoolManager:

@@ -1,17 +1,22 @@
-"""The public endpoints: a registry of (path, handler) that routes, previews and docs share.
+"""The public data endpoints: a registry of (path, handler), the only router for them, that
+the WSGI fast path, previews, templates and docs share.
 
 A handler takes the services and the query arguments and returns a `Result`;
-it never sees Flask, so the render layer can call the same handlers.
+it never sees Flask, so the render layer can call the same handlers. proxy/dispatch.py turns
+its outcome into HTTP, the same way for every caller.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import dispatch
 from ..cache import Lookup
+from ..dispatch import Call
+
+__all__ = ["Call", "Endpoint", "REGISTRY", "Result", "call", "endpoint", "load_all"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,38 +76,7 @@ def load_all() -> dict[str, Endpoint]:
     return REGISTRY
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One in-process endpoint call, as previews and the render layer report it."""
-
-    path: str
-    status: int
-    body: dict[str, Any]
-    cache: str  # HIT, MISS, COALESCED, or "-" when the call failed before the cache
-    ms: float
-    max_age: float | None = None
-
-    def report(self) -> dict[str, Any]:
-        return {"path": self.path, "status": self.status, "cache": self.cache,
-                "ms": round(self.ms, 2), "body": self.body}
-
-
 def call(services: Any, path: str, args: Mapping[str, str]) -> Call:
-    """Run a registered endpoint without HTTP; errors become their JSON answer and status.
-
-    A bad request is raised (the caller's input is wrong); an upstream failure is
-    returned, so a template can show its fallback instead of failing the message.
-    """
-    from ..errors import BadRequest, ProxyError
-
-    started = time.perf_counter()
-    try:
-        result = REGISTRY[path].handler(services, args)
-    except BadRequest:
-        raise
-    except ProxyError as error:
-        return Call(path, error.status, error.body(), "-", (time.perf_counter() - started) * 1000)
-    ms = (time.perf_counter() - started) * 1000
-    lookup = result.lookup
-    return Call(path, 200, result.final_body(), lookup.state if lookup else "-", ms,
-                lookup.max_age if lookup else None)
+    """Run the data endpoint registered at `path` without HTTP (dispatch.call): its answer
+    is the one HTTP would give; a bad request is raised, an upstream failure returned."""
+    return dispatch.call(REGISTRY[path], services, args)

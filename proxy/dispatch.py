@@ -1,0 +1,100 @@
+"""One way from a data endpoint's outcome to HTTP: `http_answer` turns a handler's `Result`
+or a `ProxyError` into status, headers and body. The WSGI fast path (GET and HEAD of the
+data endpoints, middleware.py), the in-process `call` (templates, previews, consent links)
+and Flask's error handlers (every other route, app.py) all answer through it, so the same
+outcome reads the same wherever it is asked for.
+
+Pure functions of their arguments: nothing here is per process or shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadRequest, InternalError, ProxyError, UpstreamError
+from .responses import cache_headers
+
+if TYPE_CHECKING:
+    from .endpoints import Endpoint, Result
+
+log = logging.getLogger("ccproxy")
+
+
+def log_failure(error: ProxyError, path: str) -> None:
+    """What failed upstream and how: never the credential or the full upstream URL."""
+    if isinstance(error, UpstreamError):
+        log.warning(
+            "upstream failure: upstream=%s code=%s upstream_status=%s path=%s",
+            error.upstream, error.code, error.upstream_status, path,
+        )
+
+
+def status_line(status: int) -> str:
+    """`404 Not Found`: the reason phrase from http.HTTPStatus (any status it knows)."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+def run(endpoint: Endpoint, services: Any, args: Mapping[str, str], path: str) -> Result | ProxyError:
+    """The handler's outcome: its Result, or the ProxyError it raised (an upstream failure
+    logged on `path`, the route the caller asked for; anything else an InternalError)."""
+    try:
+        return endpoint.handler(services, args)
+    except ProxyError as error:
+        log_failure(error, path)
+        return error
+    except Exception:
+        log.exception("unexpected error on %s", path)
+        return InternalError()
+
+
+def http_answer(outcome: Result | ProxyError) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """THE answer for an outcome: status, headers (cache or Retry-After/Allow/...) and the
+    JSON body (json_bytes makes it bytes on the wire)."""
+    if isinstance(outcome, ProxyError):
+        return outcome.status, outcome.headers(), outcome.body()
+    return 200, cache_headers(outcome.lookup), outcome.final_body()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One in-process endpoint call, as previews and the render layer report it."""
+
+    path: str
+    status: int
+    body: dict[str, Any]
+    cache: str  # HIT, MISS, COALESCED, or "-" when the call failed before the cache
+    ms: float
+    max_age: float | None = None
+    headers: dict[str, str] | None = None  # what an HTTP caller would have been sent
+
+    def report(self) -> dict[str, Any]:
+        return {"path": self.path, "status": self.status, "cache": self.cache,
+                "ms": round(self.ms, 2), "body": self.body}
+
+
+def call(endpoint: Endpoint, services: Any, args: Mapping[str, str], path: str = "") -> Call:
+    """Run a data endpoint without HTTP; the answer is the one HTTP would give.
+
+    A bad request or an unexpected failure is raised (the caller's input is wrong, or the
+    proxy is: the surrounding request fails as a whole); an upstream failure is returned,
+    so a template can show its fallback instead of failing the message. `path` is the
+    request being served (e.g. /v1/render/<name>), for the failure log.
+    """
+    started = time.perf_counter()
+    outcome = run(endpoint, services, args, path or endpoint.path)
+    if isinstance(outcome, (BadRequest, InternalError)):
+        raise outcome
+    status, headers, body = http_answer(outcome)
+    ms = (time.perf_counter() - started) * 1000
+    lookup = None if isinstance(outcome, ProxyError) else outcome.lookup
+    return Call(endpoint.path, status, body, lookup.state if lookup else "-", ms,
+                lookup.max_age if lookup else None, headers)
+
