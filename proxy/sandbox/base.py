@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -52,6 +53,7 @@ class SandboxState:
         self.fault_seconds = 0.0
         self.fault_count: int | None = None
         self.lock = threading.Lock()
+        self.on_reset: list[Callable[[], None]] = []  # sandbox-specific state to restore too
 
     def record(self, path: str) -> str:
         """Count a call and say which fault (if any) applies to it."""
@@ -78,6 +80,8 @@ class SandboxState:
             self.counters.clear()
             self.last_uri = ""
             self.fault, self.fault_count = "none", None
+        for restore in self.on_reset:
+            restore()
 
 
 def _broken_stream():
