@@ -282,3 +282,34 @@ def test_the_engine_is_not_imported_with_the_app():
     code = ("import sys, proxy.app, proxy.services, proxy.endpoints.experiment, proxy.readiness; "
             "sys.exit('amplitude_experiment' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_two_gevent_workers_each_load_flags_and_make_no_vardata_call(sandboxes, tmp_path):
+    """Under `ccproxy serve` (gunicorn, gevent, forked workers) each worker fetches its own
+    configuration in the background (per process), then 200 users cost no remote evaluation."""
+    from ccproxy_serve import serving
+    from servers import wait_for
+
+    ready_workers: set[int] = set()
+
+    def both_loaded() -> bool:
+        # A new connection each time, so the probes reach every worker; each probe starts a
+        # due refresh in the worker it reaches.
+        body = requests.get(f"{base}/readyz", timeout=10).json()
+        if body.get("experiment_flags", {}).get("usable"):
+            ready_workers.add(body["worker"])
+        return len(ready_workers) == 2
+
+    env = {"CCPROXY_EXPERIMENT_MODE": "local", "CCPROXY_EXPERIMENT_FLAG_REFRESH": "300",
+           "CCPROXY_EXPERIMENT_FLAG_MAX_AGE": "600"}
+    with serving(sandboxes, tmp_path / "serve.log", env, workers=2) as (base, _proc):
+        wait_for(both_loaded, seconds=90, poll=0.02, what="both workers loading their flags")
+        state = sandboxes.state("experiment")
+        assert state.paths["/sdk/v2/flags"] == 2  # one fetch per worker
+        before = state.paths["/v1/vardata"]
+        for query in users():
+            r = requests.get(f"{base}{URL}?{query}&flag_keys={','.join(SANDBOX_FLAGS)}", timeout=10)
+            assert r.status_code == 200 and r.json()["tracked"] is False
+            if "treatment-" in query:
+                assert r.json()["variants"]["checkout_button"] == "treatment"
+        assert state.paths["/v1/vardata"] == before
