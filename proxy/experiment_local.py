@@ -199,6 +199,7 @@ class FlagStore:
         self.max_age = max_age
         self._timer = timer
         self._config: Configuration | None = None
+        self._raw: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_attempt: float | None = None
@@ -236,13 +237,18 @@ class FlagStore:
         """Fetch and parse once; keep the last good configuration on any failure."""
         try:
             raw = self._fetch()
-            config = parse_flags(raw, self._timer())
+            previous = self._config
+            if previous is not None and raw == self._raw:
+                # Unchanged (the usual case): no re-parse, which is CPU in a gevent worker.
+                config = Configuration(previous.flags, previous.needs, self._timer())
+            else:
+                config = parse_flags(raw, self._timer())
         except ProxyError as exc:
             self.failures += 1
             self.last_error = exc.message
             log.warning("experiment flag configurations not refreshed: %s", self.last_error)
             return False
-        self._config = config
+        self._config, self._raw = config, raw
         self.refreshes += 1
         self.last_error = ""
         return True

@@ -81,8 +81,12 @@ class Services:
         self.experiment = self._guarded(ExperimentClient(
             self.pool, settings.experiment_base_url, settings.experiment_deployment_key, **http
         ))
+        # Fetched in the background, never on the send path: a large deployment's configuration
+        # may take longer and weigh more than a per-recipient answer.
         self.experiment_flags = self._guarded(FlagConfigClient(
-            self.pool, settings.experiment_flags_base_url, settings.experiment_deployment_key, **http
+            self.pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
+            **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
+               "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
         ))
         # Metrics are plugged into `clients` by the app; the flags client reports through them.
         self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
