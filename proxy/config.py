@@ -25,6 +25,12 @@ EXPERIMENT_REGION_URLS = {
     "us": "https://api.lab.amplitude.com",
     "eu": "https://api.lab.eu.amplitude.com",
 }
+# Flag configuration (Flags API, local evaluation) hosts by data region.
+EXPERIMENT_FLAGS_REGION_URLS = {
+    "us": "https://api.lab.amplitude.com",
+    "eu": "https://flag.lab.eu.amplitude.com",
+}
+EXPERIMENT_MODES = ("remote", "local")
 
 CACHE_KINDS = (
     "recommendations",
@@ -55,6 +61,11 @@ class Settings:
     experiment_url: str = ""  # empty: the region's URL
     experiment_region: str = "us"
     experiment_deployment_key: str = _secret()
+    # remote: every variants call asks /v1/vardata; local: evaluate flag configurations in process
+    experiment_mode: str = "remote"
+    experiment_flags_url: str = ""  # empty: the region's Flags API URL
+    experiment_flag_refresh: float = 30.0  # seconds between flag configuration fetches (per process)
+    experiment_flag_max_age: float = 300.0  # older than this, local mode evaluates remotely
     # Adobe Target Profile API
     target_client_code: str = ""
     target_url: str = ""  # empty: https://<client-code>.tt.omtrdc.net
@@ -170,7 +181,8 @@ class Settings:
 
     def rate_limit(self, upstream: str) -> float:
         """Calls per minute this process may make (the deployment's limit split over workers)."""
-        return float(getattr(self, f"rate_limit_{upstream}")) / max(1, self.workers)
+        # Upstreams without a setting (the Flags API, a few calls a minute) are not limited.
+        return float(getattr(self, f"rate_limit_{upstream}", 0.0)) / max(1, self.workers)
 
     def ttl(self, kind: str) -> float:
         """Fresh lifetime in seconds of one cache kind."""
@@ -179,6 +191,10 @@ class Settings:
     @property
     def experiment_base_url(self) -> str:
         return self.experiment_url or EXPERIMENT_REGION_URLS[self.experiment_region]
+
+    @property
+    def experiment_flags_base_url(self) -> str:
+        return self.experiment_flags_url or EXPERIMENT_FLAGS_REGION_URLS[self.experiment_region]
 
     @property
     def target_base_url(self) -> str:
@@ -287,8 +303,14 @@ def _check_base_url(name: str, value: str) -> None:
 
 def validate(settings: Settings) -> Settings:
     """Reject malformed settings with a message naming the setting."""
-    for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url"):
+    for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url",
+                 "experiment_flags_url"):
         _check_base_url(name, getattr(settings, name))
+    if settings.experiment_mode not in EXPERIMENT_MODES:
+        raise SettingsError(f"{env_name('experiment_mode')} must be one of {list(EXPERIMENT_MODES)}")
+    if not 0 < settings.experiment_flag_refresh <= settings.experiment_flag_max_age:
+        raise SettingsError(f"{env_name('experiment_flag_refresh')} must be positive and at most "
+                            f"{env_name('experiment_flag_max_age')}")
     if settings.experiment_region not in EXPERIMENT_REGION_URLS:
         raise SettingsError(
             f"{env_name('experiment_region')} must be one of {sorted(EXPERIMENT_REGION_URLS)}"

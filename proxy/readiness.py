@@ -103,7 +103,22 @@ def check_outbox(services: Services, report: dict[str, Any]) -> list[Reason]:
                    f"writes cannot be recorded: {problem}; they answer 503 until it is fixed")]
 
 
-CHECKS: list[Check] = [check_cache, check_upstreams, check_outbox]
+def check_experiment_flags(services: Services, report: dict[str, Any]) -> list[Reason]:
+    """Local experiment mode: this process's flag configuration and its age (a probe also
+    starts a due refresh, so a worker loads its flags before the first send)."""
+    store = services.flag_store
+    if store is None:
+        return []
+    store.current()
+    state = report["experiment_flags"] = store.state()
+    if state["usable"]:
+        return []
+    why = "none fetched yet" if not state["loaded"] else f"it is {state['age_seconds']} s old"
+    return [Reason("experiment_flags_stale", "experiment_flags",
+                   f"no usable experiment flag configuration ({why}); variants are evaluated remotely")]
+
+
+CHECKS: list[Check] = [check_cache, check_upstreams, check_outbox, check_experiment_flags]
 
 
 def readiness(services: Services, strict: bool = False) -> tuple[int, dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
 from .clients.base import Answer, HttpClient, make_pool
-from .clients.experiment import ExperimentClient
+from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
@@ -24,6 +24,7 @@ from .guards import CircuitBreaker, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
     from .delivery import Deliverer
+    from .experiment_local import FlagStore
     from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
@@ -80,6 +81,16 @@ class Services:
         self.experiment = self._guarded(ExperimentClient(
             self.pool, settings.experiment_base_url, settings.experiment_deployment_key, **http
         ))
+        # Fetched in the background, never on the send path: a large deployment's configuration
+        # may take longer and weigh more than a per-recipient answer.
+        self.experiment_flags = self._guarded(FlagConfigClient(
+            self.pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
+            **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
+               "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
+        ))
+        # Metrics are plugged into `clients` by the app; the flags client reports through them.
+        self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
+        self._flag_store: FlagStore | None = None
         self.target = self._guarded(TargetClient(
             self.pool, settings.target_base_url, settings.target_client_code,
             settings.target_token, **http
@@ -107,6 +118,19 @@ class Services:
     @property
     def clients(self) -> list[HttpClient]:
         return [self.amplitude, self.experiment, self.target, self.mediarithmics]
+
+    @property
+    def flag_store(self) -> FlagStore | None:
+        """Local mode's flag configurations (this process's; None in remote mode)."""
+        if self.settings.experiment_mode != "local":
+            return None
+        if self._flag_store is None:
+            from .experiment_local import FlagStore
+
+            s = self.settings
+            self._flag_store = FlagStore(self.experiment_flags.flags, s.experiment_flag_refresh,
+                                         s.experiment_flag_max_age, self.timer)
+        return self._flag_store
 
     def ttl_of(self, kind: str) -> Callable[[Answer], float]:
         """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""

@@ -10,6 +10,7 @@ import pytest
 from servers import Servers, servers_fixture
 
 from proxy import config, create_app
+from proxy.sandbox import experiment as experiment_sandbox
 from proxy.sandbox import stack
 
 DATA = Path(__file__).parent / "data"
@@ -47,6 +48,7 @@ def _files_stay_in_a_temporary_directory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sandboxes():
     running = stack.start()
+    experiment_sandbox.warm()  # the sandbox's engine imported before any deadline runs
     yield running
     running.stop()
 

@@ -28,3 +28,18 @@ class ExperimentClient(HttpClient):
         if not isinstance(body, dict):
             raise UpstreamBadAnswer(self.name, "experiment answered with something not an object")
         return Answer(body)
+
+
+class FlagConfigClient(ExperimentClient):
+    """Client of the Flags API (`GET /sdk/v2/flags?v=0`, same deployment key, its own host):
+    the deployment's flag configurations for local evaluation, as raw JSON objects (parsed by
+    `proxy/experiment_local.py`)."""
+
+    name = "experiment-flags"
+    path = "/sdk/v2/flags"
+
+    def flags(self) -> list[dict]:
+        _status, body = self.request("GET", self.path, params={"v": "0"}, headers=self._headers)
+        if not isinstance(body, list):
+            raise UpstreamBadAnswer(self.name, "the Flags API answered with something not a list")
+        return [flag for flag in body if isinstance(flag, dict)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from .. import params
+from ..cache import Lookup
+from ..clients.base import Answer
 from ..errors import BadRequest
 from ..shape import experiment as shape
 from . import Result, endpoint
@@ -36,6 +38,17 @@ def variants(services, args) -> Result:
     flags = params.id_list(args, "flag_keys")
     context = evaluation_context(args)
     track = params.boolean(args, "track", True)
+    store = services.flag_store
+    config = store.current() if store is not None else None
+    if config is not None:
+        return local_variants(services, config, user_id, device_id, flags, context)
+    lookup = remote_vardata(services, user_id, device_id, flags, context, track)
+    return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
+
+
+def remote_vardata(services, user_id: str, device_id: str, flags: list[str], context: dict,
+                   track: bool) -> Lookup:
+    """One `/v1/vardata` answer through the cache (operator fallback when it fails)."""
     query = {k: v for k, v in (("user_id", user_id), ("device_id", device_id)) if v}
     if flags:
         query["flag_keys"] = ",".join(sorted(flags))
@@ -46,11 +59,27 @@ def variants(services, args) -> Result:
     # Tracked and untracked evaluations are different calls: never one cache entry.
     operation = "vardata" if track else "vardata-no-track"
     content = services.fallback_content("/v1/experiment/variants")
-    lookup = services.cached(
+    return services.cached(
         "variants", client, operation, query, lambda: client.vardata(query, track),
         (lambda: fallback_vardata(content)) if content is not None else None,
     )
-    return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
+
+
+def local_variants(services, config, user_id: str, device_id: str, flags: list[str],
+                   context: dict) -> Result:
+    """Local mode: the flags the configuration can decide, evaluated in process; the others in
+    one remote call with no-track. No assignment event is sent either way (`tracked: false`)."""
+    from ..experiment_local import evaluate
+    from ..experiment_local import evaluation_context as engine_context
+
+    decision = evaluate(config, engine_context(user_id, device_id, context), flags)
+    vardata = dict(decision.vardata)
+    lookup = Lookup(Answer(vardata), "LOCAL", 0.0, services.settings.ttl("variants"))
+    if decision.remote:
+        lookup = remote_vardata(services, user_id, device_id, decision.remote, context, False)
+        remote = lookup.value.data if isinstance(lookup.value.data, dict) else {}
+        vardata.update({k: v for k, v in remote.items() if k in decision.remote})
+    return Result(shape.variants(vardata, flags, user_id, device_id, False), lookup)
 
 
 def fallback_vardata(content: dict) -> dict:

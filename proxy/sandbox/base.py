@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -53,6 +54,7 @@ class SandboxState:
         self.retry_after: str | None = None  # a literal Retry-After for 429/503 faults (e.g. "inf")
         self.fault_count: int | None = None
         self.lock = threading.Lock()
+        self.on_reset: list[Callable[[], None]] = []  # sandbox-specific state to restore too
 
     def record(self, path: str) -> str:
         """Count a call and say which fault (if any) applies to it."""
@@ -80,6 +82,8 @@ class SandboxState:
             self.last_uri = ""
             self.fault, self.fault_count = "none", None
             self.retry_after = None
+        for restore in self.on_reset:
+            restore()
 
 
 def _broken_stream():

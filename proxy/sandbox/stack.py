@@ -24,6 +24,7 @@ class SandboxStack:
             "amplitude_secret_key": amplitude.DEFAULT_KEY,
             "experiment_url": self.servers["experiment"].url,
             "experiment_deployment_key": experiment.DEFAULT_KEY,
+            "experiment_flags_url": self.servers["experiment"].url,
             "target_url": self.servers["target"].url,
             "target_client_code": target.DEFAULT_CLIENT,
             "mediarithmics_url": self.servers["mediarithmics"].url,

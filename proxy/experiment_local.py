@@ -1,0 +1,273 @@
+"""Local evaluation of Amplitude Experiment flags (`CCPROXY_EXPERIMENT_MODE=local`).
+
+Flag configurations come from the Flags API through the proxy's own client (deadline, breaker,
+metrics), never through the SDK's poller: that is a timer thread, which does not survive
+gunicorn's fork. They are evaluated with the official engine of `amplitude-experiment`
+(its flag type, its topological sort for flag dependencies, its `EvaluationEngine`), imported
+inside functions only: the package loads ssl, which must not happen in the gunicorn master
+before gevent patches the workers.
+
+Per worker process: each process holds its own configuration and refreshes it in the
+background (one thread, a greenlet under gevent, started by a request that finds the
+configuration older than `CCPROXY_EXPERIMENT_FLAG_REFRESH`), so `N` workers make `N` Flags
+API calls per interval, and none waits on the send path. A failed refresh keeps the last good
+configuration up to `CCPROXY_EXPERIMENT_FLAG_MAX_AGE` (a killed flag must not live forever);
+older, or none yet: the endpoint evaluates remotely.
+
+Only what local evaluation can decide is decided here (`Decision.remote` lists the rest, which
+the endpoint evaluates remotely with no-track): a flag is left to remote evaluation when it, or
+a flag it depends on, is marked `evaluationMode: remote`, targets cohorts (not synced here),
+groups, the Amplitude ID (ID resolution) or sticky bucketing, or reads a user field or user
+property the request did not send (Amplitude would fill it from its own profile). Flags the
+configuration does not know, and any flag the engine cannot evaluate, go remote too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProxyError
+
+log = logging.getLogger("ccproxy")
+
+# User fields the request itself defines: their absence is the same absence remotely.
+IDENTITY_FIELDS = frozenset({"user_id", "device_id"})
+
+
+@dataclass(frozen=True)
+class FlagNeeds:
+    """What one flag (with the flags it depends on) needs from an evaluation context."""
+
+    remote_only: bool = False  # local evaluation can never decide it
+    fields: frozenset[str] = frozenset()  # context.user fields it reads
+    properties: frozenset[str] = frozenset()  # context.user.user_properties it reads
+
+
+@dataclass
+class Decision:
+    """Variants decided locally, vardata-shaped, and the flags left to remote evaluation."""
+
+    vardata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    remote: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    flags: dict[str, Any]  # key -> EvaluationFlag
+    needs: dict[str, FlagNeeds]
+    fetched_at: float
+
+
+def _selector_needs(selector: list[str]) -> FlagNeeds:
+    """What a condition or bucket selector reads; anything but the user context and the
+    results of other flags is beyond local evaluation."""
+    if len(selector) >= 2 and selector[0] == "result":
+        return FlagNeeds()  # a dependency's result: resolved by the topological order
+    if len(selector) < 3 or selector[:2] != ["context", "user"]:
+        return FlagNeeds(remote_only=True)  # groups, unknown roots
+    name = selector[2]
+    if name in ("cohort_ids", "amplitude_id"):
+        return FlagNeeds(remote_only=True)
+    if name == "user_properties":
+        if len(selector) < 4:
+            return FlagNeeds(remote_only=True)
+        return FlagNeeds(properties=frozenset([selector[3]]))
+    if name in IDENTITY_FIELDS:
+        return FlagNeeds()
+    return FlagNeeds(fields=frozenset([name]))
+
+
+def _merge(needs: list[FlagNeeds]) -> FlagNeeds:
+    return FlagNeeds(
+        remote_only=any(n.remote_only for n in needs),
+        fields=frozenset().union(*(n.fields for n in needs)),
+        properties=frozenset().union(*(n.properties for n in needs)),
+    )
+
+
+def _own_needs(flag: Any) -> FlagNeeds:
+    metadata = flag.metadata or {}
+    if metadata.get("evaluationMode") == "remote" or metadata.get("stickyBucketing"):
+        return FlagNeeds(remote_only=True)
+    found: list[FlagNeeds] = []
+    for segment in flag.segments:
+        for conjunction in segment.conditions or []:
+            found.extend(_selector_needs(list(c.selector or [])) for c in conjunction)
+        if segment.bucket is not None:
+            found.append(_selector_needs(list(segment.bucket.selector or [])))
+    return _merge(found)
+
+
+def _needs_with_dependencies(flags: dict[str, Any]) -> dict[str, FlagNeeds]:
+    own = {key: _own_needs(flag) for key, flag in flags.items()}
+    result: dict[str, FlagNeeds] = {}
+
+    def resolve(key: str, path: tuple[str, ...]) -> FlagNeeds:
+        if key in result:
+            return result[key]
+        if key not in flags or key in path:  # unknown dependency or a cycle
+            return FlagNeeds(remote_only=True)
+        parts = [own[key]] + [resolve(d, path + (key,)) for d in flags[key].dependencies or []]
+        result[key] = _merge(parts)
+        return result[key]
+
+    for key in flags:
+        resolve(key, ())
+    return result
+
+
+def parse_flags(raw: list[dict[str, Any]], fetched_at: float) -> Configuration:
+    """Flag configurations in the official engine's type; a flag that cannot be read is
+    left out (and so evaluated remotely)."""
+    from amplitude_experiment.evaluation.types import EvaluationFlag
+
+    flags: dict[str, Any] = {}
+    for item in raw:
+        try:
+            flag = EvaluationFlag.from_dict(item)
+            if not isinstance(flag.key, str) or not isinstance(flag.variants, dict):
+                raise ValueError("key or variants missing")
+        except Exception as exc:  # noqa: BLE001 - the library raises anything on a bad shape
+            log.warning("experiment flag configuration %r skipped: %s", item.get("key"), exc)
+            continue
+        flags[flag.key] = flag
+    return Configuration(flags, _needs_with_dependencies(flags), fetched_at)
+
+
+def evaluation_context(user_id: str, device_id: str, context: dict[str, Any]) -> dict[str, Any]:
+    """The engine's context: `{"user": {...}}` from the ids and the request's `context`."""
+    user = {k: v for k, v in context.items() if v is not None and k != "groups"}
+    if user_id:
+        user["user_id"] = user_id
+    if device_id:
+        user["device_id"] = device_id
+    return {"user": user}
+
+
+def decidable(needs: FlagNeeds, user: dict[str, Any]) -> bool:
+    if needs.remote_only:
+        return False
+    properties = user.get("user_properties")
+    properties = properties if isinstance(properties, dict) else {}
+    return (all(user.get(f) is not None for f in needs.fields)
+            and all(properties.get(p) is not None for p in needs.properties))
+
+
+def evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
+    """Evaluate the requested flags (every flag when none) that local evaluation can decide."""
+    from amplitude_experiment.evaluation.engine import EvaluationEngine
+    from amplitude_experiment.evaluation.topological_sort import topological_sort
+
+    wanted = requested or list(config.flags)
+    local = [k for k in wanted if k in config.flags and decidable(config.needs[k], context["user"])]
+    decision = Decision(remote=[k for k in wanted if k not in local])
+    if not local:
+        return decision
+    try:
+        ordered = topological_sort(config.flags, local)
+        results = EvaluationEngine().evaluate(context, ordered)
+    except Exception as exc:  # noqa: BLE001 - a configuration the engine cannot evaluate
+        log.warning("local experiment evaluation failed, evaluating remotely: %s", exc)
+        decision.remote = list(wanted)
+        return decision
+    for key in local:
+        variant = results.get(key)
+        if variant is None or not assigned(variant.metadata or {}):
+            continue
+        decision.vardata[key] = {"key": variant.key, **({"payload": variant.payload}
+                                                        if variant.payload is not None else {})}
+    return decision
+
+
+def assigned(metadata: dict[str, Any]) -> bool:
+    """What `/v1/vardata` answers: not the default (off) variant, not an undeployed flag."""
+    return not metadata.get("default") and metadata.get("deployed", True) is not False
+
+
+class FlagStore:
+    """This process's flag configuration, refreshed in the background on demand."""
+
+    def __init__(self, fetch: Callable[[], list[dict[str, Any]]], refresh: float, max_age: float,
+                 timer: Callable[[], float] = time.monotonic):
+        self._fetch = fetch
+        self.refresh_interval = refresh
+        self.max_age = max_age
+        self._timer = timer
+        self._config: Configuration | None = None
+        self._raw: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._last_attempt: float | None = None
+        self.last_error = ""
+        self.refreshes = 0
+        self.failures = 0
+
+    def age(self) -> float | None:
+        config = self._config
+        return None if config is None else max(0.0, self._timer() - config.fetched_at)
+
+    def current(self) -> Configuration | None:
+        """The configuration to evaluate with (None: evaluate remotely); starts a background
+        refresh when it is due."""
+        self._refresh_if_due()
+        age = self.age()
+        return self._config if age is not None and age <= self.max_age else None
+
+    def _refresh_if_due(self) -> None:
+        now = self._timer()
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            age = self.age()
+            # After a failure, wait one interval before trying again (no hammering).
+            if self._last_attempt is not None and now - self._last_attempt < self.refresh_interval:
+                return
+            if age is not None and age < self.refresh_interval:
+                return
+            self._last_attempt = now
+            self._thread = threading.Thread(target=self.refresh, name="experiment-flags", daemon=True)
+            self._thread.start()
+
+    def refresh(self) -> bool:
+        """Fetch and parse once; keep the last good configuration on any failure."""
+        try:
+            raw = self._fetch()
+            previous = self._config
+            if previous is not None and raw == self._raw:
+                # Unchanged (the usual case): no re-parse, which is CPU in a gevent worker.
+                config = Configuration(previous.flags, previous.needs, self._timer())
+            else:
+                config = parse_flags(raw, self._timer())
+        except ProxyError as exc:
+            self.failures += 1
+            self.last_error = exc.message
+            log.warning("experiment flag configurations not refreshed: %s", self.last_error)
+            return False
+        self._config, self._raw = config, raw
+        self.refreshes += 1
+        self.last_error = ""
+        return True
+
+    def wait(self, timeout: float) -> None:
+        """Wait for a background refresh in flight (tests, warm-up)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def state(self) -> dict[str, Any]:
+        config, age = self._config, self.age()
+        return {
+            "loaded": config is not None,
+            "age_seconds": None if age is None else round(age, 1),
+            "usable": age is not None and age <= self.max_age,
+            "flags": 0 if config is None else len(config.flags),
+            "refresh_seconds": self.refresh_interval,
+            "max_age_seconds": self.max_age,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
