@@ -21,6 +21,7 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 Where the operator configured a fallback, transient errors become HTTP 200 with it.
 
 CannotListen                     start-up only: the address to serve on cannot be bound
+ScenarioError                    `ccproxy simulate-send`: a bad scenario (message, faults, users)
 """
 
 from __future__ import annotations
@@ -167,3 +168,8 @@ class ConsentStateUnknown(ProxyError):
 class CannotListen(Exception):
     """`serve`/`demo` cannot bind their address (port in use, no permission, unknown host);
     the message is the one line the command prints."""
+
+
+class ScenarioError(Exception):
+    """`ccproxy simulate-send` cannot run its scenario (unreadable message, faults file or
+    users CSV, unknown template or sandbox); the message is the one line the command prints."""
