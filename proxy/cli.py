@@ -1,4 +1,4 @@
-"""The `ccproxy` command: serve, demo, warm, check, outbox."""
+"""The `ccproxy` command: serve, demo, warm, check, outbox, simulate-send."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 
 from . import config
-from .errors import CannotListen
+from .errors import CannotListen, ScenarioError
 
 log = logging.getLogger("ccproxy")
 
@@ -151,6 +151,47 @@ def _outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    # Greenlets for bounded, cheap concurrency: patch sockets before the HTTP client loads.
+    from gevent import monkey
+
+    monkey.patch_all()
+    import json
+    from pathlib import Path
+
+    from . import simulate
+
+    if bool(args.liquid) == bool(args.template):
+        print("ccproxy: give the message as --liquid FILE or --template NAME", file=sys.stderr)
+        return 2
+    if args.rate <= 0 or args.renders < 1 or args.concurrency < 1:
+        print("ccproxy: --rate, --renders and --concurrency must be positive", file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/")
+    if args.liquid:
+        try:
+            liquid = Path(args.liquid).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScenarioError(f"cannot read {args.liquid}: {exc}") from None
+    else:
+        liquid = simulate.template_liquid(args.template, url, args.api_key)
+    sandboxes = {}
+    if args.demo_log:
+        sandboxes.update(simulate.sandboxes_from_log(Path(args.demo_log).read_text(errors="replace")))
+    for item in args.sandbox:
+        name, _, sandbox_url = item.partition("=")
+        sandboxes[name] = sandbox_url.rstrip("/")
+    scenario = simulate.Scenario(
+        url=url, liquid=liquid,
+        recipients=simulate.read_recipients(Path(args.users) if args.users else None, args.recipients,
+                                           args.id_prefix),
+        rate=args.rate, renders=args.renders, api_key=args.api_key, concurrency=args.concurrency,
+        sandboxes=sandboxes, faults=simulate.read_faults(Path(args.faults)) if args.faults else [])
+    result = simulate.run(scenario, progress=None if args.no_progress else sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else simulate.table(result))
+    return 0
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -208,6 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--concurrency", type=int, default=16)
     warm.add_argument("--config", default=None)
     warm.set_defaults(run=_warm)
+
+    simulate = sub.add_parser("simulate-send", help="replay a Braze send against a running proxy, "
+                                                     "with Braze's timeout, retries, cache and halts")
+    simulate.add_argument("--url", default="http://127.0.0.1:8080", help="the proxy (default: the local demo)")
+    simulate.add_argument("--api-key", default="", help="sent as the :basic_auth password")
+    simulate.add_argument("--liquid", default=None, help="a Braze Liquid message with connected_content tags")
+    simulate.add_argument("--template", action="append", default=[],
+                          help="a template of templates/ (repeatable: one message with every block)")
+    simulate.add_argument("--recipients", type=int, default=100, help="generated recipients (or the "
+                                                                      "first N of --users)")
+    simulate.add_argument("--id-prefix", default="sim", help="generated ids are <prefix>-000001...")
+    simulate.add_argument("--users", default=None, help="CSV with a user_id column; other columns are attributes")
+    simulate.add_argument("--rate", type=float, default=6000.0, help="messages per minute")
+    simulate.add_argument("--renders", type=int, default=3, help="renders per message (HTML, text, AMP)")
+    simulate.add_argument("--concurrency", type=int, default=200, help="calls in flight at most")
+    simulate.add_argument("--faults", default=None, help="TOML fault schedule for the demo's sandboxes")
+    simulate.add_argument("--sandbox", action="append", default=[], metavar="NAME=URL",
+                          help="a sandbox upstream to count calls on and inject faults into")
+    simulate.add_argument("--demo-log", default=None,
+                          help="the output of `ccproxy demo`: its sandbox URLs are read from it")
+    simulate.add_argument("--json", action="store_true", help="the report as JSON")
+    simulate.add_argument("--no-progress", action="store_true")
+    simulate.set_defaults(run=_simulate)
     return parser
 
 
@@ -221,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.SettingsError as exc:
         print(f"ccproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    except CannotListen as exc:
+    except (CannotListen, ScenarioError) as exc:
         print(f"ccproxy: {exc}", file=sys.stderr)
         return 1
 

@@ -43,6 +43,7 @@ class ConnectionGuard:
             WAITING: OrderedDict(), IDLE: OrderedDict(), ACTIVE: OrderedDict()}
         self.shed_count = 0
         self.timed_out = 0
+        self.closing = False  # shutting down: no connection waits for another request
 
     def __len__(self) -> int:
         return sum(len(conns) for conns in self.phases.values())
@@ -67,6 +68,7 @@ class ConnectionGuard:
     def shed_idle(self) -> int:
         """Shutting down: close every connection not being answered, so the worker stops as
         soon as its requests and deliveries in flight are done (not after keep-alive ends)."""
+        self.closing = True
         shed = 0
         for phase in (IDLE, WAITING):
             while self.phases[phase]:
@@ -145,6 +147,8 @@ class GuardedSocket:
         """Around gunicorn's read of one request line and headers."""
         if self.requests:
             self.guard.move(self, IDLE, self.guard.keepalive_timeout)
+            if self.guard.closing:  # answered while the worker was told to stop: no more
+                self.close_now()
         try:
             yield
         finally:

@@ -34,6 +34,7 @@ SettingsError (ValueError)       a setting is missing or malformed (start-up, `c
 MessageAborted                   a Liquid preview ran abort_message
 PixelRefused                     a pixel load not recorded (the GIF answers all the same)
 Retryable                        inside a client: worth one retry
+ScenarioError                    `ccproxy simulate-send`: a bad scenario (message, faults, users)
 """
 
 from __future__ import annotations
@@ -282,3 +283,8 @@ class LinkError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class ScenarioError(Exception):
+    """`ccproxy simulate-send` cannot run its scenario (unreadable message, faults file or
+    users CSV, unknown template or sandbox); the message is the one line the command prints."""
