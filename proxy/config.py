@@ -116,6 +116,9 @@ class Settings:
     rate_limit_mediarithmics: float = 0.0
     # Processes sharing the rate limits above (set by `ccproxy serve`; Redis shares them instead).
     workers: int = 1
+    # Where `ccproxy serve`'s workers keep their metric values for /metrics to sum (emptied at
+    # start, removed or emptied at exit); empty: a new directory under /dev/shm (or the temp dir).
+    metrics_dir: str = ""
     # Circuit breaker: consecutive failures that open it, seconds before a probe.
     breaker_threshold: int = 5
     breaker_reset: float = 10.0

@@ -122,7 +122,7 @@ class RequestEnvelope:
             seconds = time.perf_counter() - started
             route = route_of(path, self.routes)
             status = int(status_holder[0])
-            self.metrics.observe_request(route, status, seconds)
+            self.metrics.observe_request(route, status, seconds, cache_holder[0])
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={"fields": {
                     "method": environ.get("REQUEST_METHOD"), "route": route, "path": path,

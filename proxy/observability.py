@@ -1,9 +1,12 @@
 """Metrics (Prometheus, via prometheus-client), JSON access logs and request ids.
 
 Each app has its own metrics registry. Counters that other layers already keep (cache
-states, breaker and limiter state) are read at scrape time by a collector, so the
-cache and the guards need no metrics code. With several gunicorn workers each scrape
-sees the worker that answered it (the `worker` label says which).
+states, breaker and limiter state) are copied into metrics at scrape time (and once a
+second under `ccproxy serve`), so the cache and the guards need no metrics code.
+With several gunicorn workers (`ccproxy serve`) the values live in files in one
+directory (prometheus-client's multiprocess mode, see `metrics_dir`), so a scrape
+answered by any worker sums them all; the `worker` label on the copied state says
+whose it is. In-process apps (tests) keep their values in memory.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Accepted from callers as is; anything else (CR/LF, long strings) is replaced, so a request
@@ -49,33 +54,108 @@ def current_request_id() -> str:
     return _request_id.get()
 
 
+# Braze gives a Connected Content call 2 s; a slower answer is an abort, like a 5xx.
+BRAZE_TIMEOUT = 2.0
+# Routes Braze never calls (scrapes, probes, the preview page): not in its failure count.
+OPERATOR_ROUTES = frozenset({"/metrics", "/healthz", "/readyz", "/openapi.json", "/preview",
+                             "/v1/preview/render/<name>", "unmatched"})
+_ANSWERS_COUNTED = {"STALE": "stale", "FALLBACK": "fallback"}
+
+
+def braze_failure(status: int, seconds: float) -> str:
+    """Why Braze would abort or retry this answer ("" when it would not): 5xx, 408 and 429
+    count against the host, and so does any answer later than Braze's 2 s timeout. A 404
+    or a 400 renders empty: not a failure by Braze's rule."""
+    if status >= 500:
+        return "5xx"
+    if status in (408, 429):
+        return str(status)
+    return "slow" if seconds > BRAZE_TIMEOUT else ""
+
+
 class Metrics:
-    """The app's Prometheus metrics."""
+    """The app's Prometheus metrics.
+
+    Under `ccproxy serve` (PROMETHEUS_MULTIPROC_DIR set, see `metrics_dir`) every worker
+    writes its values to files in one directory and a scrape sums them, so any worker
+    answers for all. State other layers keep in memory (cache counts, breakers, limiters)
+    is copied into metrics at scrape time and, in each worker, once a second."""
 
     def __init__(self, services: Any):
         self.registry = CollectorRegistry(auto_describe=True)
         self.worker = str(os.getpid())
+        self.services = services
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+        registry = self.registry
         self.requests = Counter(
             "ccproxy_requests_total", "Requests answered, by route and status",
-            ["route", "status"], registry=self.registry,
+            ["route", "status"], registry=registry,
         )
         self.request_seconds = Histogram(
             "ccproxy_request_seconds", "Time to answer a request, by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.braze_failures = Counter(
+            "ccproxy_braze_failures_total",
+            "Answers Braze aborts or retries (5xx, 408, 429, slower than 2 s), by route and reason",
+            ["route", "reason"], registry=registry,
+        )
+        self.degraded = Counter(
+            "ccproxy_degraded_answers_total",
+            "Answers served from a stale cache entry or the operator's fallback, by route and kind",
+            ["route", "kind"], registry=registry,
         )
         self.upstream_calls = Counter(
             "ccproxy_upstream_calls_total",
             "Upstream calls by upstream and outcome (HTTP status, or the error code)",
-            ["upstream", "outcome"], registry=self.registry,
+            ["upstream", "outcome"], registry=registry,
         )
         self.upstream_seconds = Histogram(
             "ccproxy_upstream_seconds", "Upstream call latency by upstream",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=registry,
         )
-        self.registry.register(_StateCollector(services, self.worker))
+        # Copied from the cache and guards (per process): see sync_state.
+        self.cache_lookups = Counter(
+            "ccproxy_cache_lookups", "Cache lookups by result (HIT, MISS, STALE, COALESCED, REFRESH)",
+            ["result", "worker"], registry=registry,
+        )
+        self.cache_entries = Gauge("ccproxy_cache_entries", "Entries in the cache store", ["worker"],
+                                   registry=registry, multiprocess_mode="livesum")
+        self.breaker_open = Gauge(
+            "ccproxy_breaker_open", "1 when the upstream's circuit is open or half open",
+            ["upstream", "worker"], registry=registry, multiprocess_mode="livemax",
+        )
+        self.limiter_rejections = Counter(
+            "ccproxy_limiter_rejections", "Calls refused by the proxy's own rate limiter",
+            ["upstream", "worker"], registry=registry,
+        )
+        self.upstream_paused = Gauge(
+            "ccproxy_upstream_paused", "1 while the upstream's own Retry-After pauses calls to it",
+            ["upstream"], registry=registry, multiprocess_mode="livemax",
+        )
+        self.upstream_pauses = Counter(
+            "ccproxy_upstream_pauses", "Pauses an upstream asked for (a 429, or a 503 with Retry-After)",
+            ["upstream"], registry=registry,
+        )
+        self.outbox_dropped = Counter(
+            "ccproxy_outbox_dropped", "Writes not recorded at intake, by reason", ["reason", "worker"],
+            registry=registry,
+        )
+        self._copied: dict[tuple, float] = {}
+        self._sync_lock = threading.Lock()
+        box = _BoxCollector(services)
+        if self.multiprocess_dir:
+            # The registry above only names the metrics: their values live in the directory's files.
+            self.scrape_registry = CollectorRegistry()
+            MultiProcessCollector(self.scrape_registry, path=self.multiprocess_dir)
+            self.scrape_registry.register(box)
+            threading.Thread(target=self._sync_forever, name="ccproxy-metrics", daemon=True).start()
+        else:
+            self.scrape_registry = registry
+            registry.register(box)
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, status: int, seconds: float, cache: str = "-") -> None:
         # Label lookups cost more than the increments: keep the children.
         children = self._children.get((route, status))
         if children is None:
@@ -83,55 +163,74 @@ class Metrics:
                 self.requests.labels(route, str(status)), self.request_seconds.labels(route))
         children[0].inc()
         children[1].observe(seconds)
+        if route in OPERATOR_ROUTES:
+            return
+        if status >= 500 or status in (408, 429) or seconds > BRAZE_TIMEOUT:
+            self.braze_failures.labels(route, braze_failure(status, seconds)).inc()
+        kind = _ANSWERS_COUNTED.get(cache)
+        if kind is not None:
+            self.degraded.labels(route, kind).inc()
 
     def observe_upstream(self, upstream: str, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(upstream, outcome).inc()
         self.upstream_seconds.labels(upstream).observe(seconds)
 
+    def sync_state(self) -> None:
+        """Copy this process's in-memory counts and states into its metrics (counters by
+        their increase since the last copy, so a sum over workers stays right)."""
+        services, worker = self.services, self.worker
+        with self._sync_lock:
+            for state, count in list(services.cache.counts.items()):
+                self._advance(self.cache_lookups.labels(state, worker), ("cache", state), count)
+            self.cache_entries.labels(worker).set(len(services.cache))
+            for client in services.clients:
+                name = client.name
+                self.breaker_open.labels(name, worker).set(0 if client.breaker.state == "closed" else 1)
+                self._advance(self.limiter_rejections.labels(name, worker), ("limiter", name),
+                              client.limiter.state.get("rejected", 0))
+                self.upstream_paused.labels(name).set(1 if client.limiter.paused_for() > 0 else 0)
+                self._advance(self.upstream_pauses.labels(name), ("pauses", name), client.pauses)
+            outbox = getattr(services, "_outbox", None)
+            if outbox is not None:
+                for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):
+                    self._advance(self.outbox_dropped.labels(reason, worker), ("dropped", reason),
+                                  outbox.dropped.get(reason, 0))
+
+    def _advance(self, counter: Any, key: tuple, total: float) -> None:
+        done = self._copied.get(key, 0)
+        if total > done:
+            counter.inc(total - done)
+        self._copied[key] = total
+
+    def _sync_forever(self) -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                self.sync_state()
+            except Exception:  # a metrics copy must never end the worker
+                logging.getLogger("ccproxy").exception("copying state into metrics failed")
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        self.sync_state()
+        return generate_latest(self.scrape_registry)
 
 
-class _StateCollector:
-    """Reads cache counts and guard states at scrape time."""
+class _BoxCollector:
+    """What every worker sees alike (the outbox file), read at scrape time."""
 
-    def __init__(self, services: Any, worker: str):
+    def __init__(self, services: Any):
         self.services = services
-        self.worker = worker
 
     def describe(self) -> Iterable:
         return []
 
     def collect(self) -> Iterable:
-        cache = CounterMetricFamily(
-            "ccproxy_cache_lookups", "Cache lookups by result (HIT, MISS, STALE, COALESCED, REFRESH)",
-            labels=["result", "worker"],
-        )
-        for state, count in self.services.cache.counts.items():
-            cache.add_metric([state, self.worker], count)
-        yield cache
-        entries = GaugeMetricFamily("ccproxy_cache_entries", "Entries in the cache store", labels=["worker"])
-        entries.add_metric([self.worker], len(self.services.cache))
-        yield entries
-        breaker = GaugeMetricFamily(
-            "ccproxy_breaker_open", "1 when the upstream's circuit is open or half open",
-            labels=["upstream", "worker"],
-        )
-        rejected = CounterMetricFamily(
-            "ccproxy_limiter_rejections", "Calls refused by the proxy's own rate limiter",
-            labels=["upstream", "worker"],
-        )
-        for client in self.services.clients:
-            breaker.add_metric([client.name, self.worker], 0 if client.breaker.state == "closed" else 1)
-            rejected.add_metric([client.name, self.worker], client.limiter.state.get("rejected", 0))
-        yield breaker
-        yield rejected
-        yield from _outbox_metrics(self.services, self.worker)
+        yield from _outbox_metrics(self.services)
 
 
-def _outbox_metrics(services: Any, worker: str) -> Iterable:
-    """Outbox depth and oldest age per lane, dead letters (the box's file, whichever worker
-    answers), and writes refused at intake (per worker)."""
+def _outbox_metrics(services: Any) -> Iterable:
+    """Outbox depth and oldest age per lane and dead letters (the box's file, whichever
+    worker answers)."""
     import sqlite3
 
     outbox = getattr(services, "_outbox", None)
@@ -152,11 +251,6 @@ def _outbox_metrics(services: Any, worker: str) -> Iterable:
     yield oldest
     yield GaugeMetricFamily("ccproxy_outbox_dead_letters", "Writes mediarithmics refused, kept for an operator",
                             value=dead)
-    dropped = CounterMetricFamily("ccproxy_outbox_dropped", "Writes not recorded at intake, by reason",
-                                  labels=["reason", "worker"])
-    for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):
-        dropped.add_metric([reason, worker], outbox.dropped.get(reason, 0))
-    yield dropped
 
 
 class JsonFormatter(logging.Formatter):

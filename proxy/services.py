@@ -211,7 +211,7 @@ class Services:
     def close(self) -> None:
         """Let deliveries in flight finish and be recorded (clean shutdown)."""
         if self.deliverer is not None:
-            self.deliverer.stop(timeout=self.settings.outbox_write_timeout + 2)
+            self.deliverer.stop()
             self.deliverer = None
         self.cache.drain()
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +75,45 @@ def _on_worker_start(worker: Any) -> None:
             guard.shed_idle()
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def _on_child_exit(_server: Any, worker: Any) -> None:
+    """In the master, after any worker ends (killed included): its live gauges stop counting."""
+    from prometheus_client import multiprocess
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        multiprocess.mark_process_dead(worker.pid, directory)
+
+
+def metrics_dir(configured: str) -> tuple[str, bool]:
+    """The directory the workers share metric values in (prometheus-client's multiprocess
+    mode), empty of any earlier run's files; and whether it is ours to remove at exit."""
+    if not configured:
+        parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        return tempfile.mkdtemp(prefix="ccproxy-metrics-", dir=parent), True
+    os.makedirs(configured, exist_ok=True)
+    _empty_metrics_dir(configured)
+    return configured, False
+
+
+def _empty_metrics_dir(directory: str) -> None:
+    # Only prometheus-client's own files: the directory may be shared with nothing else, but
+    # an operator's typo must not cost them other files.
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+
+
+def _use_metrics_dir(directory: str) -> None:
+    """Turn on multiprocess mode for the workers gunicorn is about to fork."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:  # imported before the variable was set: it chose in-memory values
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[attr-defined]
 
 
 def _on_worker_exit(_server: Any, worker: Any) -> None:
@@ -138,7 +180,10 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
     # gunicorn dups the descriptor and closes ours; the socket stays inheritable for its workers.
     listener.set_inheritable(True)
     options["bind"] = f"fd://{listener.detach()}"
+    directory, ours = metrics_dir(settings.metrics_dir)
+    _use_metrics_dir(directory)
     options.update(
+        child_exit=_on_child_exit,
         when_ready=(lambda _arbiter: on_ready()) if on_ready else None,
         post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
         # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
@@ -147,8 +192,14 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
                                           settings.max_connections),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
-        # Long enough for a delivery in flight to be answered and recorded (idle connections
-        # are closed at once on SIGTERM, so an idle send does not wait for this).
-        graceful_timeout=max(5, round(settings.outbox_write_timeout) + 5),
     )
-    WsgiServer(load_app, options).run()
+    master = os.getpid()
+    try:
+        WsgiServer(load_app, options).run()
+    finally:
+        # Workers leave through here too (gunicorn ends them with SystemExit): only the master cleans.
+        if os.getpid() == master:
+            if ours:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                _empty_metrics_dir(directory)

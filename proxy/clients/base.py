@@ -152,6 +152,8 @@ class HttpClient:
         self.retry_budget = RetryBudget()
         # (upstream, outcome, seconds) for each call; Services plugs the metrics in.
         self.observe: Callable[[str, str, float], None] = lambda *_: None
+        # Retry-After pauses this upstream asked of this process (metrics).
+        self.pauses = 0
 
     def require(self) -> None:
         """Fail clearly (503, naming the setting) when a required setting is empty."""
@@ -309,6 +311,7 @@ class HttpClient:
             # Overloaded and saying for how long: honour it like a 429 (pause, no retry).
             seconds = retry_after_seconds(retry_after)
             self.breaker.failure()
+            self.pauses += 1
             self.limiter.pause(seconds)
             raise UpstreamUnavailable(self.name, f"{self.name} is unavailable and asked the proxy to "
                                       "wait; try again later", upstream_status=status, retry_after=seconds)
@@ -327,6 +330,7 @@ class HttpClient:
             )
         if status == 429:
             # Paused for the time it asked, configured rate limit or not (deployment-wide on Redis).
+            self.pauses += 1
             self.limiter.pause(retry_after_seconds(retry_after))
             raise UpstreamRateLimited(
                 self.name,
