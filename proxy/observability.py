@@ -133,6 +133,11 @@ class Metrics:
             "ccproxy_upstream_paused", "1 while the upstream's own Retry-After pauses calls to it",
             ["upstream"], registry=registry, multiprocess_mode="livemax",
         )
+        self.experiment_flags_age = Gauge(
+            "ccproxy_experiment_flags_age_seconds",
+            "Age of the oldest flag configuration a worker evaluates with (local mode; -1: none yet)",
+            registry=registry, multiprocess_mode="livemax",
+        )
         self.upstream_pauses = Counter(
             "ccproxy_upstream_pauses", "Pauses an upstream asked for (a 429, or a 503 with Retry-After)",
             ["upstream"], registry=registry,
@@ -190,6 +195,10 @@ class Metrics:
                               client.limiter.state.get("rejected", 0))
                 self.upstream_paused.labels(name).set(1 if client.limiter.paused_for() > 0 else 0)
                 self._advance(self.upstream_pauses.labels(name), ("pauses", name), client.pauses)
+            flags = getattr(services, "_flag_store", None)  # local Experiment mode, once used
+            if flags is not None:
+                age = flags.age()
+                self.experiment_flags_age.set(-1 if age is None else age)
             outbox = getattr(services, "_outbox", None)
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):

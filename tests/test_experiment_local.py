@@ -226,6 +226,8 @@ def test_failed_refresh_keeps_the_last_good_configuration_up_to_max_age(make_app
     ready = local.get("/readyz").get_json()
     assert ready["experiment_flags"]["usable"] is True and ready["experiment_flags"]["age_seconds"] == 31.0
     assert ready["experiment_flags"]["failures"] >= 1
+    scrape = local.get("/metrics").get_data(as_text=True)
+    assert "ccproxy_experiment_flags_age_seconds 31.0" in scrape  # the age a dashboard alerts on
     store.wait(10)
     clock.advance(270)  # 301 s old: too old to trust (a killed flag must not live forever)
     body = local.get(f"{URL}?user_id=treatment-2&flag_keys=checkout-button").get_json()
