@@ -166,6 +166,7 @@ class Outbox:
         # Per process: intake refusals by reason (metrics).
         self.dropped: Counter[str] = Counter()
         self._pending_estimate: tuple[float, int] = (0.0, 0)
+        self._write_check: tuple[float, str] = (-WRITE_CHECK_TTL, "")
         self._lock = threading.Lock()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self._migrate()
@@ -300,9 +301,16 @@ class Outbox:
         """Undelivered writes per lane and the age of the oldest (for every process of the box)."""
         return off_the_event_loop(self._lane_stats_now)
 
-    def write_problem(self, min_free_bytes: int) -> str:
-        """Why a write could not be recorded now ("" when it could): /readyz asks."""
-        return off_the_event_loop(self._write_problem_now, min_free_bytes)
+    def write_problem(self, min_free_bytes: int, fresh: bool = False) -> str:
+        """Why a write could not be recorded now ("" when it could): /readyz asks. The answer
+        is kept for a second per process: /readyz is open to anyone, and a committed test
+        write on every probe would compete with real intake for the file's lock."""
+        now = time.monotonic()
+        checked_at, problem = self._write_check
+        if fresh or now - checked_at >= WRITE_CHECK_TTL:
+            problem = off_the_event_loop(self._write_problem_now, min_free_bytes)
+            self._write_check = (time.monotonic(), problem)
+        return problem
 
     def _write_problem_now(self, min_free_bytes: int) -> str:
         # A read-only or full file system first, then a real committed write: SQLite's own
@@ -480,6 +488,9 @@ class Outbox:
     def dead(self, write: Write, error: str) -> None:
         self._finish(write.id, "UPDATE writes SET state='dead', attempts=attempts+1, last_error=?,"
                      " lease_owner=NULL, lease_until=NULL", (error,))
+
+
+WRITE_CHECK_TTL = 1.0  # seconds a /readyz outbox check is reused within one process
 
 
 def filesystem_problem(path: str, min_free_bytes: int) -> str:

@@ -94,7 +94,8 @@ def check_outbox(services: Services, report: dict[str, Any]) -> list[Reason]:
     problem = outbox.write_problem(int(services.settings.outbox_min_free_mb * 2**20))
     try:
         counts = outbox.counts()
-    except sqlite3.Error as exc:  # a full disk can fail reads too (WAL index)
+    except sqlite3.Error as exc:  # a full disk can fail reads too (WAL index): look again now
+        problem = outbox.write_problem(int(services.settings.outbox_min_free_mb * 2**20), fresh=True)
         counts, problem = {}, problem or f"it cannot be read ({exc})"
     report["outbox"] = {"usable": not problem, "writable": not problem, **counts}
     if not problem:

@@ -14,6 +14,7 @@ import pytest
 import requests
 from ccproxy_serve import serving
 from conftest import upstream_calls
+from servers import wait_for
 
 from proxy import readiness
 
@@ -141,6 +142,9 @@ def test_full_or_read_only_outbox_is_reported(served_on_small_tmpfs):
                 fill.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
+    # Each worker reuses its check for a second: wait for the state, then whichever answers.
+    wait_for(lambda: _outbox_reasons(base)[1], seconds=30, what="the full disk reported")
+    time.sleep(1.1)
     for _ in range(3):  # whichever worker answers
         status, reasons = _outbox_reasons(base)
         assert status == 200 and [r["code"] for r in reasons] == ["outbox_unwritable"]
@@ -151,6 +155,8 @@ def test_full_or_read_only_outbox_is_reported(served_on_small_tmpfs):
     assert requests.get(base + PROPS + "testUser", timeout=10).status_code == 200
 
     os.remove(seen_from_outside + "/fill")
+    wait_for(lambda: _outbox_reasons(base) == (200, []), seconds=30, what="the outbox healthy again")
+    time.sleep(1.1)
     assert _outbox_reasons(base) == (200, [])
     remount = ["nsenter", "-t", str(proc.pid), "-m", "mount", "-o", "remount,ro", str(mount_dir)]
     for _ in range(300):  # "busy" while a delivery poll has the database open for a moment
@@ -159,6 +165,7 @@ def test_full_or_read_only_outbox_is_reported(served_on_small_tmpfs):
         time.sleep(0.05)
     else:
         raise AssertionError("the outbox file system could not be made read-only")
+    time.sleep(1.1)  # past every worker's reused check
     for _ in range(3):
         status, reasons = _outbox_reasons(base)
         assert status == 200 and [r["code"] for r in reasons] == ["outbox_unwritable"]
