@@ -124,7 +124,10 @@ def consent_confirm():
         selector, processing, accept, version = _verified_link(request.args)
         # Only a subscribe is checked against the version it was made for; an unsubscribe
         # within its expiry is always honoured, and needs no upstream read.
-        if accept and current_choice_version(selector, processing) != (version or "0"):
+        # A choice still queued (say, an unsubscribe waiting out an upstream failure) is a
+        # change mediarithmics does not show yet: an older subscribe link must not undo it.
+        if accept and (_services().outbox.has_pending("choice", choice_path(selector, processing))
+                       or current_choice_version(selector, processing) != (version or "0")):
             raise links.LinkError("Your preferences changed since this email was sent, so this "
                                   "link no longer applies.")
     except links.LinkError as refused:

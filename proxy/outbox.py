@@ -243,6 +243,20 @@ class Outbox:
                 self._pending_estimate = (time.monotonic(), count)
         return count >= self.max_rows
 
+    def has_pending(self, kind: str, path: str) -> bool:
+        """Whether a write that must keep its order (a choice, a profile) for `path` is still
+        waiting for delivery: what the upstream says now is not the state it will have."""
+        key = order_key(kind, path)
+        return key is not None and bool(off_the_event_loop(self._has_pending_now, key))
+
+    def _has_pending_now(self, key: str) -> bool:
+        db = self._connect()
+        try:
+            return db.execute(f"SELECT 1 FROM writes WHERE order_key = ? AND {PENDING} LIMIT 1",
+                              (key,)).fetchone() is not None
+        finally:
+            db.close()
+
     def _pending_now(self) -> int:
         db = self._connect()
         try:

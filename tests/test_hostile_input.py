@@ -66,3 +66,19 @@ def test_one_consent_link_replayed_is_one_write(make_app, sandboxes):
         assert r.status_code == 200 and b"unsubscribed" in r.data
     after = outbox.counts()
     assert sum(after.values()) - sum(before.values()) == 1
+
+
+def test_an_old_subscribe_link_cannot_undo_an_unsubscribe_still_queued(make_app, sandboxes):
+    from test_writes import consent_link, store_of
+
+    client = make_app(link_secret=LINK_SECRET).test_client()
+    subscribe = consent_link(client, "user_point_id=queued-1", accept="true")
+    unsubscribe = consent_link(client, "user_point_id=queued-1", accept="false")
+    store = store_of(sandboxes)
+    store.write_latency = 20.0  # the unsubscribe is accepted but not delivered yet
+    try:
+        assert client.post(unsubscribe).status_code == 200
+        refused = client.post(subscribe)
+        assert refused.status_code == 403 and b"changed" in refused.data
+    finally:
+        store.write_latency = 0.0
