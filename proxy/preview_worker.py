@@ -107,6 +107,9 @@ def main(fd: int) -> int:
     from .render_limits import PREVIEW_MEMORY_BYTES
 
     resource.setrlimit(resource.RLIMIT_AS, (PREVIEW_MEMORY_BYTES, PREVIEW_MEMORY_BYTES))
+    # Import what every job needs now, not on the clock of the first preview.
+    from . import liquid_lint, liquid_preview  # noqa: F401
+
     sock = socket.socket(fileno=fd)
     # A gevent worker made the pair non-blocking; this process waits on it plainly.
     sock.setblocking(True)
