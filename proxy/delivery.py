@@ -40,6 +40,9 @@ class Deliverer:
         self._stop = threading.Event()
         self._slots = threading.Condition()
         self._in_flight = 0
+        # Ids being sent by this process: a lease that lapsed while one is in flight (a starved
+        # renewal on a loaded box) must not let this very process start it a second time.
+        self._sending: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._next_purge = 0.0
 
@@ -83,6 +86,9 @@ class Deliverer:
                 self.outbox.release(write)
                 continue
             with self._slots:
+                if write.id in self._sending:
+                    continue  # still in flight here; its outcome is recorded under our lease
+                self._sending.add(write.id)
                 self._in_flight += 1
             threading.Thread(target=self._deliver_then_free, args=(write,), name="outbox-send",
                              daemon=True).start()
@@ -138,6 +144,7 @@ class Deliverer:
             log.error("outbox outcome of %s not recorded: %s", write.id, exc)
         finally:
             with self._slots:
+                self._sending.discard(write.id)
                 self._in_flight -= 1
                 self._slots.notify_all()
 

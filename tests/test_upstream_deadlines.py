@@ -84,7 +84,9 @@ def test_sequential_calls_share_the_request_deadline(make_app, sandboxes):
     )
     started = time.monotonic()
     r = client.post("/v1/preview/liquid", json={"liquid": liquid, "attributes": {}})
-    assert time.monotonic() - started < LOOSE_BOUND
+    # Far less than the 64 s dribble; the bound is looser than LOOSE_BOUND because a preview
+    # first starts its render process (slow on a loaded machine). The counts below are the proof.
+    assert time.monotonic() - started < 30
     assert r.status_code == 200
     assert [call["status"] for call in r.get_json()["calls"]] == [503, 503, 503]
     assert upstream_calls(sandboxes) == 1
