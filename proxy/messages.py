@@ -137,14 +137,16 @@ def preview_liquid():
     if services.settings.public_url:
         own_hosts.add(urlsplit(services.settings.public_url).netloc)
 
-    clock_started = []
+    clock_started = False
 
     def resolve(path: str, args: dict[str, str]) -> Fetched:
         # The data calls share one deadline from the first of them, not from the request's
         # start: a render process that had to be started first must not eat their budget.
         # (The envelope restores the request's own deadline when it ends.)
+        nonlocal clock_started
         if not clock_started:
-            clock_started.append(start_deadline(services.settings.request_deadline))
+            start_deadline(services.settings.request_deadline)
+            clock_started = True
         return _resolve(path, _preview_args(args))
 
     def _resolve(path: str, args: dict[str, str]) -> Fetched:
