@@ -455,14 +455,24 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
         if reason:
             stats.aborted_reasons[_reason_kind(reason)] += 1
 
+    events = sorted([(s.at, s, True) for s in scenario.faults] +
+                    [(s.at + s.duration, s, False) for s in scenario.faults], key=lambda e: e[0])
+
+    def apply(step: FaultStep, on: bool) -> None:
+        _apply_fault(scenario.sandboxes[step.upstream], step, on)
+        applied.append({"fault": step.describe(), "action": "start" if on else "end",
+                        "at_s": round(time.monotonic() - start, 1)})
+
+    # Faults due at the start are in place before the first message: a greenlet could be
+    # scheduled after the first sends on a busy machine.
+    while events and events[0][0] <= 0:
+        _, step, on = events.pop(0)
+        apply(step, on)
+
     def faults() -> None:
-        events = sorted([(s.at, s, True) for s in scenario.faults] +
-                        [(s.at + s.duration, s, False) for s in scenario.faults], key=lambda e: e[0])
         for at, step, on in events:
             gevent.sleep(max(0.0, start + at - time.monotonic()))
-            _apply_fault(scenario.sandboxes[step.upstream], step, on)
-            applied.append({"fault": step.describe(), "action": "start" if on else "end",
-                            "at_s": round(time.monotonic() - start, 1)})
+            apply(step, on)
 
     def show() -> None:
         while True:
