@@ -155,7 +155,7 @@ class Outbox:
     """The write store. Every public method runs its SQLite work off the event loop."""
 
     def __init__(self, path: str, max_attempts: int = 25, max_backoff: float = 300.0,
-                 busy_timeout: float = 2.0, max_rows: int = 0):
+                 busy_timeout: float = 2.0, max_rows: int = 0, migrate_timeout: float = 30.0):
         # Absolute, so a later change of working directory cannot point it at another file.
         self.path = os.path.abspath(path)
         self.max_attempts = max_attempts
@@ -169,10 +169,13 @@ class Outbox:
         self._write_check: tuple[float, str] = (-WRITE_CHECK_TTL, "")
         self._lock = threading.Lock()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._migrate()
+        # Off the event loop: it may wait for another process's migration (several workers
+        # start at once); `ccproxy serve` opens the outbox when a worker starts, so this is
+        # never on a request's clock.
+        off_the_event_loop(self._migrate, migrate_timeout)
 
-    def _migrate(self) -> None:
-        db = self._connect(timeout=30.0)
+    def _migrate(self, timeout: float) -> None:
+        db = self._connect(timeout=timeout)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("BEGIN IMMEDIATE")  # several workers may start at once
@@ -206,6 +209,22 @@ class Outbox:
             raise
         return db
 
+    def _for_request(self, function: Callable[..., Any], *args: Any, budget: float | None = None) -> Any:
+        """Run `function(*args, timeout=...)` for a caller that waits (a request): it must start
+        within `budget` (the busy timeout by default) and waits for a busy file at most what
+        is left of it, so a locked outbox is a prompt 503, never a hang; a call that could not
+        start in time raises as a busy file would, before touching anything."""
+        budget = self.busy_timeout if budget is None else budget
+        deadline = time.monotonic() + max(budget, MIN_START_WAIT)
+
+        def bounded() -> Any:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise sqlite3.OperationalError("database is locked (the outbox is busy)")
+            return function(*args, timeout=max(0.001, min(budget, left)))
+
+        return off_the_event_loop(bounded, pool="intake")
+
     # -- intake ---------------------------------------------------------------------------
 
     def add(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
@@ -219,8 +238,8 @@ class Outbox:
             raise OutboxUnavailable(f"the outbox holds {self.max_rows} or more undelivered writes; "
                                     "new activities are refused until it drains",
                                     code="outbox_full", retry_after=30)
-        added = off_the_event_loop(self._add_now, kind, method, path, query, body, timeout,
-                                   idem, write_id)
+        added = self._for_request(self._add_now, kind, method, path, query, body, idem, write_id,
+                                  budget=timeout)
         if not added.duplicate:
             with self._lock:
                 stamp, count = self._pending_estimate
@@ -236,7 +255,7 @@ class Outbox:
             stamp, count = self._pending_estimate
         if time.monotonic() - stamp >= 1.0:
             try:
-                count = off_the_event_loop(self._pending_now)
+                count = self._for_request(self._pending_now)
             except sqlite3.Error:
                 return False  # storing will say what is wrong
             with self._lock:
@@ -247,25 +266,25 @@ class Outbox:
         """Whether a write that must keep its order (a choice, a profile) for `path` is still
         waiting for delivery: what the upstream says now is not the state it will have."""
         key = order_key(kind, path)
-        return key is not None and bool(off_the_event_loop(self._has_pending_now, key))
+        return key is not None and bool(self._for_request(self._has_pending_now, key))
 
-    def _has_pending_now(self, key: str) -> bool:
-        db = self._connect()
+    def _has_pending_now(self, key: str, timeout: float | None = None) -> bool:
+        db = self._connect(timeout)
         try:
             return db.execute(f"SELECT 1 FROM writes WHERE order_key = ? AND {PENDING} LIMIT 1",
                               (key,)).fetchone() is not None
         finally:
             db.close()
 
-    def _pending_now(self) -> int:
-        db = self._connect()
+    def _pending_now(self, timeout: float | None = None) -> int:
+        db = self._connect(timeout)
         try:
             return int(db.execute(f"SELECT COUNT(*) FROM writes WHERE {PENDING}").fetchone()[0])
         finally:
             db.close()
 
     def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
-                 timeout: float | None, idem: IdemKey | None, write_id: str | None) -> Added:
+                 idem: IdemKey | None, write_id: str | None, timeout: float | None = None) -> Added:
         write_id = write_id or uuid.uuid4().hex
         now = time.time()
         db = self._connect(timeout)
@@ -303,17 +322,17 @@ class Outbox:
     # -- reading --------------------------------------------------------------------------
 
     def get(self, write_id: str) -> Write | None:
-        return off_the_event_loop(self._get_now, write_id)
+        return self._for_request(self._get_now, write_id)
 
     def list_writes(self, state: str | None = None, limit: int = 100) -> list[Write]:
         return off_the_event_loop(self._list_writes_now, state, limit)
 
     def counts(self) -> dict[str, int]:
-        return off_the_event_loop(self._counts_now)
+        return self._for_request(self._counts_now)
 
     def lane_stats(self) -> dict[str, LaneStats]:
         """Undelivered writes per lane and the age of the oldest (for every process of the box)."""
-        return off_the_event_loop(self._lane_stats_now)
+        return self._for_request(self._lane_stats_now)
 
     def write_problem(self, min_free_bytes: int, fresh: bool = False) -> str:
         """Why a write could not be recorded now ("" when it could): /readyz asks. The answer
@@ -322,7 +341,7 @@ class Outbox:
         now = time.monotonic()
         checked_at, problem = self._write_check
         if fresh or now - checked_at >= WRITE_CHECK_TTL:
-            problem = off_the_event_loop(self._write_problem_now, min_free_bytes)
+            problem = off_the_event_loop(self._write_problem_now, min_free_bytes, pool="intake")
             self._write_check = (time.monotonic(), problem)
         return problem
 
@@ -343,8 +362,8 @@ class Outbox:
         return ""
 
 
-    def _get_now(self, write_id: str) -> Write | None:
-        db = self._connect()
+    def _get_now(self, write_id: str, timeout: float | None = None) -> Write | None:
+        db = self._connect(timeout)
         try:
             row = db.execute(f"SELECT {COLUMNS} FROM writes WHERE id = ?", (write_id,)).fetchone()
         finally:
@@ -364,16 +383,16 @@ class Outbox:
             db.close()
         return [_write(row) for row in rows]
 
-    def _counts_now(self) -> dict[str, int]:
-        db = self._connect()
+    def _counts_now(self, timeout: float | None = None) -> dict[str, int]:
+        db = self._connect(timeout)
         try:
             return dict(db.execute("SELECT state, COUNT(*) FROM writes GROUP BY state").fetchall())
         finally:
             db.close()
 
-    def _lane_stats_now(self) -> dict[str, LaneStats]:
+    def _lane_stats_now(self, timeout: float | None = None) -> dict[str, LaneStats]:
         now = time.time()
-        db = self._connect()
+        db = self._connect(timeout)
         try:
             rows = db.execute(f"SELECT lane, COUNT(*), MIN(created_at) FROM writes WHERE {PENDING}"
                               " GROUP BY lane").fetchall()
@@ -505,6 +524,9 @@ class Outbox:
 
 
 WRITE_CHECK_TTL = 1.0  # seconds a /readyz outbox check is reused within one process
+# A request's outbox call may wait this long for a thread even when its busy budget is
+# shorter (a pixel's 50 ms): handing work to a thread takes time on a loaded machine.
+MIN_START_WAIT = 0.5
 
 
 def filesystem_problem(path: str, min_free_bytes: int) -> str:
@@ -522,16 +544,37 @@ def filesystem_problem(path: str, min_free_bytes: int) -> str:
     return ""
 
 
-def off_the_event_loop(function: Callable[..., Any], *args: Any) -> Any:
+# The outbox's own threads, per process: SQLite waits (a busy file, an fsync) never occupy
+# gevent's hub pool, which also resolves host names (a locked outbox once delayed every
+# upstream's DNS by 30 s). Requests and delivery bookkeeping get separate pools, so a
+# delivery outcome waiting out a lock never makes a request wait behind it.
+POOL_THREADS = {"intake": 4, "delivery": 4}
+_pools: dict[tuple[int, str], Any] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str) -> Any:
+    """This process's pool `name` (a fork gets new ones: threads do not survive it)."""
+    from gevent.threadpool import ThreadPool
+
+    key = (os.getpid(), name)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPool(POOL_THREADS[name])
+    return pool
+
+
+def off_the_event_loop(function: Callable[..., Any], *args: Any, pool: str = "delivery") -> Any:
     """Run blocking file I/O (SQLite commits fsync) where it cannot stall a gevent worker:
-    in gevent's thread pool when the process is monkey-patched, else right here."""
+    in the outbox's own thread pool when the process is monkey-patched, else right here."""
     try:
-        from gevent import get_hub, monkey
+        from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return function(*args)
     if not monkey.is_module_patched("threading"):
         return function(*args)
-    return get_hub().threadpool.apply(function, args)
+    return _pool(pool).apply(function, args)
 
 
 def _write(row: tuple) -> Write:
