@@ -232,14 +232,16 @@ class Outbox:
             write_id: str | None = None, sheddable: bool = False) -> Added:
         """Store a write durably. With `idem`, a live key answers the earlier write
         (`duplicate`) or raises IdempotencyKeyReused; `sheddable` writes (opens, activities)
-        raise OutboxUnavailable past the row cap. Raises sqlite3.Error when not stored."""
-        if sheddable and self._over_cap():
+        raise OutboxUnavailable past the row cap (a duplicate of an accepted write is still
+        answered as one: the key is looked up first). Raises sqlite3.Error when not stored."""
+        full = sheddable and self._over_cap()
+        added = self._for_request(self._add_now, kind, method, path, query, body, idem, write_id,
+                                  full, budget=timeout)
+        if added is None:
             self.dropped["outbox_full"] += 1
             raise OutboxUnavailable(f"the outbox holds {self.max_rows} or more undelivered writes; "
                                     "new activities are refused until it drains",
                                     code="outbox_full", retry_after=30)
-        added = self._for_request(self._add_now, kind, method, path, query, body, idem, write_id,
-                                  budget=timeout)
         if not added.duplicate:
             with self._lock:
                 stamp, count = self._pending_estimate
@@ -284,7 +286,9 @@ class Outbox:
             db.close()
 
     def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
-                 idem: IdemKey | None, write_id: str | None, timeout: float | None = None) -> Added:
+                 idem: IdemKey | None, write_id: str | None, full: bool = False,
+                 timeout: float | None = None) -> Added | None:
+        """Store it (None: refused, the outbox is `full`); a live key's earlier write first."""
         write_id = write_id or uuid.uuid4().hex
         now = time.time()
         db = self._connect(timeout)
@@ -302,6 +306,9 @@ class Outbox:
                     return Added(row[0], duplicate=True)
                 if row is not None:  # expired: the key may name a new write
                     db.execute("UPDATE writes SET idem_key = NULL WHERE id = ?", (row[0],))
+            if full:
+                db.execute("ROLLBACK")
+                return None
             db.execute(
                 "INSERT INTO writes (id, kind, method, path, query, body, state, next_attempt_at,"
                 " created_at, lane, seq, order_key, idem_key, idem_hash, idem_until)"
