@@ -217,9 +217,11 @@ class Services:
             self.deliverer.request_stop()
 
     def close(self) -> None:
-        """Let deliveries in flight finish and be recorded (clean shutdown)."""
+        """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked."""
         if self.deliverer is not None:
-            self.deliverer.stop()
+            s = self.settings
+            self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
             self.deliverer = None
         self.cache.drain()
 

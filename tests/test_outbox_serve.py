@@ -4,15 +4,18 @@ sandbox over loopback, the outbox's real SQLite file."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 import test_write_safety
 import test_write_safety_serve
 from servers import wait_for
-from test_write_safety_serve import ACTIVITIES, activity, session
+from test_write_safety_serve import ACTIVITIES, activity, session, store_of, wait_delivered
 
 # The fixtures, shared.
 sandbox_writes = test_write_safety.sandbox_writes
@@ -52,3 +55,38 @@ def test_a_locked_outbox_is_a_prompt_503_and_never_delays_name_resolution(serve,
     assert answers == [503] * 100
     # The file is free again: the next write is stored.
     assert session().post(base + ACTIVITIES, json=activity("after"), timeout=10).status_code == 202
+
+
+def test_a_clean_stop_during_a_slow_delivery_waits_for_it_so_it_is_never_sent_again(
+        serve, sandboxes, sandbox_writes):
+    sandbox_writes.slow_seconds, sandbox_writes.slow_count = 10.0, 1  # longer than 5 s
+    first = serve(1)
+    marker = uuid.uuid4().hex
+    write_id = session().post(first.base + ACTIVITIES, json=activity(marker), timeout=10).json()["id"]
+    wait_for(lambda: sandboxes.state("mediarithmics").calls >= 1, what="the delivery in flight")
+    assert first.terminate() == 0  # SIGTERM: the worker waits for the delivery, then ends
+    assert arrivals(sandboxes, marker) == 1
+    # After the restart the write is known delivered: nothing is sent again.
+    second = serve(1)
+    done = wait_delivered(second.base, write_id, 60)
+    assert done["attempts"] == 1
+    assert arrivals(sandboxes, marker) == 1
+
+
+def arrivals(sandboxes, marker: str) -> int:
+    return [a.get("marker") for a in store_of(sandboxes).activities].count(marker)
+
+
+def test_a_stop_right_after_a_worker_restarts_is_not_lost(serve):
+    # The graceful period now covers a delivery (over 30 s): a SIGTERM that a just-forked
+    # worker lost (before gunicorn installed its handlers) would keep it up all that time.
+    server = serve(2)
+    before = workers_of(server.pid)
+    os.kill(min(before), signal.SIGKILL)
+    wait_for(lambda: workers_of(server.pid) - before, poll=0.001, what="a new worker")
+    assert server.terminate(timeout=25) == 0  # not SIGKILLed by the test after 25 s
+
+
+def workers_of(pid: int) -> set[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in children.read_text().split()} if children.exists() else set()
