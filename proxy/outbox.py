@@ -125,6 +125,22 @@ class Added:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """A dead letter `retry` left alone: a later write (`by`, now `by_state`) replaced it."""
+
+    id: str
+    kind: str
+    by: str
+    by_state: str
+
+
+@dataclass(frozen=True)
+class Retried:
+    requeued: int
+    skipped: list[Superseded]
+
+
+@dataclass(frozen=True)
 class LaneStats:
     depth: int
     oldest_age: float
@@ -414,9 +430,38 @@ class Outbox:
 
     def retry(self, write_id: str | None = None) -> int:
         """Requeue one dead letter (or all of them); how many were requeued."""
-        return off_the_event_loop(self._change_dead, write_id,
-                                  "UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
-                                  " WHERE state='dead'", (time.time(),))
+        return self.retry_dead(write_id).requeued
+
+    def retry_dead(self, write_id: str | None = None) -> Retried:
+        """Requeue one dead letter (or all of them), except a choice or profile write that a
+        later write of the same user point and processing (or profile) superseded: sending
+        an old subscribe after a later unsubscribe would revert consent. Those are skipped
+        and reported; they stay dead letters."""
+        return off_the_event_loop(self._retry_dead_now, write_id)
+
+    def _retry_dead_now(self, write_id: str | None) -> Retried:
+        db = self._connect(durable=False)
+        requeued, skipped = 0, []
+        try:
+            db.execute("BEGIN IMMEDIATE")  # no write may be accepted between the check and the requeue
+            sql = "SELECT id, kind, order_key, seq FROM writes WHERE state='dead'"
+            dead = db.execute(sql + (" AND id=?" if write_id else "") + " ORDER BY seq",
+                              (write_id,) if write_id else ()).fetchall()
+            for dead_id, kind, key, seq in dead:
+                later = None if key is None else db.execute(
+                    "SELECT id, state FROM writes WHERE order_key=? AND seq>? ORDER BY seq DESC LIMIT 1",
+                    (key, seq)).fetchone()
+                if later is not None:
+                    skipped.append(Superseded(dead_id, kind, later[0], later[1]))
+                    continue
+                requeued += db.execute("UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
+                                       " WHERE id=?", (time.time(), dead_id)).rowcount
+            db.execute("COMMIT")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+        return Retried(requeued, skipped)
 
     def purge_dead(self, write_id: str | None = None) -> int:
         """Delete one dead letter (or all of them); how many were deleted."""
@@ -437,14 +482,18 @@ class Outbox:
         return off_the_event_loop(self._purge_delivered_now, retention, batch)
 
     def _purge_delivered_now(self, retention: float, batch: int) -> int:
+        # A delivered choice or profile write that supersedes an older dead letter is kept
+        # while that letter is: it is what tells `retry` not to send the older one.
         now = time.time()
         total = 0
         db = self._connect()
         try:
             while True:
                 deleted = db.execute(
-                    "DELETE FROM writes WHERE rowid IN (SELECT rowid FROM writes WHERE state='delivered'"
-                    " AND delivered_at < ? AND (idem_until IS NULL OR idem_until < ?) LIMIT ?)",
+                    "DELETE FROM writes WHERE rowid IN (SELECT w.rowid FROM writes w WHERE w.state='delivered'"
+                    " AND w.delivered_at < ? AND (w.idem_until IS NULL OR w.idem_until < ?)"
+                    " AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes d"
+                    "  WHERE d.order_key = w.order_key AND d.state='dead' AND d.seq < w.seq)) LIMIT ?)",
                     (now - retention, now, batch)).rowcount
                 total += deleted
                 if deleted < batch:

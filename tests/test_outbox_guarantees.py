@@ -4,10 +4,13 @@ consent, and a key shared through Redis never names a write that was not stored.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 
-from test_writes import activity
+from test_write_safety import wait_until
+from test_writes import activity, store_of, wait_for_state
 
 ACTIVITIES = "/v1/mediarithmics/activities"
 
@@ -30,3 +33,37 @@ def test_a_duplicate_of_an_accepted_write_is_a_duplicate_even_when_the_outbox_is
     # A reused key with another body is still told so, full or not.
     reused = client.post(ACTIVITIES, json=activity("other"), headers=key)
     assert reused.status_code == 422 and reused.get_json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_retry_never_sends_a_dead_subscribe_after_a_later_unsubscribe(make_app, sandboxes, tmp_path):
+    path = str(tmp_path / "consent.sqlite3")
+    client = make_app(outbox_path=path, outbox_max_attempts=1, outbox_max_backoff=0.2,
+                      outbox_retention=0.5).test_client()
+    user = f"consent-{uuid.uuid4().hex[:8]}"
+    choice = f"/v1/mediarithmics/choices?user_point_id={user}&processing_id=101"
+    sandboxes.state("mediarithmics").set_fault("error", count=1)  # the subscribe dies
+    subscribe = client.put(choice, json={"$choice_acceptance_value": True}).get_json()["id"]
+    assert wait_for_state(client, subscribe, ("dead",))["state"] == "dead"
+    unsubscribe = client.put(choice, json={"$choice_acceptance_value": False}).get_json()["id"]
+    wait_for_state(client, unsubscribe)
+    # Retention passes (an activity delivered beside it is purged): the unsubscribe's row is
+    # kept, since it is what says the dead subscribe is superseded.
+    other = client.post(ACTIVITIES, json=activity("purged")).get_json()["id"]
+    wait_for_state(client, other)
+    wait_until(lambda: client.get(f"/v1/mediarithmics/writes/{other}").status_code == 404, 30,
+               "retention purge")
+    assert client.get(f"/v1/mediarithmics/writes/{unsubscribe}").status_code == 200
+
+    env = {"CCPROXY_OUTBOX_PATH": path, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "requeued 0 dead letter" in done.stdout
+    assert f"skipped {subscribe} (choice): superseded by the later write {unsubscribe} (delivered)" in done.stdout
+    assert client.get(f"/v1/mediarithmics/writes/{subscribe}").get_json()["state"] == "dead"
+    puts = [w for w in store_of(sandboxes).writes if w[0] == "PUT" and user in w[1]]
+    assert [w[3]["$choice_acceptance_value"] for w in puts] == [False]
+    # Asked for by id, it is refused the same way (exit status 1: nothing requeued).
+    by_id = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", subscribe],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert by_id.returncode == 1 and f"skipped {subscribe}" in by_id.stdout
