@@ -6,7 +6,8 @@
   choice or profile writes.
 - While deliveries are in flight a heartbeat renews their lease every few seconds, so a
   delivery slower than the lease (an upstream taking 18 s) is never started a second time
-  by another process. Outcomes are recorded only under this process's lease (`lease_owner`),
+  by another process; if the heartbeat is late (a starved or frozen process) the outbox
+  still lets no one else claim a write whose holder process is alive (`outbox.holder_alive`). Outcomes are recorded only under this process's lease (`lease_owner`),
   so a process that lost its lease (the file unwritable for 15 s) cannot overwrite another's.
 - Every `purge_every` seconds delivered rows older than the retention are purged (any
   process may do it; the outbox is shared by the box).

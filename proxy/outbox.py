@@ -14,8 +14,13 @@ what is per process is said where it matters.
   `order_key`; only the oldest pending one of a key can be claimed, so concurrent
   deliveries never reorder an unsubscribe and a resubscribe.
 - **Leases**: a claim leases writes to this process; the deliverer renews the lease while a
-  delivery is in flight, so a slow upstream never gets a write started twice. After a crash
-  the lease runs out and the write is delivered again with its id and key (at least once).
+  delivery is in flight. A renewal can be late (a starved or frozen process), so a lapsed
+  lease is only taken over when its holder is gone: the lease names the holder's host, PID
+  namespace, pid and process start time, and a claim checks that process (`holder_alive`).
+  A write being sent by a live process is never started a second time, however slow. After
+  a crash the holder is gone, the lease runs out and the write is delivered again with its
+  id and key (at least once). A holder on another host or PID namespace (a shared file
+  system) cannot be checked: there the lease alone decides.
 - **Bounds**: delivered rows are purged after the retention (never while their idempotency
   key lives); opens and activities are refused at intake past `max_rows` undelivered rows;
   consent and profile writes are only refused when the disk itself refuses them.
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -178,7 +184,7 @@ class Outbox:
         self.max_backoff = max_backoff
         self.busy_timeout = busy_timeout
         self.max_rows = max_rows
-        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = lease_owner()
         # Per process: intake refusals by reason (metrics).
         self.dropped: Counter[str] = Counter()
         self._pending_estimate: tuple[float, int] = (0.0, 0)
@@ -511,17 +517,20 @@ class Outbox:
         of writes sharing an order key, only the oldest pending one."""
         now = time.time()
         db = self._connect(durable=False)
+        db.create_function("holder_alive", 1, holder_alive)
         try:
             db.execute("BEGIN IMMEDIATE")
             rows = db.execute(
                 f"UPDATE writes SET lease_owner=?, lease_until=? WHERE id IN ("
                 # The lane index walks in delivery order: no sort of every pending row.
                 f" SELECT w.id FROM writes w INDEXED BY writes_lane WHERE w.{PENDING} AND w.next_attempt_at<=?"
-                f" AND (w.lease_until IS NULL OR w.lease_until<?)"
+                # A lapsed lease of a live process is still its own (see the module docstring).
+                f" AND (w.lease_until IS NULL OR (w.lease_until<?"
+                f"  AND (w.lease_owner=? OR NOT holder_alive(w.lease_owner))))"
                 f" AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes p"
                 f"  WHERE p.order_key = w.order_key AND p.seq < w.seq AND p.{PENDING}))"
                 f" ORDER BY w.lane, w.seq LIMIT ?) RETURNING {COLUMNS}",
-                (self.owner, now + LEASE_SECONDS, now, now, limit),
+                (self.owner, now + LEASE_SECONDS, now, now, self.owner, limit),
             ).fetchall()
             db.execute("COMMIT")
         finally:
@@ -583,6 +592,43 @@ WRITE_CHECK_TTL = 1.0  # seconds a /readyz outbox check is reused within one pro
 # A request's outbox call may wait this long for a thread even when its busy budget is
 # shorter (a pixel's 50 ms): handing work to a thread takes time on a loaded machine.
 MIN_START_WAIT = 0.5
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot: /proc/<pid>/stat field 22), None
+    when it is gone or a zombie. With the pid it names one process: pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _pid_namespace() -> str:
+    try:
+        return "".join(ch for ch in os.readlink("/proc/self/ns/pid") if ch.isdigit())
+    except OSError:
+        return "-"
+
+
+def lease_owner() -> str:
+    """This process, as its leases name it: host/PID namespace/pid/start time/nonce."""
+    pid = os.getpid()
+    return "/".join((socket.gethostname(), _pid_namespace(), str(pid), _start_time(pid) or "-",
+                     uuid.uuid4().hex[:8]))
+
+
+def holder_alive(owner: str | None) -> bool:
+    """Whether the process named by a lease (`lease_owner()`) still runs. One this process
+    cannot check (another host or PID namespace, an older outbox's owner) counts as gone:
+    its lease alone decides, as before."""
+    parts = (owner or "").split("/")
+    if len(parts) != 5 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
+        return False
+    if not parts[2].isdigit() or parts[3] == "-":
+        return False
+    return _start_time(int(parts[2])) == parts[3]
 
 
 def filesystem_problem(path: str, min_free_bytes: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,3 +91,52 @@ def test_a_stop_right_after_a_worker_restarts_is_not_lost(serve):
 def workers_of(pid: int) -> set[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return {int(p) for p in children.read_text().split()} if children.exists() else set()
+
+
+def test_a_frozen_worker_s_delivery_is_never_started_again_by_the_other(
+        serve, sandboxes, sandbox_writes, tmp_path):
+    # The worst starvation: the sending worker stops running (SIGSTOP) for longer than the
+    # 15 s lease, so its lease lapses, while its call to mediarithmics is still in flight.
+    # Every write is slow: a second send, had there been one, would be recorded before its
+    # outcome, so the write cannot be seen delivered before a duplicate would have landed.
+    sandbox_writes.write_latency = 25.0
+    base = serve(2).base
+    marker = uuid.uuid4().hex
+    write_id = session().post(base + ACTIVITIES, json=activity(marker), timeout=10).json()["id"]
+    wait_for(lambda: sandboxes.state("mediarithmics").calls >= 1, what="the delivery in flight")
+    owner = lease_of(tmp_path / "outbox.sqlite3", write_id)
+    # host/namespace/pid/start/nonce (before: pid-nonce)
+    sender = int(owner.split("/")[2] if "/" in owner else owner.split("-")[0])
+    os.kill(sender, signal.SIGSTOP)
+    try:
+        # Past the lease, while the other worker polls the outbox several times a second
+        # (or until the other worker took the write over: the failure this rules out).
+        wait_for(lambda: lapsed_or_taken(tmp_path / "outbox.sqlite3", write_id, owner),
+                 seconds=60, poll=0.2, what="the frozen worker's lease to lapse")
+    finally:
+        print("DEBUG", owner, read_row(tmp_path / "outbox.sqlite3", write_id), time.time(), sandboxes.state("mediarithmics").calls)
+        os.kill(sender, signal.SIGCONT)
+    done = wait_delivered(base, write_id, 60)
+    print("DEBUG2", done, arrivals(sandboxes, marker), sandboxes.state("mediarithmics").calls, time.time())
+    time.sleep(8)
+    print("DEBUG3", arrivals(sandboxes, marker), sandboxes.state("mediarithmics").calls, time.time())
+    assert done["attempts"] == 1
+    assert arrivals(sandboxes, marker) == 1
+    assert sum(1 for w in store_of(sandboxes).writes if w[3].get("marker") == marker) == 1
+
+
+def lease_of(path: Path, write_id: str) -> str:
+    return wait_for(lambda: read_row(path, write_id)[0], what="the write's lease")
+
+
+def lapsed_or_taken(path: Path, write_id: str, owner: str) -> bool:
+    holder, until = read_row(path, write_id)
+    return holder != owner or (until or 0.0) < time.time() - 3
+
+
+def read_row(path: Path, write_id: str) -> tuple:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute("SELECT lease_owner, lease_until FROM writes WHERE id=?", (write_id,)).fetchone()
+    finally:
+        db.close()
