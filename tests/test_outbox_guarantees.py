@@ -4,11 +4,14 @@ consent, and a key shared through Redis never names a write that was not stored.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+from servers import wait_for
 from test_write_safety import wait_until
 from test_writes import activity, store_of, wait_for_state
 
@@ -67,3 +70,76 @@ def test_retry_never_sends_a_dead_subscribe_after_a_later_unsubscribe(make_app, 
     by_id = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", subscribe],
                            capture_output=True, text=True, env=env, timeout=60)
     assert by_id.returncode == 1 and f"skipped {subscribe}" in by_id.stdout
+
+
+# -- idempotency keys shared through Redis -------------------------------------------------
+
+def new_idem_key(redis_client, before: set[bytes]) -> bytes:
+    def found():
+        return set(redis_client.keys(b"ccproxy:idem:*")) - before
+    return next(iter(wait_for(found, seconds=30, poll=0.01, what="the key claimed in Redis")))
+
+
+def test_a_duplicate_is_never_told_duplicate_of_a_write_not_yet_stored(make_app, redis_server, tmp_path):
+    boxes = [make_app(redis_url=redis_server["url"]).test_client() for _ in range(2)]
+    path = boxes[0].application.extensions["ccproxy"].outbox.path
+    key = {"Idempotency-Key": f"pending-{uuid.uuid4().hex}"}
+    before = set(redis_server["client"].keys(b"ccproxy:idem:*"))
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the first box cannot commit (busy)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(boxes[0].post, ACTIVITIES, json=activity("pending"), headers=key)
+            new_idem_key(redis_server["client"], before)  # claimed, not stored
+            second = boxes[1].post(ACTIVITIES, json=activity("pending"), headers=key)
+            assert first.result().status_code == 503
+    finally:
+        lock.rollback()
+        lock.close()
+    if second.status_code == 409:  # the first was still being stored
+        assert second.get_json()["error"]["code"] == "idempotency_key_in_progress"
+        assert int(second.headers["Retry-After"]) >= 1
+    else:  # the first had failed already: the second stored its own
+        assert second.status_code == 202 and second.get_json()["duplicate"] is False, second.get_json()
+        assert boxes[1].get(f"/v1/mediarithmics/writes/{second.get_json()['id']}").status_code == 200
+    # Whatever the timing, every answer now names a stored write.
+    again = wait_for(lambda: stored_answer(boxes[1], key, "pending"), seconds=30, what="a stored write")
+    assert again.status_code == 202
+
+
+def test_a_failed_forget_leaves_no_key_naming_a_write_never_stored(make_app, redis_server):
+    client = make_app(redis_url=redis_server["url"]).test_client()
+    services = client.application.extensions["ccproxy"]
+    key = {"Idempotency-Key": f"forget-{uuid.uuid4().hex}"}
+    before = set(redis_server["client"].keys(b"ccproxy:idem:*"))
+    lock = sqlite3.connect(services.outbox.path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    admin = redis_server["client"]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, ACTIVITIES, json=activity("forget"), headers=key)
+            new_idem_key(admin, before)
+            # Redis now refuses to drop the key: the proxy cannot tell it the write failed.
+            admin.execute_command("ACL", "SETUSER", "default", "-del", "-@scripting")
+            try:
+                assert first.result().status_code == 503
+            finally:
+                admin.execute_command("ACL", "SETUSER", "default", "+@all")
+    finally:
+        lock.rollback()
+        lock.close()
+    wait_for(services.redis.usable, seconds=30, what="Redis used again")
+    answer = wait_for(lambda: stored_answer(client, key, "forget"), seconds=30, what="a stored write")
+    assert answer.get_json()["duplicate"] is False  # never "duplicate" of the unstored one
+
+
+def stored_answer(client, key, marker):
+    """The key's answer once it is a 202 (None while 409); a 202 must name a stored write."""
+    r = client.post(ACTIVITIES, json=activity(marker), headers=key)
+    if r.status_code == 409:
+        assert r.get_json()["error"]["code"] == "idempotency_key_in_progress"
+        return None
+    assert r.status_code == 202, r.get_data(as_text=True)
+    assert client.get(f"/v1/mediarithmics/writes/{r.get_json()['id']}").status_code == 200, \
+        f"{r.get_json()} names a write that was never stored"
+    return r
