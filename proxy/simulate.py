@@ -8,9 +8,10 @@ call Braze would make, with Braze's rules (Braze docs, "Connected Content"):
 - an answer over 1 MB fails;
 - the unhealthy-host rule: more than 3,000 failures and over 90 % of calls failing within a
   minute halt the host for a minute, during which every call counts as failed.
-A message is *aborted* when a call fails (Braze aborts on a `:retry` failure; without `:retry`
-it would send content built on an error), *fallback* when an answer says `"fallback": true`
-or `"stale": true` (or `X-Cache: FALLBACK/STALE`), else *complete*.
+A message is *aborted* when a `:retry` call still fails after its retries (Braze aborts it),
+*fallback* when an answer says `"fallback": true` or `"stale": true` (or `X-Cache:
+FALLBACK/STALE`) or a call without `:retry` failed (Braze sends the message built on the error
+answer: the template's guard decides what it shows), else *complete*.
 
 The report also counts upstream 429s on both sides (the sandboxes' answers by status, the
 proxy's error codes Braze got), follows every write the proxy accepted until it is delivered
@@ -243,6 +244,7 @@ class Stats:
     writes: Counter[str] = field(default_factory=Counter)
     write_ids: set[str] = field(default_factory=set)  # the proxy's ids of the writes it accepted
     error_codes: Counter[str] = field(default_factory=Counter)  # the proxy's error codes, per attempt
+    sent_after_failure: int = 0  # fallback messages sent on a failed call (no :retry on it)
     max_lag: float = 0.0
     last_start: float = 0.0  # when the last message was started (its offset from the run's start)
 
@@ -283,8 +285,7 @@ class BrazeClient:
                 stats.calls["retries"] += 1
             answer, failure = self._attempt(url, method, options)
             health.record(failure is None)
-            retryable = failure is not None and (failure.startswith("HTTP 5") or not failure.startswith("HTTP"))
-            if not retryable:
+            if failure is None or not _retryable(failure):
                 break  # success, or a 4xx that no retry would change
         if failure:
             stats.calls["failed"] += 1
@@ -458,7 +459,7 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
     dispatch = f"sim-{time.time_ns():x}"
 
     def send(attributes: dict[str, Any]) -> None:
-        outcome, reason = "complete", ""
+        outcome, reason, sent_after_failure = "complete", "", [False]
         context = liquid_context({"campaign.dispatch_id": dispatch, **attributes})
         for _ in range(scenario.renders):
             run_ = SimulatedRun(_no_resolver, set(), client=client)
@@ -467,14 +468,21 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
                 template.render(**context)
             except MessageAborted as abort:
                 outcome, reason = "aborted", abort.reason or "abort_message"
-            failed = [c["failed"] for c in run_.calls if c.get("failed")]
-            if failed and outcome != "aborted":
-                outcome, reason = "aborted", failed[0]
-            if outcome != "aborted" and any(c.get("fallback") for c in run_.calls):
+            failed = [c for c in run_.calls if c.get("failed")]
+            # With :retry, a call still failing after the retries aborts the message; without
+            # it, Braze sends the message built on the error answer (the template's guard
+            # decides what the recipient reads): it counts as fallback, never complete.
+            fatal = [c["failed"] for c in failed if "retry" in c["options"] and _retryable(c["failed"])]
+            if fatal and outcome != "aborted":
+                outcome, reason = "aborted", fatal[0]
+            if outcome != "aborted" and (failed or any(c.get("fallback") for c in run_.calls)):
                 outcome = "fallback"
+                sent_after_failure[0] = sent_after_failure[0] or bool(failed)
             if outcome == "aborted":
                 break  # Braze drops the whole message
         stats.messages[outcome] += 1
+        if outcome == "fallback" and sent_after_failure[0]:
+            stats.sent_after_failure += 1
         if reason:
             stats.aborted_reasons[_reason_kind(reason)] += 1
 
@@ -598,6 +606,12 @@ def _delivery(states: Counter[str], drain_s: float, before: dict[str, Any],
     return out
 
 
+def _retryable(failure: str) -> bool:
+    """What Braze's :retry retries: a 5xx, a timeout, a failed connection (and a halted host,
+    which fails every attempt)."""
+    return failure.startswith("HTTP 5") or not failure.startswith(("HTTP", "answer over"))
+
+
 def _no_resolver(path: str, params: dict[str, str]) -> Fetched:
     raise AssertionError("a simulated render makes its calls over HTTP")
 
@@ -662,7 +676,8 @@ def report(scenario: Scenario, stats: Stats, tags: int, before: dict[str, Any], 
                      "renders": scenario.renders, "connected_content_tags": tags,
                      "concurrency": scenario.concurrency},
         "messages": {"total": messages, "complete": stats.messages["complete"],
-                     "fallback": stats.messages["fallback"], "aborted": stats.messages["aborted"]},
+                     "fallback": stats.messages["fallback"], "aborted": stats.messages["aborted"],
+                     "sent_after_failed_call": stats.sent_after_failure},
         "aborted_reasons": dict(stats.aborted_reasons),
         "calls": {"requested": stats.calls["requested"], "braze_cache_hits": stats.calls["braze_cache_hits"],
                   "halted": stats.calls["halted"], "attempts": stats.calls["attempts"],
@@ -706,7 +721,9 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("messages", f"{m['total']}"),
         ("  complete", f"{m['complete']} ({100 * m['complete'] / total:.1f} %)"),
-        ("  with fallback", f"{m['fallback']} ({100 * m['fallback'] / total:.1f} %)"),
+        ("  with fallback", f"{m['fallback']} ({100 * m['fallback'] / total:.1f} %)"
+         + (f", {m['sent_after_failed_call']} of them sent on a failed call (no :retry)"
+            if m.get("sent_after_failed_call") else "")),
         ("  aborted", f"{m['aborted']} ({100 * m['aborted'] / total:.1f} %)"
          + (f"  {result['aborted_reasons']}" if result["aborted_reasons"] else "")),
         ("calls per message", f"{c['per_message']}  ({c['attempts']} made, {c['retries']} retries, "
