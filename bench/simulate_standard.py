@@ -73,8 +73,20 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str, str]:
                   "--demo-log", str(work / "demo.log"), "--recipients", str(args.recipients),
                   "--rate", str(args.rate), "--faults", str(faults), "--liquid", str(write),
                   "--drain-timeout", "120"]
-        for name in TEMPLATES:
-            common += ["--template", name]
+        if args.find_rate:
+            # The highest safe rate of this setup, without the storm: probes from --rate up.
+            common = [c for c in common if c not in ("--faults", str(faults))]
+            common += ["--find-rate", "--probe-seconds", "20", "--find-rate-budget", str(args.find_rate_budget)]
+        if args.without_retry:
+            # The same snippets with their :retry taken out (the write keeps it).
+            sys.path.insert(0, str(HERE.parent))
+            from proxy.simulate import template_liquid
+
+            write.write_text(template_liquid(list(TEMPLATES), base, "").replace(" :retry", "")
+                             + "\n" + write.read_text())
+        else:
+            for name in TEMPLATES:
+                common += ["--template", name]
         done = subprocess.run([*common, "--json"], capture_output=True, text=True, check=True)
         report = json.loads(done.stdout)
         from proxy.simulate import table
@@ -92,7 +104,7 @@ def results_section(label: str, args: argparse.Namespace, report: dict, text: st
     total = max(m["total"], 1)
     per_recipient = sum(u["calls"] for u in up.values()) / max(report["scenario"]["recipients"], 1)
     w = report["writes"]
-    settings = " ".join(args.set) or "defaults"
+    settings = " ".join(args.set + (["snippets without :retry"] if args.without_retry else [])) or "defaults"
     return "\n".join([
         f"### {label} ({settings})", "",
         f"Command: `.venv/bin/python bench/simulate_standard.py {' '.join(sys.argv[1:])}`"
@@ -103,6 +115,9 @@ def results_section(label: str, args: argparse.Namespace, report: dict, text: st
         f"**{per_recipient:.2f} upstream calls per recipient** (all upstreams); "
         f"**{w.get('mediarithmics_duplicated', 0)} duplicated writes** "
         f"({w['accepted']} accepted, {w['delivered']} delivered, {w['queued']} queued, {w['dead']} dead).", "",
+        *([f"Highest safe rate (no message aborted, no halt): **{report['find_rate']['safe_rate_per_minute']} "
+            f"messages a minute** ({report['find_rate']['stopped']}); the figures above are that probe's.", ""]
+          if "find_rate" in report else []),
         "```", text, "```", ""])
 
 
@@ -112,6 +127,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=5000.0, help="messages per minute")
     parser.add_argument("--set", action="append", default=[], metavar="CCPROXY_NAME=VALUE",
                         help="a setting for the demo (repeatable); default: none, the defaults")
+    parser.add_argument("--find-rate", action="store_true",
+                        help="search the highest safe rate (no storm; 20 s probes from --rate)")
+    parser.add_argument("--find-rate-budget", type=float, default=420.0)
+    parser.add_argument("--without-retry", action="store_true",
+                        help="the templates' snippets without :retry (to compare)")
     parser.add_argument("--label", default="", help="names the JSON file and the RESULTS.md subsection")
     parser.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
     args = parser.parse_args()
