@@ -3,7 +3,7 @@ send's own activity write, keyed by dispatch and user), a 60 s Amplitude 429 sto
 middle, against one `ccproxy demo` (`ccproxy serve` with its defaults, on the sandboxes).
 
     .venv/bin/python bench/simulate_standard.py [--recipients 10000] [--rate 5000]
-        [--set CCPROXY_NAME=value ...] [--label after] [--no-results]
+        [--set CCPROXY_NAME=value ...] [--with-retry] [--find-rate] [--label after] [--no-results]
 
 Prints the `ccproxy simulate-send` table, writes the JSON report to
 bench/simulate_standard[-<label>].json and (unless --no-results) its table as the "Standard
@@ -72,18 +72,18 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict, str, str]:
         common = [sys.executable, "-m", "proxy.cli", "simulate-send", "--url", base,
                   "--demo-log", str(work / "demo.log"), "--recipients", str(args.recipients),
                   "--rate", str(args.rate), "--faults", str(faults), "--liquid", str(write),
-                  "--drain-timeout", "120"]
+                  "--drain-timeout", "120", "--concurrency", str(args.concurrency)]
         if args.find_rate:
             # The highest safe rate of this setup, without the storm: probes from --rate up.
             common = [c for c in common if c not in ("--faults", str(faults))]
             common += ["--find-rate", "--probe-seconds", "20", "--find-rate-budget", str(args.find_rate_budget)]
-        if args.without_retry:
-            # The same snippets with their :retry taken out (the write keeps it).
+        if args.with_retry:
+            # The snippets as they were before issue 18: :retry on the data tags too.
             sys.path.insert(0, str(HERE.parent))
             from proxy.simulate import template_liquid
 
-            write.write_text(template_liquid(list(TEMPLATES), base, "").replace(" :retry", "")
-                             + "\n" + write.read_text())
+            write.write_text(template_liquid(list(TEMPLATES), base, "").replace(
+                " :cache_max_age", " :retry :cache_max_age") + "\n" + write.read_text())
         else:
             for name in TEMPLATES:
                 common += ["--template", name]
@@ -104,7 +104,7 @@ def results_section(label: str, args: argparse.Namespace, report: dict, text: st
     total = max(m["total"], 1)
     per_recipient = sum(u["calls"] for u in up.values()) / max(report["scenario"]["recipients"], 1)
     w = report["writes"]
-    settings = " ".join(args.set + (["snippets without :retry"] if args.without_retry else [])) or "defaults"
+    settings = " ".join(args.set + (["data tags with :retry"] if args.with_retry else [])) or "defaults"
     return "\n".join([
         f"### {label} ({settings})", "",
         f"Command: `.venv/bin/python bench/simulate_standard.py {' '.join(sys.argv[1:])}`"
@@ -127,18 +127,22 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=5000.0, help="messages per minute")
     parser.add_argument("--set", action="append", default=[], metavar="CCPROXY_NAME=VALUE",
                         help="a setting for the demo (repeatable); default: none, the defaults")
+    parser.add_argument("--concurrency", type=int, default=1000,
+                        help="the simulator's calls in flight: Braze holds none back, so enough "
+                             "that the simulator never does")
     parser.add_argument("--find-rate", action="store_true",
                         help="search the highest safe rate (no storm; 20 s probes from --rate)")
     parser.add_argument("--find-rate-budget", type=float, default=420.0)
-    parser.add_argument("--without-retry", action="store_true",
-                        help="the templates' snippets without :retry (to compare)")
+    parser.add_argument("--with-retry", action="store_true",
+                        help="the templates' data tags with :retry, as before issue 18 (to compare)")
     parser.add_argument("--label", default="", help="names the JSON file and the RESULTS.md subsection")
     parser.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parent))
     work = Path(tempfile.mkdtemp(prefix="ccproxy-sim-"))
     report, text, _command = run(args, work)
-    name = f"simulate_standard-{args.label}.json" if args.label else "simulate_standard.json"
+    slug = "-".join("".join(c if c.isalnum() else " " for c in args.label.lower()).split())
+    name = f"simulate_standard-{slug}.json" if slug else "simulate_standard.json"
     (HERE / name).write_text(json.dumps(report, indent=2) + "\n")
     print(text)
     if not args.no_results:

@@ -23,6 +23,7 @@ from proxy.simulate import (
     read_faults,
     read_recipients,
     sandboxes_from_log,
+    template_liquid,
 )
 
 
@@ -171,18 +172,25 @@ def test_a_healthy_send_adds_up_and_each_write_reaches_mediarithmics_once(server
     assert writes["accepted"] == 50 == writes["delivered"] + writes["queued"]
     assert writes["delivered"] == 50 and writes["dead"] == 0  # the send waited for delivery
     assert writes["mediarithmics_received"] == 50 and writes["mediarithmics_duplicated"] == 0
-    assert writes["exactly_once"] is True
+    assert writes["exactly_once"] is True and writes["accepted_after_braze_gave_up"] == 0
     assert report["upstreams"]["mediarithmics"]["calls"] == 50 + 50  # the choices, the writes
     assert report["host_halted"] == []
     assert report["simulator"]["cpu_s"] > 0 and report["simulator"]["cpu_ms_per_message"] > 0
 
 
-def amplitude_fault(tmp_path: Path, demo, mode: str, recipients: int) -> dict:
-    """The four templates sent while Amplitude has `mode` (Retry-After 60 s) all the time."""
+def amplitude_fault(tmp_path: Path, demo, mode: str, recipients: int, retry: bool = False) -> dict:
+    """The four templates sent while Amplitude has `mode` (Retry-After 60 s) all the time;
+    `retry`: their data tags with `:retry`, as the snippets had them before."""
     faults = tmp_path / "faults.toml"
     faults.write_text(f'[[fault]]\nat = 0\nupstream = "amplitude"\nmode = "{mode}"\n'
                       'seconds = 60\nduration = "10m"\n')
-    return simulate(tmp_path, demo, *TEMPLATES, "--recipients", str(recipients), "--rate", "6000",
+    message = list(TEMPLATES)
+    if retry:
+        liquid = tmp_path / "retry.liquid"
+        liquid.write_text(template_liquid([TEMPLATES[i] for i in range(1, len(TEMPLATES), 2)], demo.base, "")
+                          .replace(" :cache_max_age", " :retry :cache_max_age"))
+        message = ["--liquid", str(liquid)]
+    return simulate(tmp_path, demo, *message, "--recipients", str(recipients), "--rate", "6000",
                     "--faults", str(faults))
 
 
@@ -203,7 +211,7 @@ def test_an_amplitude_429_storm_is_counted_on_both_sides_and_recommendations_fal
 
 def test_the_same_storm_with_the_old_503_aborts_and_braze_sees_the_rate_limit(servers, tmp_path):
     demo = start_demo(servers, tmp_path, CCPROXY_RECOMMENDATIONS_RATE_LIMIT_FALLBACK="false")
-    report = amplitude_fault(tmp_path, demo, "ratelimit", 20)
+    report = amplitude_fault(tmp_path, demo, "ratelimit", 20, retry=True)
     assert_consistent(report, 20)
     assert report["messages"]["aborted"] == 20
     # :retry: six attempts per message, every one a 503 upstream_rate_limited.
@@ -214,7 +222,7 @@ def test_the_same_storm_with_the_old_503_aborts_and_braze_sees_the_rate_limit(se
 
 def test_a_fault_schedule_shows_in_the_report(servers, tmp_path):
     demo = start_demo(servers, tmp_path)
-    report = amplitude_fault(tmp_path, demo, "error", 50)
+    report = amplitude_fault(tmp_path, demo, "error", 50, retry=True)
     assert_consistent(report, 50)
     # Amplitude answers 500 (not a rate limit): the proxy answers 503, the recs tag carries
     # :retry, so Braze retries five times and aborts.
@@ -226,6 +234,16 @@ def test_a_fault_schedule_shows_in_the_report(servers, tmp_path):
     # The proxy's circuit breaker held off Amplitude instead of passing on 300 calls.
     assert report["upstreams"]["amplitude"]["calls"] < 50
     assert report["upstreams"]["amplitude"]["answered_429"] == 0
+
+
+def test_the_shipped_snippets_send_every_message_while_amplitude_fails(servers, tmp_path):
+    """The data tags have no :retry: Amplitude failing (500s, then an open circuit) costs the
+    recommendations, never the message."""
+    demo = start_demo(servers, tmp_path)
+    report = amplitude_fault(tmp_path, demo, "error", 20)
+    assert_consistent(report, 20)
+    assert report["messages"]["aborted"] == 0 and report["calls"]["retries"] == 0
+    assert report["messages"]["fallback"] == report["messages"]["sent_after_failed_call"] == 20
 
 
 def test_without_retry_a_failed_call_sends_the_message_on_the_error_and_no_fault_is_left_behind(servers, tmp_path):
@@ -263,6 +281,26 @@ def test_a_bad_scenario_is_one_line_and_exit_status_1(tmp_path):
         f"ccproxy: {faults} fault 1: unknown mode 'explode' (one of latency, none, slow, hang, error, "
         "ratelimit, reset, malformed, oversized, unavailable, deep, trickle_headers, slow_body, trickle)"]
     assert "Traceback" not in done.stderr
+
+
+def test_exactly_once_is_judged_on_what_mediarithmics_received():
+    from collections import Counter
+
+    from proxy.simulate import _delivery
+
+    def sandbox(received: int, duplicated: int) -> dict:
+        return {"mediarithmics": {"counters": {"writes_received": received, "writes_duplicated": duplicated}}}
+
+    before = sandbox(10, 1)
+    once = _delivery(Counter(delivered=5, queued=2), 1.0, before, sandbox(15, 1))
+    assert once["exactly_once"] is True and once["queued"] == 2 and once["accepted_after_braze_gave_up"] == 0
+    # Two more arrived than Braze knew of (their 202 came too late): still once each.
+    late = _delivery(Counter(delivered=5), 1.0, before, sandbox(17, 1))
+    assert late["exactly_once"] is True and late["accepted_after_braze_gave_up"] == 2
+    twice = _delivery(Counter(delivered=5), 1.0, before, sandbox(16, 2))
+    assert twice["exactly_once"] is False and twice["mediarithmics_duplicated"] == 1
+    lost = _delivery(Counter(delivered=5), 1.0, before, sandbox(14, 1))
+    assert lost["exactly_once"] is False
 
 
 def fake_probe(limit: float):
@@ -303,6 +341,8 @@ def test_find_rate_doubles_then_bisects_within_its_bounds():
                         runner=runner)["find_rate"]
     assert bounded["recipients_used"] <= 5000 and "recipient bound" in bounded["stopped"]
     assert bounded["safe_rate_per_minute"] == asked[-1]
+    with pytest.raises(ScenarioError, match="fewer than the first probe needs"):
+        find_rate(scenario, RateSearch(probe_seconds=60, max_recipients=100), progress=None, runner=runner)
 
 
 def test_find_rate_against_the_demo_reports_a_rate_and_its_probes(servers, tmp_path):
