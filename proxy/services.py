@@ -19,7 +19,7 @@ from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
-from .errors import OutboxUnavailable, ProxyError, TransientError
+from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
 from .guards import CircuitBreaker, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
@@ -141,17 +141,21 @@ class Services:
     def cached(
         self, kind: str, client: Any, operation: str, params: dict[str, str],
         call: Callable[[], Answer], fallback: Callable[[], Any] | None = None,
+        when_limited: Callable[[], Any] | None = None,
     ) -> Lookup:
         """One upstream call through the cache, keyed without any secret in clear. When it
         fails and nothing stale is left, `fallback()` (raw upstream-shaped data built from
-        the operator's content) stands in, if given."""
+        the operator's content) stands in, if given; when it is rate limited (a 429, a
+        Retry-After pause, the proxy's own budget), `when_limited()` does, if given."""
         key = cache_key(client.name, client.credential, operation, params)
         try:
             return self.cache.fetch(key, call, self.ttl_of(kind))
-        except TransientError:
-            if fallback is None:
-                raise
-            return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+        except TransientError as exc:
+            if fallback is not None:
+                return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+            if when_limited is not None and isinstance(exc, UpstreamRateLimited):
+                return Lookup(Answer(when_limited()), "FALLBACK", 0.0, 0.0)
+            raise
 
     @property
     def outbox(self):
