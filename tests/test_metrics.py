@@ -54,8 +54,14 @@ def test_a_scrape_sums_every_worker(servers, sandboxes, tmp_path):
         assert requests.get(served.base + RECS + f"u{n % 5}", headers=AUTH, timeout=10).status_code == 200
     readyz_total = sum(answered.values())
     workers = {str(pid) for pid in answered}
+    def scrape() -> str:
+        return requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text
+
+    # A request is counted once its answer is written: the last one may land just after its client read it.
+    wait_for(lambda: sample(scrape(), "ccproxy_requests_total", route="/v1/amplitude/recommendations",
+                            status="200") == 20, seconds=30, what="the last request counted")
     for _ in range(6):  # whichever worker answers the scrape, it counts for both
-        text = requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text
+        text = scrape()
         assert sample(text, "ccproxy_requests_total", route="/readyz") == readyz_total
         assert sample(text, "ccproxy_requests_total", route="/v1/amplitude/recommendations",
                       status="200") == 20
