@@ -54,6 +54,8 @@ class Decision:
 
     vardata: dict[str, dict[str, Any]] = field(default_factory=dict)
     remote: list[str] = field(default_factory=list)
+    # The engine's variants of `vardata` (value and metadata: what an exposure event carries).
+    variants: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
         variant = results.get(key)
         if variant is None or not assigned(variant.metadata or {}):
             continue
+        decision.variants[key] = variant
         decision.vardata[key] = {"key": variant.key, **({"payload": variant.payload}
                                                         if variant.payload is not None else {})}
     return decision

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
+from .clients.analytics import AnalyticsClient
 from .clients.base import Answer, HttpClient, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
@@ -25,6 +26,7 @@ from .guards import CircuitBreaker, RateLimiter, RetryBudget
 if TYPE_CHECKING:
     from .delivery import Deliverer
     from .experiment_local import FlagStore
+    from .exposures import ExposureTracker
     from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
@@ -91,6 +93,7 @@ class Services:
         # Metrics are plugged into `clients` by the app; the flags client reports through them.
         self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
         self._flag_store: FlagStore | None = None
+        self._exposures: ExposureTracker | None = None
         self.target = self._guarded(TargetClient(
             self.pool, settings.target_base_url, settings.target_client_code,
             settings.target_token, **http
@@ -131,6 +134,26 @@ class Services:
             self._flag_store = FlagStore(self.experiment_flags.flags, s.experiment_flag_refresh,
                                          s.experiment_flag_max_age, self.timer)
         return self._flag_store
+
+    @property
+    def exposures(self) -> ExposureTracker | None:
+        """Local mode's exposure events (this process's pipeline; None without an analytics key
+        or in remote mode, where Amplitude tracks assignments itself)."""
+        s = self.settings
+        if s.experiment_mode != "local" or not s.amplitude_api_key:
+            return None
+        if self._exposures is None:
+            from .exposures import ExposureTracker
+
+            # Off the send path, like the flags: an answer may take longer than a recipient's.
+            client = self._guarded(AnalyticsClient(
+                self.pool, s.analytics_base_url, s.amplitude_api_key,
+                connect_timeout=s.upstream_connect_timeout,
+                read_timeout=max(10.0, s.upstream_read_timeout), max_bytes=s.upstream_max_bytes,
+            ))
+            client.observe = lambda *call: self.experiment.observe(*call)
+            self._exposures = ExposureTracker(client, s.amplitude_api_key, self.redis, self.timer)
+        return self._exposures
 
     def ttl_of(self, kind: str) -> Callable[[Answer], float]:
         """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""
@@ -209,7 +232,10 @@ class Services:
             self.deliverer.request_stop()
 
     def close(self) -> None:
-        """Let deliveries in flight finish and be recorded (clean shutdown)."""
+        """Let deliveries in flight finish and be recorded, send queued exposure events (clean
+        shutdown)."""
+        if self._exposures is not None:
+            self._exposures.close()
         if self.deliverer is not None:
             self.deliverer.stop()
             self.deliverer = None
