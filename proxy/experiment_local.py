@@ -9,8 +9,9 @@ before gevent patches the workers.
 
 Per worker process: each process holds its own configuration and refreshes it in the
 background (one thread, a greenlet under gevent, started by a request that finds the
-configuration older than `CCPROXY_EXPERIMENT_FLAG_REFRESH`), so `N` workers make `N` Flags
-API calls per interval, and none waits on the send path. A failed refresh keeps the last good
+configuration older than `CCPROXY_EXPERIMENT_FLAG_REFRESH`), and none waits on the send path.
+Without Redis `N` workers make `N` Flags API calls per interval; with `CCPROXY_REDIS_URL` the
+refresh goes through `experiment_flags_shared.py`: one call per interval for the deployment. A failed refresh keeps the last good
 configuration up to `CCPROXY_EXPERIMENT_FLAG_MAX_AGE` (a killed flag must not live forever);
 older, or none yet: the endpoint evaluates remotely.
 
@@ -195,8 +196,9 @@ def assigned(metadata: dict[str, Any]) -> bool:
 class FlagStore:
     """This process's flag configuration, refreshed in the background on demand."""
 
-    def __init__(self, fetch: Callable[[], list[dict[str, Any]]], refresh: float, max_age: float,
-                 timer: Callable[[], float] = time.monotonic):
+    def __init__(self, fetch: Callable[[], tuple[list[dict[str, Any]], float]], refresh: float,
+                 max_age: float, timer: Callable[[], float] = time.monotonic):
+        # fetch() -> (raw configurations, when they were fetched on `timer`'s clock)
         self._fetch = fetch
         self.refresh_interval = refresh
         self.max_age = max_age
@@ -239,13 +241,13 @@ class FlagStore:
     def refresh(self) -> bool:
         """Fetch and parse once; keep the last good configuration on any failure."""
         try:
-            raw = self._fetch()
+            raw, fetched_at = self._fetch()
             previous = self._config
-            if previous is not None and raw == self._raw:
+            if previous is not None and (raw is self._raw or raw == self._raw):
                 # Unchanged (the usual case): no re-parse, which is CPU in a gevent worker.
-                config = Configuration(previous.flags, previous.needs, self._timer())
+                config = Configuration(previous.flags, previous.needs, fetched_at)
             else:
-                config = parse_flags(raw, self._timer())
+                config = parse_flags(raw, fetched_at)
         except ProxyError as exc:
             self.failures += 1
             self.last_error = exc.message
@@ -271,6 +273,7 @@ class FlagStore:
             "flags": 0 if config is None else len(config.flags),
             "refresh_seconds": self.refresh_interval,
             "max_age_seconds": self.max_age,
+            "refreshes": self.refreshes,
             "failures": self.failures,
             "last_error": self.last_error,
         }

@@ -130,9 +130,20 @@ class Services:
         if self._flag_store is None:
             from .experiment_local import FlagStore
 
-            s = self.settings
-            self._flag_store = FlagStore(self.experiment_flags.flags, s.experiment_flag_refresh,
-                                         s.experiment_flag_max_age, self.timer)
+            s, client, timer = self.settings, self.experiment_flags, self.timer
+
+            def fetch() -> tuple[list[dict], float]:  # each process alone
+                return client.flags(), timer()
+
+            if self.redis is not None:
+                from .experiment_flags_shared import SharedFlagFetch
+
+                # One fetch per interval for the deployment; the lock outlives a fetch's timeout.
+                fetch = SharedFlagFetch(client.flags, self.redis,  # type: ignore[assignment]
+                                        s.experiment_deployment_key, s.experiment_flag_refresh,
+                                        s.experiment_flag_max_age, lock_ttl=sum(client.timeout) + 5,
+                                        timer=timer)
+            self._flag_store = FlagStore(fetch, s.experiment_flag_refresh, s.experiment_flag_max_age, timer)
         return self._flag_store
 
     @property
