@@ -15,6 +15,9 @@ refresh goes through `experiment_flags_shared.py`: one call per interval for the
 configuration up to `CCPROXY_EXPERIMENT_FLAG_MAX_AGE` (a killed flag must not live forever);
 older, or none yet: the endpoint evaluates remotely.
 
+Decisions are remembered per configuration and process (`Memo`: the last 2,000, so the
+renders of one message are evaluated once by the worker that sees them).
+
 Only what local evaluation can decide is decided here (`Decision.remote` lists the rest, which
 the endpoint evaluates remotely with no-track): a flag is left to remote evaluation when it, or
 a flag it depends on, is marked `evaluationMode: remote`, targets cohorts (not synced here),
@@ -59,11 +62,33 @@ class Decision:
     variants: dict[str, Any] = field(default_factory=dict)
 
 
+# Decisions remembered per configuration and process: Braze renders each message several
+# times within seconds (HTML, text, AMP, retries), and the same user with the same context gets
+# the same answer from the same configuration, so a repeat costs a lookup, not an evaluation.
+# Few: each remembered decision is about a dozen objects that every full garbage collection of
+# the worker walks (10,000 of them tripled its pause), and the renders of a message come together.
+DECISIONS_REMEMBERED = 2_000
+ORDERS_REMEMBERED = 1_000  # evaluation orders (topological sorts) by set of flags asked
+
+
+class Memo:
+    """What one configuration already computed (shared by the refreshes that did not change it;
+    a new configuration starts empty, so nothing decided by an older one is ever reused)."""
+
+    def __init__(self) -> None:
+        from cachetools import LRUCache
+
+        self.decisions: LRUCache[tuple, Decision] = LRUCache(DECISIONS_REMEMBERED)
+        self.orders: LRUCache[tuple[str, ...], list[Any]] = LRUCache(ORDERS_REMEMBERED)
+        self.lock = threading.Lock()  # cachetools caches are not thread-safe
+
+
 @dataclass(frozen=True)
 class Configuration:
     flags: dict[str, Any]  # key -> EvaluationFlag
     needs: dict[str, FlagNeeds]
     fetched_at: float
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
 
 
 def _selector_needs(selector: list[str]) -> FlagNeeds:
@@ -162,9 +187,25 @@ def decidable(needs: FlagNeeds, user: dict[str, Any]) -> bool:
 
 
 def evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
-    """Evaluate the requested flags (every flag when none) that local evaluation can decide."""
+    """Evaluate the requested flags (every flag when none) that local evaluation can decide;
+    a repeat of the same user, context and flags is answered from the configuration's memo
+    (the Decision is shared: callers read it, never change it)."""
+    # The renders of one message send the same query, so the context's order repeats too: a
+    # plain repr is key enough (another order is only a miss, never a wrong answer).
+    key = (repr(context), tuple(requested))
+    memo = config.memo
+    with memo.lock:
+        known = memo.decisions.get(key)
+    if known is not None:
+        return known
+    decision = _evaluate(config, context, requested)
+    with memo.lock:
+        memo.decisions[key] = decision
+    return decision
+
+
+def _evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
     from amplitude_experiment.evaluation.engine import EvaluationEngine
-    from amplitude_experiment.evaluation.topological_sort import topological_sort
 
     wanted = requested or list(config.flags)
     local = [k for k in wanted if k in config.flags and decidable(config.needs[k], context["user"])]
@@ -172,8 +213,7 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
     if not local:
         return decision
     try:
-        ordered = topological_sort(config.flags, local)
-        results = EvaluationEngine().evaluate(context, ordered)
+        results = EvaluationEngine().evaluate(context, _order(config, local))
     except Exception as exc:  # noqa: BLE001 - a configuration the engine cannot evaluate
         log.warning("local experiment evaluation failed, evaluating remotely: %s", exc)
         decision.remote = list(wanted)
@@ -186,6 +226,20 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
         decision.vardata[key] = {"key": variant.key, **({"payload": variant.payload}
                                                         if variant.payload is not None else {})}
     return decision
+
+
+def _order(config: Configuration, keys: list[str]) -> list[Any]:
+    """The flags to evaluate, dependencies first (the engine's topological sort, once per set)."""
+    from amplitude_experiment.evaluation.topological_sort import topological_sort
+
+    wanted = tuple(keys)
+    with config.memo.lock:
+        order = config.memo.orders.get(wanted)
+    if order is None:
+        order = topological_sort(config.flags, keys)
+        with config.memo.lock:
+            config.memo.orders[wanted] = order
+    return order
 
 
 def assigned(metadata: dict[str, Any]) -> bool:
@@ -245,7 +299,7 @@ class FlagStore:
             previous = self._config
             if previous is not None and (raw is self._raw or raw == self._raw):
                 # Unchanged (the usual case): no re-parse, which is CPU in a gevent worker.
-                config = Configuration(previous.flags, previous.needs, fetched_at)
+                config = Configuration(previous.flags, previous.needs, fetched_at, previous.memo)
             else:
                 config = parse_flags(raw, fetched_at)
         except ProxyError as exc:

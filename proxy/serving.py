@@ -9,6 +9,7 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import shutil
 import signal
@@ -59,10 +60,15 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
 
 
 def _on_worker_start(worker: Any) -> None:
-    """In each worker: start background delivery of the outbox (create_app builds the app
+    """In each worker: keep the start-up objects out of garbage collections, start background
+    delivery of the outbox (create_app builds the app
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
     waits for open connections; otherwise the master's SIGKILL at the end of the graceful
     period can land mid-delivery and leave a write to be delivered a second time after restart."""
+    # Everything imported and built so far lives as long as the worker: out of every full
+    # garbage collection from now on (each one pauses every request in flight in this worker).
+    gc.collect()
+    gc.freeze()
     services = worker.wsgi.extensions["ccproxy"]
     services.start_delivery()
     handle_exit = worker.handle_exit

@@ -326,3 +326,23 @@ def test_two_gevent_workers_each_load_flags_and_make_no_vardata_call(sandboxes, 
     # one exposure event per assigned flag and user, none lost, none twice.
     events = requests.get(f"{sandboxes.servers['amplitude'].url}/__sandbox/events", timeout=10).json()
     assert exposed > 200 and len(events["events"]) == exposed == events["ingested"]
+
+
+def test_the_renders_of_one_message_are_evaluated_once(make_app, sandboxes, monkeypatch):
+    """Braze renders a message several times: the same user, context and flags are evaluated
+    once per configuration (the memo), with the same answer every time."""
+    from amplitude_experiment.evaluation.engine import EvaluationEngine
+
+    app = local_app(make_app)
+    client, config = app.test_client(), app.extensions["ccproxy"].flag_store.current()
+    evaluations = []
+    original = EvaluationEngine.evaluate
+    monkeypatch.setattr(EvaluationEngine, "evaluate",
+                        lambda self, *a: evaluations.append(1) or original(self, *a))
+    query = f"{URL}?user_id=u-memo-1&flag_keys=checkout-button,hero-banner,premium-upsell&track=false"
+    bodies = [client.get(f"{query}&user_properties.premium=true").get_json() for _ in range(3)]
+    assert bodies[0] == bodies[1] == bodies[2] and bodies[0]["variants"]["premium_upsell"] == "on"
+    assert len(evaluations) == 1 and len(config.memo.decisions) == 1
+    # Another context is another evaluation (and answer).
+    other = client.get(f"{query}&user_properties.premium=false").get_json()
+    assert other["variants"]["premium_upsell"] == "off" and len(evaluations) == 2
