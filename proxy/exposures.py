@@ -272,7 +272,10 @@ def sdk_client(api_key: str, post: Callable[[dict[str, Any]], Any], callback: Ca
                 return result
             return super().add(plugin)
 
-    # Each event's outcome at DEBUG only: ids stay out of the production log.
+    # Each event's outcome at DEBUG only: ids stay out of the production log. Amplitude refuses
+    # ids shorter than 5 characters by default; Experiment evaluated these very ids, so their
+    # exposures must count too (`min_id_length` 1).
     config = Config(flush_interval_millis=max(1, int(flush_interval * 1000)), callback=callback,
-                    logger=logging.getLogger("ccproxy.amplitude"), event_log_level=EventLogLevel.DEBUG)
+                    logger=logging.getLogger("ccproxy.amplitude"), event_log_level=EventLogLevel.DEBUG,
+                    min_id_length=1)
     return Client(api_key, config)

@@ -90,6 +90,18 @@ def test_flags_evaluated_remotely_are_exposed_once_too(make_app, sandboxes):
     assert [e["event_properties"]["[Experiment] Variant"] for e in received(sandboxes)] == ["on"]
 
 
+def test_short_ids_are_exposed_too(make_app, sandboxes):
+    """Amplitude refuses ids under 5 characters unless told otherwise; Experiment evaluated
+    them, so their exposures are sent with `min_id_length` 1."""
+    app = local_app(make_app)
+    client, tracker = app.test_client(), app.extensions["ccproxy"].exposures
+    render(client, "user_id=u-1&flag_keys=checkout-button")
+    render(client, "device_id=d7&flag_keys=checkout-button")
+    tracker.flush()
+    assert sorted(e.get("user_id") or e["device_id"] for e in received(sandboxes)) == ["d7", "u-1"]
+    assert tracker.counts["sent"] == 2 and tracker.counts["failed"] == 0
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,8 @@ records the events it receives, as Amplitude documents the API.
 
 - 200 `{"code": 200, "events_ingested", "payload_size_bytes", "server_upload_time"}`;
 - 400 `Invalid API key: ...` for another key, `missing_field` for a body without `api_key` or
-  `events`, `events_with_missing_fields` for events without `event_type` or an id;
+  `events`, `events_with_missing_fields` for events without `event_type` or an id,
+  `events_with_invalid_id_lengths` for ids shorter than 5 characters (or `options.min_id_length`);
 - Amplitude drops an event whose `insert_id` it saw for the same user or device (7 days):
   `GET /__sandbox/events` lists every event received (`events`) and how many were
   ingested, i.e. not such duplicates (`ingested`). A reset forgets them.
@@ -55,6 +56,14 @@ def register(app: Flask, state: SandboxState, api_key: str = DEFAULT_API_KEY) ->
         if missing:
             return jsonify({"code": 400, "error": "Request missing required field",
                             "events_with_missing_fields": missing}), 400
+        # Ids shorter than 5 characters are refused unless `options.min_id_length` says less.
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        shortest = int(options.get("min_id_length") or 5)
+        short = {name: [i for i, e in enumerate(events) if e.get(name) and len(str(e[name])) < shortest]
+                 for name in ("user_id", "device_id")}
+        if any(short.values()):
+            return jsonify({"code": 400, "error": "Invalid id length for user_id or device_id",
+                            "events_with_invalid_id_lengths": short}), 400
         ingested = 0
         with lock:
             for event in events:
