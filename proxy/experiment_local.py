@@ -262,6 +262,7 @@ class FlagStore:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_attempt: float | None = None
+        self._not_before: float | None = None  # no refresh before this (see refresh())
         self.last_error = ""
         self.refreshes = 0
         self.failures = 0
@@ -283,8 +284,7 @@ class FlagStore:
             if self._thread is not None and self._thread.is_alive():
                 return
             age = self.age()
-            # After a failure, wait one interval before trying again (no hammering).
-            if self._last_attempt is not None and now - self._last_attempt < self.refresh_interval:
+            if self._not_before is not None and now < self._not_before:
                 return
             if age is not None and age < self.refresh_interval:
                 return
@@ -305,8 +305,14 @@ class FlagStore:
         except ProxyError as exc:
             self.failures += 1
             self.last_error = exc.message
+            # After a failure, wait one interval before trying again (no hammering).
+            self._not_before = (self._last_attempt or self._timer()) + self.refresh_interval
             log.warning("experiment flag configurations not refreshed: %s", self.last_error)
             return False
+        # After a success the configuration's age says when (a copy read from Redis may be
+        # nearly an interval old already); the short pause only stops a loop should another
+        # box's clock run far behind ours.
+        self._not_before = self._timer() + min(1.0, self.refresh_interval / 10)
         self._config, self._raw = config, raw
         self.refreshes += 1
         self.last_error = ""

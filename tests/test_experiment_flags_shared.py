@@ -49,6 +49,24 @@ def test_processes_sharing_redis_make_one_fetch_per_refresh(make_app, sandboxes,
         assert body.get_json()["variants"] == {"checkout_button": "off"}
 
 
+def test_a_process_that_read_an_older_copy_refreshes_when_that_copy_is_due(make_app, sandboxes,
+                                                                           redis_server, clock):
+    """The copy's age counts, not the time of the read: a process that joined 20 s into the
+    interval refreshes 10 s later, not a whole interval after its read."""
+    redis_server["client"].flushdb()
+    first = make_app(experiment_mode="local", redis_url=redis_server["url"])
+    refreshed(first)
+    clock.advance(20)
+    late = make_app(experiment_mode="local", redis_url=redis_server["url"])
+    refreshed(late)
+    store = late.extensions["ccproxy"].flag_store
+    assert fetches(sandboxes) == 1 and store.state()["age_seconds"] == 20.0
+    clock.advance(11)
+    refreshed(late)
+    assert store.refreshes == 2 and store.state()["age_seconds"] == 0.0
+    assert fetches(sandboxes) == 2
+
+
 def test_without_a_reachable_redis_each_process_fetches_for_itself(make_app, sandboxes):
     dead = "redis://127.0.0.1:1/0"  # nothing listens: each process falls back to its own fetch
     apps = [make_app(experiment_mode="local", redis_url=dead) for _ in range(2)]
