@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
+OUTBOX_OPEN_WAIT = 2.0  # seconds a request waits for the outbox's schema (start-up waits longer)
 
 
 def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
@@ -188,7 +189,13 @@ class Services:
 
     @property
     def outbox(self):
-        """The durable outbox of writes (opened on first use)."""
+        """The durable outbox of writes (opened on first use; a request waits briefly for it)."""
+        return self.open_outbox(OUTBOX_OPEN_WAIT)
+
+    def open_outbox(self, migrate_timeout: float):
+        """The outbox, opened (its schema migrated) now if it is not open yet. `ccproxy serve`
+        opens it as each worker starts, waiting up to a minute for another worker's
+        migration, so no request pays for it."""
         if self._outbox is None:
             import sqlite3
 
@@ -197,7 +204,8 @@ class Services:
             try:
                 self._outbox = Outbox(self.settings.outbox_path, self.settings.outbox_max_attempts,
                                       self.settings.outbox_max_backoff,
-                                      max_rows=self.settings.outbox_max_rows)
+                                      max_rows=self.settings.outbox_max_rows,
+                                      migrate_timeout=migrate_timeout)
             except (OSError, sqlite3.Error) as exc:
                 log.error("outbox %s cannot be opened: %s", self.settings.outbox_path, exc)
                 raise OutboxUnavailable("the outbox cannot be opened; nothing was recorded",
@@ -213,7 +221,7 @@ class Services:
         from .delivery import Deliverer
 
         try:
-            outbox = self.outbox
+            outbox = self.open_outbox(60.0)
         except ProxyError:
             return  # logged; writes answer 503 and /readyz reports it
         client = self.delivery_client()
@@ -243,13 +251,15 @@ class Services:
             self.deliverer.request_stop()
 
     def close(self) -> None:
-        """Let deliveries in flight finish and be recorded, send queued exposure events (clean
-        shutdown)."""
+        """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked; then
+        send the queued exposure events (best effort: the writes come first)."""
+        if self.deliverer is not None:
+            s = self.settings
+            self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
+            self.deliverer = None
         if self._exposures is not None:
             self._exposures.close()
-        if self.deliverer is not None:
-            self.deliverer.stop()
-            self.deliverer = None
         self.cache.drain()
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:
