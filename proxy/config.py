@@ -31,6 +31,11 @@ EXPERIMENT_FLAGS_REGION_URLS = {
     "eu": "https://flag.lab.eu.amplitude.com",
 }
 EXPERIMENT_MODES = ("remote", "local")
+# Amplitude HTTP V2 API hosts (exposure events of local evaluation) by data region.
+ANALYTICS_REGION_URLS = {
+    "us": "https://api2.amplitude.com",
+    "eu": "https://api.eu.amplitude.com",
+}
 
 CACHE_KINDS = (
     "recommendations",
@@ -66,6 +71,9 @@ class Settings:
     experiment_flags_url: str = ""  # empty: the region's Flags API URL
     experiment_flag_refresh: float = 30.0  # seconds between flag configuration fetches (per process)
     experiment_flag_max_age: float = 300.0  # older than this, local mode evaluates remotely
+    # Amplitude Analytics (HTTP V2 API): local mode's exposure events; no key, no exposures.
+    amplitude_api_key: str = _secret()
+    amplitude_analytics_url: str = ""  # empty: the experiment region's HTTP V2 API host
     # Adobe Target Profile API
     target_client_code: str = ""
     target_url: str = ""  # empty: https://<client-code>.tt.omtrdc.net
@@ -204,6 +212,10 @@ class Settings:
         return self.experiment_flags_url or EXPERIMENT_FLAGS_REGION_URLS[self.experiment_region]
 
     @property
+    def analytics_base_url(self) -> str:
+        return self.amplitude_analytics_url or ANALYTICS_REGION_URLS[self.experiment_region]
+
+    @property
     def target_base_url(self) -> str:
         if self.target_url:
             return self.target_url
@@ -311,7 +323,7 @@ def _check_base_url(name: str, value: str) -> None:
 def validate(settings: Settings) -> Settings:
     """Reject malformed settings with a message naming the setting."""
     for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url",
-                 "experiment_flags_url"):
+                 "experiment_flags_url", "amplitude_analytics_url"):
         _check_base_url(name, getattr(settings, name))
     if settings.experiment_mode not in EXPERIMENT_MODES:
         raise SettingsError(f"{env_name('experiment_mode')} must be one of {list(EXPERIMENT_MODES)}")

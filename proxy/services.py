@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
+from .clients.analytics import AnalyticsClient
 from .clients.base import Answer, HttpClient, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
@@ -25,6 +26,7 @@ from .guards import CircuitBreaker, RateLimiter, RetryBudget
 if TYPE_CHECKING:
     from .delivery import Deliverer
     from .experiment_local import FlagStore
+    from .exposures import ExposureTracker
     from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
@@ -92,6 +94,7 @@ class Services:
         # Metrics are plugged into `clients` by the app; the flags client reports through them.
         self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
         self._flag_store: FlagStore | None = None
+        self._exposures: ExposureTracker | None = None
         self.target = self._guarded(TargetClient(
             self.pool, settings.target_base_url, settings.target_client_code,
             settings.target_token, **http
@@ -128,10 +131,41 @@ class Services:
         if self._flag_store is None:
             from .experiment_local import FlagStore
 
-            s = self.settings
-            self._flag_store = FlagStore(self.experiment_flags.flags, s.experiment_flag_refresh,
-                                         s.experiment_flag_max_age, self.timer)
+            s, client, timer = self.settings, self.experiment_flags, self.timer
+
+            def fetch() -> tuple[list[dict], float]:  # each process alone
+                return client.flags(), timer()
+
+            if self.redis is not None:
+                from .experiment_flags_shared import SharedFlagFetch
+
+                # One fetch per interval for the deployment; the lock outlives a fetch's timeout.
+                fetch = SharedFlagFetch(client.flags, self.redis,  # type: ignore[assignment]
+                                        s.experiment_deployment_key, s.experiment_flag_refresh,
+                                        s.experiment_flag_max_age, lock_ttl=sum(client.timeout) + 5,
+                                        timer=timer)
+            self._flag_store = FlagStore(fetch, s.experiment_flag_refresh, s.experiment_flag_max_age, timer)
         return self._flag_store
+
+    @property
+    def exposures(self) -> ExposureTracker | None:
+        """Local mode's exposure events (this process's pipeline; None without an analytics key
+        or in remote mode, where Amplitude tracks assignments itself)."""
+        s = self.settings
+        if s.experiment_mode != "local" or not s.amplitude_api_key:
+            return None
+        if self._exposures is None:
+            from .exposures import ExposureTracker
+
+            # Off the send path, like the flags: an answer may take longer than a recipient's.
+            client = self._guarded(AnalyticsClient(
+                self.pool, s.analytics_base_url, s.amplitude_api_key,
+                connect_timeout=s.upstream_connect_timeout,
+                read_timeout=max(10.0, s.upstream_read_timeout), max_bytes=s.upstream_max_bytes,
+            ))
+            client.observe = lambda *call: self.experiment.observe(*call)
+            self._exposures = ExposureTracker(client, s.amplitude_api_key, self.redis, self.timer)
+        return self._exposures
 
     def ttl_of(self, kind: str) -> Callable[[Answer], float]:
         """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""
@@ -222,11 +256,14 @@ class Services:
 
     def close(self) -> None:
         """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
-        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked."""
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked; then
+        send the queued exposure events (best effort: the writes come first)."""
         if self.deliverer is not None:
             s = self.settings
             self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
             self.deliverer = None
+        if self._exposures is not None:
+            self._exposures.close()
         self.cache.drain()
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:

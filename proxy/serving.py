@@ -9,6 +9,7 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import errno
+import gc
 import math
 import os
 import shutil
@@ -77,10 +78,15 @@ def _on_worker_fork(_server: Any, _worker: Any) -> None:
 
 
 def _on_worker_start(worker: Any) -> None:
-    """In each worker: start background delivery of the outbox (create_app builds the app
+    """In each worker: keep the start-up objects out of garbage collections, start background
+    delivery of the outbox (create_app builds the app
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
     waits for open connections; the deliveries in flight then have the graceful period
     (`delivery_grace`) to finish and be recorded."""
+    # Everything imported and built so far lives as long as the worker: out of every full
+    # garbage collection from now on (each one pauses every request in flight in this worker).
+    # No collection first: it would walk the whole heap while the worker is not yet accepting.
+    gc.freeze()
     services = worker.wsgi.extensions["ccproxy"]
     if not worker.alive:  # told to stop while it was loading the app
         return
