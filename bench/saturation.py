@@ -10,6 +10,8 @@ One run, every server started side by side and measured in interleaved rounds (m
   requests served per connection and connections per worker;
 - bare Flask `jsonify` (bench/baseline.py) on gunicorn gevent, gunicorn gthread 2 x 8, and
   granian (a Rust HTTP server, WSGI on 8 blocking threads per worker);
+- the proxy on granian with 256 blocking threads per worker (bench/granian_app.py), the
+  alternative server measured for hits and the burst (not what `ccproxy serve` runs);
 - the upstream: Debian's nginx with its echo module answering fixed JSON after 20 ms
   (`rec_id=slowRecId`: after 1 s, for the Braze burst), so the miss path's figures are the
   proxy's own cost, not a Python upstream's.
@@ -50,7 +52,7 @@ ANSWER = ('{"userData":{"recommendations":[{"rec_id":"$arg_rec_id","child_rec_id
           '"recommendation_source":"model","last_updated":1709993617}],"user_id":"$arg_user_id",'
           '"device_id":"ffff-ffff-ffff-ffff","amp_props":null,"cohort_ids":null}}')
 NGINX_CONF = """load_module {module};
-daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log warn;
+daemon off; master_process off; worker_processes 1; pid {dir}/nginx.pid; error_log {dir}/error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
@@ -71,6 +73,7 @@ BARE_PATH = "/v1/amplitude/recommendations?user_id=u&rec_id=testRecId"
 NAMES = {"proxy_fair": "proxy, `ccproxy serve` (gevent, yields after each answer, accepts 16 a turn)",
          "proxy_fair_accept1": "proxy, yields after each answer, accepts 1 a turn (gunicorn's)",
          "proxy_unfair": "proxy, gevent worker before issue 15",
+         "proxy_granian": "proxy on granian WSGI 2 x 256 blocking threads (measured, not shipped)",
          "bare_gevent": "bare Flask, gunicorn gevent",
          "bare_gthread": "bare Flask, gunicorn gthread 2 x 8",
          "bare_granian": "bare Flask, granian WSGI 2 x 8 blocking threads"}
@@ -79,6 +82,17 @@ NAMES = {"proxy_fair": "proxy, `ccproxy serve` (gevent, yields after each answer
 def load_avg() -> str:
     one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
     return f"load average {one}, {five}, {fifteen}"
+
+
+def start_nginx(procs: Processes, directory: Path, latency: float) -> str:
+    """The non-Python upstream: nginx answering fixed JSON after `latency` s; its base URL."""
+    port = free_port()
+    (directory / "nginx.conf").write_text(NGINX_CONF.format(module=ECHO_MODULE, dir=directory, port=port,
+                                                            latency=latency, answer=ANSWER))
+    procs.start(["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory)])
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url + "/v1/userprofile?rec_id=x&user_id=y")
+    return url
 
 
 def tools_missing() -> list[str]:
@@ -119,7 +133,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--latency", type=float, default=0.02, help="nginx upstream delay on a miss")
-    parser.add_argument("--open-seconds", type=float, default=10)
+    parser.add_argument("--open-seconds", type=float, default=8)
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args()
     missing = tools_missing()
@@ -130,17 +144,19 @@ def main() -> None:
     started = time.monotonic()
     results: dict = {"load": {}}
     try:
-        ports = {name: free_port() for name in ("nginx", *NAMES)}
+        ports = {name: free_port() for name in NAMES}
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(module=ECHO_MODULE, dir=tmp, port=ports["nginx"],
-                                                          latency=args.latency, answer=ANSWER))
-        procs.start(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
+        url["nginx"] = start_nginx(procs, tmp, args.latency)
         env = {**PROXY_ENV, "CCPROXY_AMPLITUDE_URL": url["nginx"]}
         counts = {name: tmp / f"{name}.counts" for name in NAMES if name.startswith("proxy")}
         for name, variant in (("proxy_fair", "fair"), ("proxy_fair_accept1", "fair_accept1"),
                               ("proxy_unfair", "unfair")):
             procs.start([PY, str(HERE / "serve_variant.py"), "--port", str(ports[name]), "--variant", variant,
                          "--workers", str(args.workers), "--counts", str(counts[name])], env)
+        procs.start([str(Path(PY).parent / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
+                     "--port", str(ports["proxy_granian"]), "--workers", str(args.workers), "--blocking-threads", "256",
+                     "--no-access-log", "--log-level", "error", "--working-dir", str(HERE), "--factory",
+                     "granian_app:load_app"], env)
         procs.start([PY, str(HERE / "baseline.py"), "--port", str(ports["bare_gevent"]), "--workers", str(args.workers)])
         procs.start([PY, str(HERE / "baseline.py"), "--port", str(ports["bare_gthread"]), "--workers", str(args.workers),
                      "--worker-class", "gthread", "--threads", "8"])
@@ -148,12 +164,11 @@ def main() -> None:
                      "--port", str(ports["bare_granian"]), "--workers", str(args.workers), "--blocking-threads", "8",
                      "--no-access-log", "--log-level", "warning", "--working-dir", str(HERE), "--factory",
                      "baseline:make_app"])
-        wait_up(url["nginx"] + "/v1/userprofile?rec_id=x&user_id=y")
         for name in NAMES:
             wait_up(url[name] + "/healthz")
         # Every cache warm in every worker: the keys once, then 4 s of random hits on 32
         # connections (each key about ten times per worker).
-        for name in counts:
+        for name in (*counts, "proxy_granian"):
             with requests.Session() as session:
                 for i in range(1, WARM_USERS + 1):
                     session.get(f"{url[name]}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
@@ -184,7 +199,7 @@ def main() -> None:
 
         results["load"]["burst"] = load_avg()
         results["burst"] = {name: wrk(url[name], "miss_slow.lua", 500, max(10, args.seconds), timeout="2s")
-                            for name in counts}
+                            for name in (*counts, "proxy_granian")}
 
         results["load"]["open_start"] = load_avg()
         # The maximum, measured again just before (the machine's load moves): closed loop on the
@@ -195,7 +210,7 @@ def main() -> None:
         opened = []
         for kind, top, conns in (("hit", hit_max, 64), ("miss", miss_max, 256)):
             for share in (0.5, 0.8):
-                for name in ("proxy_fair", "proxy_unfair") if kind == "hit" else ("proxy_fair",):
+                for name in ("proxy_fair", "proxy_unfair", "proxy_granian") if kind == "hit" else ("proxy_fair",):
                     run = openloop(url[name], top * share, args.open_seconds, kind, conns)
                     opened.append({"server": name, "kind": kind, "share": share, "connections": conns, **run})
         results["open"] = opened

@@ -69,10 +69,10 @@ def fair_worker_class(base: type, accept_batch: int = ACCEPT_BATCH) -> type:
     gevent's socket reads switch to another greenlet only when no data is waiting. Under load
     the client's next request on a kept-alive connection is often in the buffer by the time
     the worker has written the previous answer, so one greenlet serves its connection request
-    after request while the others wait: measured over a run, some connections got 30 times
-    the answers of others, and at 256 connections a hundred connections got one answer in 8 s
-    (bench/RESULTS.md, "requests served per connection"). Yielding once after each answer puts
-    that connection behind the others that are ready, so each is served in turn.
+    after request while the others wait: over a 6 s run at 32 connections some connections got
+    18 times the answers of others, and at 256 some got a single answer while others got a
+    thousand (bench/RESULTS.md, "requests served per connection"). Yielding once after each
+    answer puts that connection behind the others that are ready, so each is served in turn.
 
     New connections: with more than one worker, gunicorn accepts one connection per turn of
     the event loop; when every turn also runs up to gevent's switch interval of answers, a
