@@ -59,9 +59,12 @@ def main() -> None:
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    inclusive, exclusive, total = Counter(), Counter(), 0
+    inclusive, exclusive, total, idle = Counter(), Counter(), 0, 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if "_WorkerGreenlet.run" in stack and stack.endswith("acquire_with_timeout (gevent/_threading.py:36)"):
+            idle += int(count)  # gevent's resolver threads waiting for work: no CPU, not the worker's loop
+            continue
         total += int(count)
         frames = stack.split(";")
         exclusive[frames[-1]] += int(count)
@@ -70,7 +73,9 @@ def main() -> None:
     lines = ["Cache misses under load (wrk, 256 connections, distinct users, nginx upstream answering after "
              "20 ms); py-spy samples of the proxy worker, inclusive share (self share below):", "",
              "wrk: " + summary[5:], "",
-             "CPU (cores) while sampled: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), ""]
+             "CPU (cores) while sampled: " + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), "",
+             f"Left out: {idle} samples of gevent's resolver thread pool waiting for work (idle threads; "
+             "they exist because new upstream connections resolve the host there).", ""]
     lines += [f"{n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(40)]
     lines += ["", "Self time (the frame itself, not what it calls):", ""]
     lines += [f"{n / total:6.1%}  {frame}" for frame, n in exclusive.most_common(25)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -234,7 +235,10 @@ def report(results: dict, args) -> None:
              f"medians of {args.rounds} interleaved rounds; proxy upstream: nginx + echo module, "
              f"{args.latency * 1000:.0f} ms (`slowRecId`: 1 s). The machine is shared: "
              f"{load['closed_start']} at the start of the closed-loop rounds, {load['closed_end']} at their end. "
-             "Ratios are within this run; absolute figures need a quiet-machine rerun when the load is high.", "",
+             "Ratios are within this run; "
+             + ("**the load was high (above the core count): these figures need a quiet-machine rerun**."
+                if max(float(v.split()[2].rstrip(",")) for v in load.values()) > (os.cpu_count() or 1)
+                else "the load stayed below the core count."), "",
              "### Cache hits, closed loop (wrk)", "",
              "| server | conns | req/s | p50 ms | p75 ms | p99 ms | p99.9 ms | max ms | p99 vs gthread | req/s vs best bare |",
              "|---|---|---|---|---|---|---|---|---|---|"]
