@@ -19,7 +19,8 @@ This worker gives each connection one phase at a time, each on its own clock:
   clock of ours, never shed;
 - send: the answer must be taken by the client within `send_timeout` from its first byte;
   a stuck send is closed. The next request (pipelined or not) is read only once the whole
-  answer is written, so a client that does not read cannot queue more work;
+  answer is written and acknowledged by the client (the kernel's send queue is empty), so a
+  client that pipelines requests and reads nothing costs one answer, not megabytes of them;
 - idle: between requests a keep-alive connection may wait `keepalive_timeout` (longer than
   load balancers' idle timeouts, so they never reuse a socket we closed).
 
@@ -36,7 +37,10 @@ and the open connections by phase into `ccproxy_connections` (proxy/observabilit
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
+import termios
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -142,6 +146,14 @@ def _quiet_hangup(message: str) -> BrokenPipeError:
     return BrokenPipeError(errno.EPIPE, message)
 
 
+def _unsent(sock: socket.socket) -> int:
+    """Bytes written to the socket that the client has not acknowledged yet (Linux SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 class GuardedSocket:
     """A client socket whose reads end (as if the client hung up) at the phase's deadline,
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
@@ -225,13 +237,32 @@ class GuardedSocket:
         except OSError:
             pass
 
+    def answer_taken(self) -> bool:
+        """Wait (on the send clock) until the client has taken the previous answer: the
+        kernel's send queue is empty. A client that pipelines requests and reads nothing
+        would otherwise have the worker render answer after answer into socket buffers
+        (megabytes each), starving every other client of the worker's CPU."""
+        delay = 0.001
+        while _unsent(self._sock) > 0:
+            left = self.deadline - time.monotonic()
+            if not self.phase or left <= 0:
+                self._expire()
+                return False
+            time.sleep(min(delay, left))  # gevent's sleep in a worker
+            delay = min(2 * delay, 0.05)
+        return True
+
     @contextmanager
     def reading_request(self) -> Iterator[None]:
         """Around gunicorn's read of one request line and headers (after the previous
-        answer was written whole)."""
+        answer was written whole and taken by the client)."""
         if self.requests:
-            self.guard.move(self, IDLE, self.guard.keepalive_timeout)
-            if self.guard.closing:  # answered while the worker was told to stop: no more
+            if not self.answer_taken():
+                self.guard.leave(self)  # the parser's next read sees the end of the stream
+                self.close_now()
+            else:
+                self.guard.move(self, IDLE, self.guard.keepalive_timeout)
+            if self.guard.closing and self.phase:  # answered while the worker was told to stop
                 self.guard.shed(self, "shutdown")
         try:
             yield
