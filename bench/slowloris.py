@@ -3,7 +3,12 @@ answered while a flood of connections holds the server, and the Braze burst besi
 
     .venv/bin/python bench/slowloris.py [--connections 10000] [--attacks headers,body,unread]
                                         [--max-connections 500] [--workers 2] [--burst]
+                                        [--compare DIR]
     .venv/bin/python bench/slowloris.py --port PORT [...]   # against a proxy already running
+
+--compare DIR runs another checkout's proxy beside this one (e.g. main's:
+`git archive main | tar -x -C DIR`), each flood and burst alternating between the two, so
+both are measured under the same load of this shared machine.
 
 Starts the sandbox Amplitude upstream and the proxy as `ccproxy serve` runs it (unless
 --port), warms one cached answer, then for each attack opens `--connections` sockets at
@@ -40,9 +45,8 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, Processes, free_port, set_latency, wait_up, wrk  # noqa: E402
+from run import Processes, set_latency, start_amplitude_and_proxy, wait_up, wrk  # noqa: E402
 
-AMPLITUDE_KEY = "sandbox-amplitude-secret"
 CACHED = "/v1/amplitude/properties?user_id=bench-flood"
 ACTIVITY = b'{"$type": "TOUCH", "$ts": 1735689600000, "$user_identifiers": []}'
 PAYLOADS = {
@@ -200,52 +204,59 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--burst", action="store_true")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long the normal client probes")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another checkout (e.g. main's) whose proxy runs beside, probed alternately")
     args = parser.parse_args()
     port = args.port or args.port_arg
     count = args.count_arg or args.connections
     procs = Processes()
-    sandbox = None
+    env = {"CCPROXY_MAX_CONNECTIONS": str(args.max_connections),
+           "CCPROXY_REQUEST_DEADLINE": "1.9", "CCPROXY_UPSTREAM_READ_TIMEOUT": "1.8"}
     try:
-        if port is None:
-            sandbox_port, port = free_port(), free_port()
-            sandbox = f"http://127.0.0.1:{sandbox_port}"
-            procs.start([PY, "-m", "proxy.sandbox", "amplitude", "--port", str(sandbox_port), "--workers", "1"])
-            procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(port),
-                         "--workers", str(args.workers)],
-                        {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
-                         "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_LOG_LEVEL": "WARNING",
-                         "CCPROXY_MAX_CONNECTIONS": str(args.max_connections),
-                         "CCPROXY_CACHE_TTL_PROPERTIES": "3600",
-                         "CCPROXY_REQUEST_DEADLINE": "1.9", "CCPROXY_UPSTREAM_READ_TIMEOUT": "1.8"})
-            wait_up(sandbox + "/__sandbox/stats")
-        base = f"http://127.0.0.1:{port}"
-        wait_up(base + "/healthz")
-        for _ in range(4 * args.workers):  # cached in every worker (each has its own cache)
-            requests.get(base + CACHED, timeout=10)
-        baseline: list[dict] = []
-        probing(port, args.seconds, baseline).join()
-        results = {"baseline": {"load": load(), "probes": baseline}, "floods": []}
-        print("| attack | connections | normal client answers | first answer s | p50 / max s (max connect) "
-              "| answers over 1 s | closed by the server | listen overflows | load (1/5/15 min) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        print(summary({"attack": "none (baseline)", "connections": 0, "closed_by_server": "-",
-                       "listen_overflows": "-", **results["baseline"]}))
+        servers: list[tuple[str, str | None, int]] = []
+        if port is not None:
+            servers.append(("running", None, port))
+        else:
+            servers.append(("this tree", *start_amplitude_and_proxy(procs, args.workers, env)))
+            if args.compare:
+                servers.append((args.compare.name, *start_amplitude_and_proxy(procs, args.workers, env,
+                                                                              args.compare.resolve())))
+        results: dict = {"servers": {}}
+        print("| server | attack | connections | normal client answers | first answer s | p50 / max s "
+              "(max connect) | answers over 1 s | closed by the server | listen overflows | load (1/5/15 min) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for label, _sandbox, server_port in servers:
+            base = f"http://127.0.0.1:{server_port}"
+            wait_up(base + "/healthz")
+            for _ in range(4 * args.workers):  # cached in every worker (each has its own cache)
+                requests.get(base + CACHED, timeout=10)
+            baseline: list[dict] = []
+            probing(server_port, args.seconds, baseline).join()
+            results["servers"][label] = {"baseline": {"load": load(), "probes": baseline}, "floods": []}
+            print(f"| {label} " + summary({"attack": "none (baseline)", "connections": 0, "closed_by_server": "-",
+                                           "listen_overflows": "-", "load": load(), "probes": baseline}))
         for attack in args.attacks.split(","):
-            result = flood(base, port, attack, args.unread_connections if attack == "unread" else count,
-                           args.seconds)
-            results["floods"].append(result)
-            print(summary(result))
-            print(f"  closed by reason: {result['closed_by_reason']}", file=sys.stderr)
-            time.sleep(3)
-        if args.burst and sandbox:
-            set_latency(sandbox, 1.0)
-            results["burst_load"] = load()
-            results["burst_500c"] = wrk(base, "miss.lua", 500, 10, timeout="2s")
-            burst = results["burst_500c"]
-            print(f"\nBraze burst (500 conns, upstream 1 s, 10 s): {burst['requests']} answers, p50 "
-                  f"{burst['p50_ms']:.0f} ms, p99 {burst['p99_ms']:.0f} ms, max {burst['max_ms']:.0f} ms, "
-                  f"errors {burst['errors']}, non-2xx {burst['non_2xx']}, timeouts {burst['timeouts']}, "
-                  f"{burst['rps']:.0f}/s; load {results['burst_load']}")
+            for label, _sandbox, server_port in servers:
+                result = flood(f"http://127.0.0.1:{server_port}", server_port, attack,
+                               args.unread_connections if attack == "unread" else count, args.seconds)
+                results["servers"][label]["floods"].append(result)
+                print(f"| {label} " + summary(result))
+                print(f"  closed by reason: {result['closed_by_reason']}", file=sys.stderr)
+                time.sleep(5)
+        if args.burst:
+            print("\n| server | Braze burst: 500 conns, upstream 1 s, 10 s | load (1/5/15 min) |\n|---|---|---|")
+            for _round in range(2):
+                for label, sandbox, server_port in servers:
+                    if sandbox is None:
+                        continue
+                    set_latency(sandbox, 1.0)
+                    burst_load = load()
+                    burst = wrk(f"http://127.0.0.1:{server_port}", "miss.lua", 500, 10, timeout="2s")
+                    results["servers"][label].setdefault("bursts", []).append({**burst, "load": burst_load})
+                    print(f"| {label} | {burst['requests']} answers, p50 {burst['p50_ms']:.0f} ms, p99 "
+                          f"{burst['p99_ms']:.0f} ms, max {burst['max_ms']:.0f} ms, errors {burst['errors']} "
+                          f"(timeouts {burst['timeouts']}), non-2xx {burst['non_2xx']}, {burst['rps']:.0f}/s "
+                          f"| {burst_load} |")
         print("JSON " + json.dumps(results))
     finally:
         procs.stop()
