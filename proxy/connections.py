@@ -19,8 +19,9 @@ This worker gives each connection one phase at a time, each on its own clock:
   clock of ours, never shed;
 - send: the answer must be taken by the client within `send_timeout` from its first byte;
   a stuck send is closed. The next request (pipelined or not) is read only once the whole
-  answer is written and acknowledged by the client (the kernel's send queue is empty), so a
-  client that pipelines requests and reads nothing costs one answer, not megabytes of them;
+  answer is written and taken by the client (the kernel has transmitted all of it: the
+  client's receive window is open), so a client that pipelines requests and reads nothing
+  costs at most its receive buffer of answers, not megabytes of them;
 - idle: between requests a keep-alive connection may wait `keepalive_timeout` (longer than
   load balancers' idle timeouts, so they never reuse a socket we closed).
 
@@ -40,7 +41,6 @@ import errno
 import fcntl
 import socket
 import struct
-import termios
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -146,11 +146,16 @@ def _quiet_hangup(message: str) -> BrokenPipeError:
     return BrokenPipeError(errno.EPIPE, message)
 
 
+# Linux ioctl: bytes written to a TCP socket that the kernel has not transmitted yet (the
+# client's receive window is closed: it does not read). Unlike SIOCOUTQ it leaves out bytes
+# in flight, so a client across a WAN is not waited for while its ACK travels.
+SIOCOUTQNSD = 0x894B
+
+
 def _unsent(sock: socket.socket) -> int:
-    """Bytes written to the socket that the client has not acknowledged yet (Linux SIOCOUTQ)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, ValueError):
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # not TCP, or not Linux: nothing known to wait for
         return 0
 
 
@@ -239,9 +244,10 @@ class GuardedSocket:
 
     def answer_taken(self) -> bool:
         """Wait (on the send clock) until the client has taken the previous answer: the
-        kernel's send queue is empty. A client that pipelines requests and reads nothing
+        kernel has transmitted all of it. A client that pipelines requests and reads nothing
         would otherwise have the worker render answer after answer into socket buffers
-        (megabytes each), starving every other client of the worker's CPU."""
+        (megabytes each), starving every other client of the worker's CPU. Only such a
+        client waits: a reading one has an open window, so nothing is left unsent."""
         delay = 0.001
         while _unsent(self._sock) > 0:
             left = self.deadline - time.monotonic()
