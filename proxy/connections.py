@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadRequest, BodyTimeout, ProxyError
+from .errors import BadRequest, BodyTimeout, BodyTooLarge, ProxyError
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -280,13 +280,18 @@ class GuardedSocket:
     def take_body(self, req: Any, max_body: int, body_class: type) -> bool:
         """Read the request's body (up to `max_body` + 1 bytes) under the body clock, before
         the app runs; then the request is active. False: the connection must close (the
-        client is gone, or was answered 408 or 400 here)."""
+        client is gone, or was answered 408, 413 or 400 here)."""
         headers = dict(req.headers)  # gunicorn refused repeated or conflicting length headers
         length = headers.get("CONTENT-LENGTH")
-        if "TRANSFER-ENCODING" not in headers and (length is None or int(length) == 0 or int(length) > max_body):
-            # No body, or one the app refuses by its length (413) without reading it.
-            self.guard.move(self, ACTIVE, self.guard.body_timeout)
-            return True
+        if "TRANSFER-ENCODING" not in headers:
+            size = int(length or 0)
+            if size > max_body:
+                # The app refuses it by its length (413) without reading it; nor does gunicorn
+                # drain it for a next request at the client's pace: the connection closes.
+                req.force_close()
+            if size == 0 or size > max_body:
+                self.guard.move(self, ACTIVE, self.guard.body_timeout)
+                return True
         from gunicorn.http.errors import NoMoreData, ParseException
 
         try:
@@ -310,6 +315,8 @@ class GuardedSocket:
         if length is not None and len(data) < int(length):
             return self._answer_and_close(BadRequest(
                 "the request body ended before its Content-Length", code="invalid_body"))
+        if len(data) > max_body:  # chunked, over the limit: the app would not see it whole
+            return self._answer_and_close(BodyTooLarge(max_body))
         req.body = body_class(_Prefetched(data, req.body))
         self.guard.move(self, ACTIVE, self.guard.body_timeout)
         return True

@@ -225,9 +225,15 @@ def test_a_body_over_the_limit_is_a_json_413(guarded_server):
     r = requests.post(f"{server.base}/v1/mediarithmics/activities", data=b"{" + b" " * 5000 + b"}",
                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
                       timeout=30)
-    assert r.status_code == 413
+    assert r.status_code == 413 and r.headers["Connection"] == "close"  # the body is never read
     assert r.json() == {"ok": False, "error": {
         "code": "body_too_large", "message": "the request body is larger than 1000 bytes (CCPROXY_MAX_BODY)"}}
+    # Without a length (chunked), the worker reads no more than the limit and one byte.
+    chunked = requests.post(f"{server.base}/v1/mediarithmics/activities",
+                            data=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]),
+                            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                            timeout=30)
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
 
 
 def test_sigterm_closes_idle_keepalive_connections_so_the_stop_is_prompt(guarded_server):
