@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--burst", action="store_true")
+    parser.add_argument("--burst-rounds", type=int, default=2, help="alternating: ABBA...")
     parser.add_argument("--seconds", type=float, default=8.0, help="how long the normal client probes")
     parser.add_argument("--compare", type=Path, default=None,
                         help="another checkout (e.g. main's) whose proxy runs beside, probed alternately")
@@ -235,7 +236,7 @@ def main() -> None:
             results["servers"][label] = {"baseline": {"load": load(), "probes": baseline}, "floods": []}
             print(f"| {label} " + summary({"attack": "none (baseline)", "connections": 0, "closed_by_server": "-",
                                            "listen_overflows": "-", "load": load(), "probes": baseline}))
-        for attack in args.attacks.split(","):
+        for attack in filter(None, args.attacks.split(",")):
             for label, _sandbox, server_port in servers:
                 result = flood(f"http://127.0.0.1:{server_port}", server_port, attack,
                                args.unread_connections if attack == "unread" else count, args.seconds)
@@ -245,8 +246,8 @@ def main() -> None:
                 time.sleep(5)
         if args.burst:
             print("\n| server | Braze burst: 500 conns, upstream 1 s, 10 s | load (1/5/15 min) |\n|---|---|---|")
-            for _round in range(2):
-                for label, sandbox, server_port in servers:
+            for round_ in range(args.burst_rounds):
+                for label, sandbox, server_port in servers[::-1] if round_ % 2 else servers:
                     if sandbox is None:
                         continue
                     set_latency(sandbox, 1.0)
