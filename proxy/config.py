@@ -149,6 +149,10 @@ class Settings:
     link_ttl_days: float = 30.0
     # TOML file of fallback content per endpoint path (see README, Operations).
     fallbacks_file: str = ""
+    # Recommendations answer "none for now" (200, found: false, fallback: true) instead of a
+    # 503 while Amplitude is rate limited and nothing is cached: Braze's :retry cannot outlast
+    # a Retry-After, and its failed retries would halt the whole host (README, Operations).
+    recommendations_rate_limit_fallback: bool = True
 
     # Upstream HTTP: timeouts in seconds, answer size cap in bytes.
     upstream_connect_timeout: float = 0.5

@@ -19,7 +19,7 @@ from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
-from .errors import OutboxUnavailable, ProxyError, TransientError
+from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
 from .guards import CircuitBreaker, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 log = logging.getLogger("ccproxy")
+OUTBOX_OPEN_WAIT = 2.0  # seconds a request waits for the outbox's schema (start-up waits longer)
 
 
 def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
@@ -140,21 +141,31 @@ class Services:
     def cached(
         self, kind: str, client: Any, operation: str, params: dict[str, str],
         call: Callable[[], Answer], fallback: Callable[[], Any] | None = None,
+        when_limited: Callable[[], Any] | None = None,
     ) -> Lookup:
         """One upstream call through the cache, keyed without any secret in clear. When it
         fails and nothing stale is left, `fallback()` (raw upstream-shaped data built from
-        the operator's content) stands in, if given."""
+        the operator's content) stands in, if given; when it is rate limited (a 429, a
+        Retry-After pause, the proxy's own budget), `when_limited()` does, if given."""
         key = cache_key(client.name, client.credential, operation, params)
         try:
             return self.cache.fetch(key, call, self.ttl_of(kind))
-        except TransientError:
-            if fallback is None:
-                raise
-            return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+        except TransientError as exc:
+            if fallback is not None:
+                return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+            if when_limited is not None and isinstance(exc, UpstreamRateLimited):
+                return Lookup(Answer(when_limited()), "FALLBACK", 0.0, 0.0)
+            raise
 
     @property
     def outbox(self):
-        """The durable outbox of writes (opened on first use)."""
+        """The durable outbox of writes (opened on first use; a request waits briefly for it)."""
+        return self.open_outbox(OUTBOX_OPEN_WAIT)
+
+    def open_outbox(self, migrate_timeout: float):
+        """The outbox, opened (its schema migrated) now if it is not open yet. `ccproxy serve`
+        opens it as each worker starts, waiting up to a minute for another worker's
+        migration, so no request pays for it."""
         if self._outbox is None:
             import sqlite3
 
@@ -163,7 +174,8 @@ class Services:
             try:
                 self._outbox = Outbox(self.settings.outbox_path, self.settings.outbox_max_attempts,
                                       self.settings.outbox_max_backoff,
-                                      max_rows=self.settings.outbox_max_rows)
+                                      max_rows=self.settings.outbox_max_rows,
+                                      migrate_timeout=migrate_timeout)
             except (OSError, sqlite3.Error) as exc:
                 log.error("outbox %s cannot be opened: %s", self.settings.outbox_path, exc)
                 raise OutboxUnavailable("the outbox cannot be opened; nothing was recorded",
@@ -179,7 +191,7 @@ class Services:
         from .delivery import Deliverer
 
         try:
-            outbox = self.outbox
+            outbox = self.open_outbox(60.0)
         except ProxyError:
             return  # logged; writes answer 503 and /readyz reports it
         client = self.delivery_client()
@@ -209,9 +221,11 @@ class Services:
             self.deliverer.request_stop()
 
     def close(self) -> None:
-        """Let deliveries in flight finish and be recorded (clean shutdown)."""
+        """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked."""
         if self.deliverer is not None:
-            self.deliverer.stop()
+            s = self.settings
+            self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
             self.deliverer = None
         self.cache.drain()
 

@@ -16,11 +16,15 @@ def _userprofile(services, args, kind: str, path: str, flags: dict[str, str], re
     query.update(flags)
     client = services.amplitude
     content = services.fallback_content(path)
-    fallback = None
+    fallback = when_limited = None
     if content is not None:
         fallback = lambda: fallback_user_data(content, list(rec_ids), user_id, device_id)  # noqa: E731
+    if kind == "recommendations" and services.settings.recommendations_rate_limit_fallback:
+        # "No recommendations for now": every template has that branch, and Braze's :retry
+        # cannot outlast a Retry-After (README, "Rate limited recommendations").
+        when_limited = lambda: fallback_user_data({}, list(rec_ids), user_id, device_id)  # noqa: E731
     lookup = services.cached(
-        kind, client, "userprofile", query, lambda: client.userprofile(query), fallback
+        kind, client, "userprofile", query, lambda: client.userprofile(query), fallback, when_limited
     )
     return user_id, device_id, lookup
 
