@@ -152,6 +152,16 @@ class Metrics:
             "ccproxy_outbox_dropped", "Writes not recorded at intake, by reason", ["reason", "worker"],
             registry=registry,
         )
+        # Inbound connections of `ccproxy serve` workers (proxy/connections.py): none in-process.
+        self.connections_closed = Counter(
+            "ccproxy_connections_closed", "Client connections the server closed, by reason "
+            "(a clock that ran out: header/body/send/keepalive_timeout; shed_<phase> past the cap; shutdown)",
+            ["reason"], registry=registry,
+        )
+        self.connections = Gauge(
+            "ccproxy_connections", "Open client connections by phase (waiting, body, active, send, idle)",
+            ["phase"], registry=registry, multiprocess_mode="livesum",
+        )
         self._copied: dict[tuple, float] = {}
         self._sync_lock = threading.Lock()
         box = _BoxCollector(services)
@@ -210,6 +220,12 @@ class Metrics:
                 for outcome, count in list(exposures.counts.items()):
                     self._advance(self.experiment_exposures.labels(outcome, worker),
                                   ("exposures", outcome), count)
+            guard = getattr(services, "connections", None)  # set by the serve worker
+            if guard is not None:
+                for reason, count in list(guard.closed.items()):
+                    self._advance(self.connections_closed.labels(reason), ("closed", reason), count)
+                for phase, count in guard.open_by_phase().items():
+                    self.connections.labels(phase).set(count)
             outbox = getattr(services, "_outbox", None)
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):

@@ -260,8 +260,7 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
         post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
         # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
         # worker keeps accepting and can shed an idle connection for the new one.
-        worker_class=fair_worker_class(guarded_worker_class(
-            settings.header_timeout, settings.keepalive_timeout, settings.max_connections)),
+        worker_class=fair_worker_class(guarded_worker_class(settings)),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
         post_fork=_on_worker_fork,
