@@ -49,7 +49,14 @@ def check_cache(services: Services, report: dict[str, Any]) -> list[Reason]:
     entries = len(services.cache)
     if services.redis is None:
         report["cache"] = {"backend": "memory", "reachable": True, "entries": entries}
-        return []
+        box = services.box
+        if box is None:
+            return []
+        report["cache"]["box"] = box.state()  # shared by the box's workers
+        if box.usable:
+            return []
+        return [Reason("box_cache_unusable", "cache",
+                       f"the box cache cannot be used ({box.last_error}); each worker caches on its own")]
     reachable = services.redis.ping()
     report["cache"] = {"backend": "redis", "reachable": reachable, "entries": entries}
     if reachable:
