@@ -164,7 +164,7 @@ class BoxStore:
         token = self._held.pop(key, None)
         value, expires = self._encode(entry), entry.stored_at + entry.ttl + entry.keep
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("INSERT OR REPLACE INTO entries (key, value, expires) VALUES (?, ?, ?)",
@@ -172,12 +172,14 @@ class BoxStore:
                 if token is not None:  # the claim ends in the same transaction: one write, not two
                     conn.execute("DELETE FROM flights WHERE key = ? AND token = ?", (key, token))
                 conn.execute("COMMIT")
+                return True
             except BaseException:
                 if conn.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
                     conn.execute("ROLLBACK")
                 raise
 
-        self._write(write, None)
+        if not self._write(write, False) and token is not None:
+            self._held[key] = token  # not released with the entry: `unlock` tries again
         self._purge_now_and_then()
 
     def __len__(self) -> int:

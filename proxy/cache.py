@@ -5,6 +5,10 @@ Storage is a small `Store` interface (get/put) so a shared backend (Redis)
 can replace the in-memory one without changing callers; coalescing and
 freshness policy live here, above the store.
 
+Scope: `MemoryStore` and the in-flight calls coalesced here are per process. A store with
+`try_lock`/`unlock` extends coalescing beyond the process: `box_cache.BoxStore` to every
+worker of one machine, `redis_backend.RedisStore` to the whole deployment.
+
 Freshness follows RFC 5861 and Varnish grace: an entry is fresh for its TTL; for
 `grace` seconds after that it is served at once while one background refresh runs
 (stale-while-revalidate); for `max_stale` seconds after its TTL it is served when
