@@ -16,8 +16,9 @@ by default: memory, not disk) behind each worker's memory store:
 - **per deployment**: Redis (`CCPROXY_REDIS_URL`) replaces this store altogether.
 
 gevent: SQLite calls run in the worker's own thread, not a thread pool. Each is one short
-statement on a memory file system (tens of microseconds, measured in bench/box_cache.py),
-cheaper than the hop to a pool thread; none waits for a lock inside SQLite (busy timeout 0):
+statement (or one short transaction) on a memory file system: tens of microseconds, about
+what a hop to a pool thread and back costs by itself (bench/box_cache.py), and the JSON work
+around it holds the GIL either way. None waits for a lock inside SQLite (busy timeout 0):
 a busy database is retried after a cooperative `time.sleep` (a gevent yield), a few times,
 then given up for that call. No transaction spans a yield.
 

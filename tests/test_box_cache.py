@@ -99,7 +99,9 @@ def test_after_warm_every_worker_answers_a_hit(three_workers, sandboxes, tmp_pat
     warmed = upstream_calls(sandboxes)
     assert warmed == len(users)
 
-    before = lookups_by_worker(base)
+    # The warm-up's own lookups counted first, so the growth below is the send's alone.
+    before = wait_for(lambda: (now := lookups_by_worker(base)) and sum(now.values()) >= len(users) and now,
+                      seconds=30, poll=0.2, what="the warm-up's lookups in /metrics")
     answers = []
     for user in users:
         answers += fan_out(base, RECS + user, 9)
