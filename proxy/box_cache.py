@@ -75,10 +75,6 @@ def _reason(exc: BaseException) -> str:
     return "error"
 
 
-class _Busy(Exception):
-    """Internal: the database stayed locked through every try."""
-
-
 def prepare(path: str) -> None:
     """Start the file afresh (an earlier run's monotonic times mean nothing after a reboot):
     remove it and its WAL, create the schema, turn WAL mode on. Called by `ccproxy serve`'s
@@ -273,10 +269,11 @@ class BoxStore:
                         if _reason(exc) != "busy":
                             raise
                 time.sleep(0.0005 * (attempt + 1))  # another process writes: yield, then again
-            raise _Busy()
-        except (_Busy, sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError) as exc:
             self._failed(exc, writing)
             return default
+        self._count("busy")  # contention, not a broken store: the next call tries again
+        return default
 
     def _connection(self) -> sqlite3.Connection:
         # Opened in the process that uses it: a connection must not cross gunicorn's fork.
@@ -294,10 +291,8 @@ class BoxStore:
         return self._conn
 
     def _failed(self, exc: BaseException, writing: bool) -> None:
-        reason = "busy" if isinstance(exc, _Busy) else _reason(exc)
+        reason = _reason(exc)
         self._count(reason)
-        if reason == "busy":
-            return  # contention, not a broken store: the next call tries again
         now = time.monotonic()
         if self.last_error != reason:  # once per episode, not once per call
             log.warning("box cache %s unusable (%s: %s); caching per worker for now",
