@@ -88,7 +88,7 @@ def store(kind: str, method: str, path: str, query: dict[str, str], body: Any, *
                            sheddable=sheddable)
     except (sqlite3.Error, OSError) as exc:
         if shared is not None and idem is not None:
-            shared.forget(idem)
+            shared.forget(idem, write_id)
         busy = isinstance(exc, sqlite3.Error) and is_busy(exc)
         if not busy:
             outbox.dropped["outbox_unwritable"] += 1
@@ -97,10 +97,10 @@ def store(kind: str, method: str, path: str, query: dict[str, str], body: Any, *
                                 retry_after=1 if busy else 5) from None
     except ProxyError:
         if shared is not None and idem is not None:
-            shared.forget(idem)
+            shared.forget(idem, write_id)
         raise
-    if added.duplicate and shared is not None and idem is not None:
-        shared.remember(idem, added.id)  # Redis named our unstored id: name the stored one
+    if shared is not None and idem is not None:
+        shared.stored(idem, write_id, added.id)  # our pending claim now names the stored write
     return added
 
 
