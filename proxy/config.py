@@ -130,6 +130,10 @@ class Settings:
     # Circuit breaker: consecutive failures that open it, seconds before a probe.
     breaker_threshold: int = 5
     breaker_reset: float = 10.0
+    # One answer cache for every worker of one machine (without Redis): a SQLite file that
+    # `ccproxy serve` starts afresh; empty path: a new one under /dev/shm (or the temp dir).
+    box_cache: bool = True
+    box_cache_path: str = ""
     # Shared cache and rate limits for several processes or machines, e.g. redis://host:6379/0.
     redis_url: str = _secret()
     # The durable outbox of writes to mediarithmics (SQLite), and its retry policy.

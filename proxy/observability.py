@@ -162,6 +162,18 @@ class Metrics:
             "ccproxy_connections", "Open client connections by phase (waiting, body, active, send, idle)",
             ["phase"], registry=registry, multiprocess_mode="livesum",
         )
+        # The box cache (a SQLite file all workers share; see proxy/box_cache.py).
+        self.box_lookups = Counter(
+            "ccproxy_box_cache_lookups",
+            "Memory misses of a worker answered from the box cache (HIT) or not (MISS)",
+            ["result", "worker"], registry=registry,
+        )
+        self.box_degraded = Counter(
+            "ccproxy_box_cache_degraded",
+            "Box cache operations given up, by reason (full, read_only, unavailable, busy, error, "
+            "skipped: left alone after a failure); the worker used its own memory cache instead",
+            ["reason", "worker"], registry=registry,
+        )
         self._copied: dict[tuple, float] = {}
         self._sync_lock = threading.Lock()
         box = _BoxCollector(services)
@@ -226,6 +238,12 @@ class Metrics:
                     self._advance(self.connections_closed.labels(reason), ("closed", reason), count)
                 for phase, count in guard.open_by_phase().items():
                     self.connections.labels(phase).set(count)
+            box = getattr(services, "box", None)
+            if box is not None:
+                for result, count in list(box.counts.items()):
+                    self._advance(self.box_lookups.labels(result, worker), ("box", result), count)
+                for reason, count in list(box.degraded.items()):
+                    self._advance(self.box_degraded.labels(reason, worker), ("box-degraded", reason), count)
             outbox = getattr(services, "_outbox", None)
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):

@@ -62,6 +62,13 @@ class Services:
             memory = MemoryStore(settings.cache_maxsize, timer)
             store = RedisStore(self.redis, memory)
         self.timer = timer = timer or time.monotonic
+        self.box = None
+        if not settings.redis_url and settings.box_cache and settings.box_cache_path:
+            from .box_cache import BoxStore
+
+            # Entries carry time.monotonic(): one clock for every process of the machine.
+            self.box = store = BoxStore(settings.box_cache_path, memory, timer, settings.cache_maxsize,
+                                        lock_ttl=self._flight_deadline())
         self.pool = make_pool(proxy=settings.upstream_proxy)
         http = {
             "connect_timeout": settings.upstream_connect_timeout,
@@ -103,6 +110,13 @@ class Services:
             self.pool, settings.mediarithmics_url, settings.mediarithmics_token,
             settings.mediarithmics_datamart_id, **http
         ))
+
+    def _flight_deadline(self) -> float:
+        """How long a box single-flight claim holds: the longest a live holder's upstream call
+        may take (every call is cut at connect + read timeout), so only a hung or dead
+        holder loses it."""
+        s = self.settings
+        return s.upstream_connect_timeout + s.upstream_read_timeout + 0.5
 
     def _guarded(self, client):
         client.breaker = CircuitBreaker(
