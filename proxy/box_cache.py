@@ -233,6 +233,14 @@ class BoxStore:
         now = time.monotonic()
         return now >= self._reads_off_until and now >= self._writes_off_until
 
+    def probe(self) -> bool:
+        """Try the store now (a read of microseconds), unless a failure left it alone for a while:
+        `usable` otherwise only knows what this worker's own lookups found."""
+        if self.usable:
+            self._run(lambda conn: conn.execute("SELECT 1 FROM entries LIMIT 1").fetchall(), None,
+                      writing=False)
+        return self.usable
+
     def state(self) -> dict[str, Any]:
         return {"path": self.path, "usable": self.usable, "last_error": self.last_error,
                 "degraded": dict(self.degraded)}

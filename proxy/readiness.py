@@ -52,8 +52,9 @@ def check_cache(services: Services, report: dict[str, Any]) -> list[Reason]:
         box = services.box
         if box is None:
             return []
+        usable = box.probe()  # whichever worker answers: one that never used the store yet too
         report["cache"]["box"] = box.state()  # shared by the box's workers
-        if box.usable:
+        if usable:
             return []
         return [Reason("box_cache_unusable", "cache",
                        f"the box cache cannot be used ({box.last_error}); each worker caches on its own")]

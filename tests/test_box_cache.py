@@ -243,3 +243,17 @@ def test_a_full_store_degrades_without_errors(tmp_path):
         assert first.fetch(f"k{i}", lambda: answer({"v": "x" * 5000}), lambda _v: 60).state == "MISS"
     assert first.fetch("k0", lambda: answer({}), lambda _v: 60).state == "HIT"  # its own memory
     assert a.degraded.get("full", 0) >= 1 and not a.usable
+
+
+def test_a_worker_that_never_used_an_unusable_store_still_reports_it(tmp_path):
+    """/readyz can be answered by any worker: the probe finds the broken store before any lookup."""
+    from conftest import FakeClock
+
+    from proxy.box_cache import BoxStore
+    from proxy.cache import MemoryStore
+
+    clock = FakeClock()
+    store = BoxStore("/dev/null/box-cache.sqlite3", MemoryStore(100, clock), clock)
+    assert store.usable  # nothing tried yet
+    assert store.probe() is False
+    assert store.last_error and store.degraded
