@@ -47,11 +47,10 @@ def create_app(
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
     app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
-    from .consent import bp as consent_bp
-    from .writes import bp as writes_bp
+    from .writes import blueprints as write_blueprints
 
-    app.register_blueprint(writes_bp)
-    app.register_blueprint(consent_bp)
+    for blueprint in write_blueprints():
+        app.register_blueprint(blueprint)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body  # write bodies; larger is a JSON 413
 
     @app.get("/metrics")

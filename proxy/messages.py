@@ -24,6 +24,7 @@ from .render_limits import LiquidLimits
 from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
 from .snippets import SnippetPolicy, braze_snippets
+from .writes.link_urls import base_url
 
 bp = Blueprint("messages", __name__)
 
@@ -58,7 +59,7 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
     args = dict(args or {})
 
     def consent_link(accept: bool) -> str:
-        from .consent import consent_url
+        from .writes.consent import consent_url
 
         if not _services().settings.link_secret:
             return ""
@@ -72,10 +73,6 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
 
     return {"consent_link": consent_link}
 
-
-def base_url() -> str:
-    configured = _services().settings.public_url
-    return (configured or request.host_url).rstrip("/")
 
 
 @bp.get("/v1/templates")

@@ -148,6 +148,8 @@ def scalar(text: str):
 
 
 USER_POINT_SELECTORS = ("user_point_id", "user_agent_id", "email_hash")
+# Every parameter that may name a mediarithmics user point (the account pair goes together).
+USER_POINT_PARAMS = (*USER_POINT_SELECTORS, "compartment_id", "user_account_id")
 
 
 def user_point_selector(args: Args) -> dict[str, str]:

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from proxy.writes import PIXEL
+from proxy.writes.pixel import PIXEL
 
 LINK_SECRET = "test-link-secret-0123456789"
 

@@ -17,18 +17,13 @@ from urllib.parse import urlencode
 
 from flask import Blueprint, Response, request
 
-from . import idempotency, links, params
-from .errors import ConsentStateUnknown, NotConfigured, ProxyError
-from .responses import json_response
-from .writes import (
-    SELECTOR_PARAMS,
-    _services,
-    base_url,
-    choice_path,
-    expiry,
-    processing_id_of,
-    store,
-)
+from .. import idempotency, links, params
+from ..errors import ConsentStateUnknown, NotConfigured, ProxyError
+from ..responses import json_response
+from .choices import choice_path, processing_id_of
+from .link_urls import base_url, expiry
+from .submit import services as _services
+from .submit import store
 
 bp = Blueprint("consent", __name__)
 CONSENT_PATH = "/v1/mediarithmics/consent"
@@ -36,7 +31,7 @@ CONSENT_PATH = "/v1/mediarithmics/consent"
 # are one write within this window; after it the same link records again, so an old
 # unsubscribe link still works after a later resubscribe.
 CONSENT_REPLAY_WINDOW = 600.0
-LINK_PARAMS = (*SELECTOR_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
+LINK_PARAMS = (*params.USER_POINT_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
 
 
 def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
@@ -51,7 +46,7 @@ def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
     read per link must not cost an upstream call each (a change within the cache TTL only
     makes the link ask the recipient to use a newer email). An answer that is not the
     upstream's (an error, an operator fallback) raises ConsentStateUnknown."""
-    from .endpoints import call
+    from ..endpoints import call
 
     done = call(_services(), "/v1/mediarithmics/choices", {**selector, "processing_id": processing})
     if done.status != 200 or done.body.get("fallback"):
@@ -100,7 +95,7 @@ def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, 
     unknown = set(args) - set(LINK_PARAMS)
     if unknown:
         raise links.LinkError("This link is not valid.")
-    selector = {k: args[k] for k in SELECTOR_PARAMS if k in args}
+    selector = {k: args[k] for k in params.USER_POINT_PARAMS if k in args}
     return selector, args.get("processing_id", ""), args.get("accept") == "true", args.get("v")
 
 
