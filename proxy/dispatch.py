@@ -46,7 +46,7 @@ def run(endpoint: Endpoint, services: Any, args: Mapping[str, str], path: str) -
     """The handler's outcome: its Result, or the ProxyError it raised (an upstream failure
     logged on `path`, the route the caller asked for; anything else an InternalError)."""
     try:
-        return endpoint.handler(services, args)
+        return endpoint.run(services, args)
     except ProxyError as error:
         log_failure(error, path)
         return error

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, request
 
 from . import params
-from .endpoints import REGISTRY, call
+from .endpoints import REGISTRY, call, fresh_seconds
 from .errors import BadRequest, ProxyError
 from .guards import start_deadline
 from .liquid_preview import Fetched
@@ -116,7 +116,8 @@ def preview_template(name: str):
 def snippet_policy() -> SnippetPolicy:
     settings = _services().settings
     return SnippetPolicy(settings.email_hash_liquid,
-                         settings.braze_credential if settings.api_keys else None, settings.ttl)
+                         settings.braze_credential if settings.api_keys else None,
+                         fresh_seconds(settings))
 
 
 @bp.post("/v1/preview/liquid")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
-from .clients.base import Answer, HttpClient, make_pool
+from .clients.base import Answer, HttpClient, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
@@ -132,25 +132,21 @@ class Services:
                                          s.experiment_flag_max_age, self.timer)
         return self._flag_store
 
-    def ttl_of(self, kind: str) -> Callable[[Answer], float]:
-        """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""
-        fresh, negative = self.settings.ttl(kind), self.settings.cache_ttl_negative
-        return lambda answer: negative if answer.missing else fresh
-
-    def cached(
-        self, kind: str, client: Any, operation: str, params: dict[str, str],
-        call: Callable[[], Answer], fallback: Callable[[], Any] | None = None,
-    ) -> Lookup:
-        """One upstream call through the cache, keyed without any secret in clear. When it
-        fails and nothing stale is left, `fallback()` (raw upstream-shaped data built from
-        the operator's content) stands in, if given."""
-        key = cache_key(client.name, client.credential, operation, params)
+    def cached(self, query: Query, ttl: float, fallback: Mapping[str, Any] | None = None) -> Lookup:
+        """One upstream read through the cache, keyed without any secret in clear; fresh for
+        `ttl` seconds (not-found answers: CCPROXY_CACHE_TTL_NEGATIVE). When it fails and
+        nothing stale is left, the operator's `fallback` content, as the client shapes it for
+        this read, stands in (when the read has one)."""
+        client = query.client
+        key = cache_key(client.name, client.credential, query.operation, query.params)
+        negative = self.settings.cache_ttl_negative
         try:
-            return self.cache.fetch(key, call, self.ttl_of(kind))
+            return self.cache.fetch(key, query.send, lambda answer: negative if answer.missing else ttl)
         except TransientError:
-            if fallback is None:
+            data = None if fallback is None else client.fallback(query, fallback)
+            if data is None:
                 raise
-            return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
+            return Lookup(Answer(data), "FALLBACK", 0.0, 0.0)
 
     @property
     def outbox(self):

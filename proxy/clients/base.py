@@ -45,6 +45,18 @@ class Answer:
     missing: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One read a client offers (an intent), not yet sent: `operation` and `params` say what
+    it asks (the cache key, with no secret in it), `send` asks it. The cache decides whether
+    it is sent at all."""
+
+    client: HttpClient
+    operation: str
+    params: dict[str, str]
+    send: Callable[[], Answer]
+
+
 def _compact_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """Intern keys and short string values: cached answers repeat the same field names and
     many of the same values (rec ids, sources, catalogue items), and sharing one string
@@ -130,6 +142,7 @@ class HttpClient:
     """Base of the upstream clients: GET/PUT/POST JSON with typed failures."""
 
     name = "upstream"
+    credential = ""  # a tag of the credential (config.credential_id), never the secret
     # Settings that must be set before this client can be used (env names for the message).
     required: tuple[tuple[str, str], ...] = ()
 
@@ -154,6 +167,11 @@ class HttpClient:
         self.observe: Callable[[str, str, float], None] = lambda *_: None
         # Retry-After pauses this upstream asked of this process (metrics).
         self.pauses = 0
+
+    def fallback(self, query: Query, content: Mapping[str, Any]) -> Any:
+        """The operator's fallback content as this upstream would have answered `query`, so
+        the shapers read it like real data; None when this read has no fallback."""
+        return None
 
     def require(self) -> None:
         """Fail clearly (503, naming the setting) when a required setting is empty."""

@@ -8,7 +8,6 @@ from typing import Any
 from flask import Blueprint, request
 
 from .. import params
-from ..clients.base import path_segment
 from ..errors import BadRequest
 from .submit import accepted, request_key, services, store
 
@@ -51,16 +50,12 @@ def user_identifiers(selector: Mapping[str, str]) -> list[dict[str, Any]]:
              "$user_account_id": selector["user_account_id"]}]
 
 
-def activities_path() -> str:
-    return f"/v1/datamarts/{path_segment(services().mediarithmics.datamart_id)}/user_activities"
-
-
 @bp.post("/v1/mediarithmics/activities")
 def post_activity():
     activity = params.json_body(request)
     problem = activity_problem(activity)
     if problem:
         raise BadRequest(problem, code="invalid_activity")
-    added = store("activity", "POST", activities_path(), {}, activity, idem=request_key(activity),
-                  sheddable=True)
+    added = store("activity", services().mediarithmics.post_activity(activity),
+                  idem=request_key(activity), sheddable=True)
     return accepted(added, "activity")

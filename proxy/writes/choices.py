@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from flask import Blueprint, request
 
 from .. import params
-from ..clients.base import path_segment
 from ..errors import BadRequest
 from .submit import accepted, json_object_body, request_key, services, store
 
@@ -34,15 +33,13 @@ def put_profile():
     compartment = params.identifier(args, "compartment_id", required=True)
     account = params.identifier(args, "user_account_id", required=True)
     force_replace = params.boolean(args, "force_replace", False)
-    query = {"force_replace": "true" if force_replace else "false"}
-    if not force_replace and args.get("merge_objects"):
-        # Only considered when not replacing (mediarithmics docs).
-        query["merge_objects"] = "true" if params.boolean(args, "merge_objects", False) else "false"
-    client = services().mediarithmics
-    path = (client.user_point_path(_profile_selector(args))
-            + f"/user_profiles/compartment_id={path_segment(compartment or '')}"
-            + f"/user_account_id={path_segment(account or '')}")
-    return accepted(store("profile", "PUT", path, query, profile, idem=request_key(profile)), "profile")
+    merge_objects = None
+    if not force_replace and args.get("merge_objects"):  # only read when it counts
+        merge_objects = params.boolean(args, "merge_objects", False)
+    write = services().mediarithmics.put_profile(
+        _profile_selector(args), compartment or "", account or "", profile, force_replace,
+        merge_objects)
+    return accepted(store("profile", write, idem=request_key(profile)), "profile")
 
 
 def processing_id_of(args: Mapping[str, str]) -> str:
@@ -54,8 +51,8 @@ def processing_id_of(args: Mapping[str, str]) -> str:
 
 
 def choice_path(selector: Mapping[str, str], processing: str) -> str:
-    client = services().mediarithmics
-    return client.user_point_path(dict(selector)) + f"/user_choices/processing_id={path_segment(processing)}"
+    """The outbox lane of one user choice (its write path)."""
+    return services().mediarithmics.choice_path(selector, processing)
 
 
 @bp.put("/v1/mediarithmics/choices")
@@ -65,5 +62,5 @@ def put_choice():
         raise BadRequest("$choice_acceptance_value is required (true or false)", code="invalid_body")
     selector = params.user_point_selector(request.args)
     processing = processing_id_of(request.args)
-    added = store("choice", "PUT", choice_path(selector, processing), {}, choice, idem=request_key(choice))
-    return accepted(added, "choice")
+    write = services().mediarithmics.put_choice(selector, processing, choice)
+    return accepted(store("choice", write, idem=request_key(choice)), "choice")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, request
@@ -20,6 +21,7 @@ from flask import Blueprint, Response, request
 from .. import idempotency, links, params
 from ..errors import ConsentStateUnknown, NotConfigured, ProxyError
 from ..responses import json_response
+from ..shape import mediarithmics as shape
 from .choices import choice_path, processing_id_of
 from .link_urls import base_url, expiry
 from .submit import services as _services
@@ -36,9 +38,8 @@ LINK_PARAMS = (*params.USER_POINT_PARAMS, "processing_id", "accept", "v", links.
 
 def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
     """The choice's last change (`$choice_ts`), read fresh: confirming a link checks it."""
-    answer = _services().mediarithmics.choices(dict(selector), processing)
-    stamps = [c.get("$choice_ts") or 0 for c in answer.data or [] if isinstance(c, dict)]
-    return str(max(stamps) if stamps else 0)
+    answer = _services().mediarithmics.choices(selector, processing).send()
+    return _version(shape.choices(answer.data, processing)["choices_list"])
 
 
 def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
@@ -52,7 +53,12 @@ def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
     if done.status != 200 or done.body.get("fallback"):
         raise ConsentStateUnknown("the current choice could not be read, so no subscribe link "
                                   "was signed; retry shortly")
-    stamps = [c.get("choice_ts") or 0 for c in done.body.get("choices_list", []) if isinstance(c, dict)]
+    return _version(done.body.get("choices_list", []))
+
+
+def _version(choices_list: Iterable[Any]) -> str:
+    """A choice's version: its latest `choice_ts` in the shaped answer (0: never chosen)."""
+    stamps = [c.get("choice_ts") or 0 for c in choices_list if isinstance(c, dict)]
     return str(max(stamps) if stamps else 0)
 
 
@@ -135,7 +141,7 @@ def consent_confirm():
     try:
         idem = idempotency.link_key(CONSENT_PATH, urlencode(sorted(request.args.items())),
                                     CONSENT_REPLAY_WINDOW)
-        store("choice", "PUT", choice_path(selector, processing), {}, choice, idem=idem)
+        store("choice", _services().mediarithmics.put_choice(selector, processing, choice), idem=idem)
     except ProxyError:
         return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503, 60)
     done = "You are subscribed." if accept else "You are unsubscribed. You will not receive these emails any more."

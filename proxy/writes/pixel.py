@@ -19,7 +19,7 @@ from flask import Blueprint, Response, request
 from .. import idempotency, links, params
 from ..errors import BadRequest, PixelRefused, ProxyError
 from ..responses import json_response
-from .activities import activities_path, user_identifiers
+from .activities import user_identifiers
 from .link_urls import base_url, expiry
 from .submit import outbox, services, store
 
@@ -57,8 +57,8 @@ def _record_open(args: Mapping[str, str]) -> None:
     idem = idempotency.link_key(PIXEL_PATH, urlencode(sorted(args.items())), settings.pixel_dedup_window) \
         if settings.pixel_dedup_window else None
     # A short wait at most: the open is worth less than the email client's patience.
-    added = store("activity", "POST", activities_path(), {}, activity, timeout=0.05, idem=idem,
-                  sheddable=True)
+    added = store("activity", services().mediarithmics.post_activity(activity), timeout=0.05,
+                  idem=idem, sheddable=True)
     if added.duplicate:
         raise PixelRefused("duplicate", "the same pixel link was recorded within the dedup window")
 

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from .. import auth, idempotency, params
+from ..clients.mediarithmics import Write
 from ..errors import BadRequest, NotFound, OutboxUnavailable, ProxyError
 from ..idempotency import IdemKey
 from ..outbox import Added, is_busy
@@ -56,8 +57,8 @@ def request_key(body: Any) -> IdemKey | None:
         f"{request.method} {request.path}", body, services().settings.idempotency_ttl)
 
 
-def store(kind: str, method: str, path: str, query: dict[str, str], body: Any, *,
-          timeout: float | None = None, idem: IdemKey | None = None, sheddable: bool = False) -> Added:
+def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKey | None = None,
+          sheddable: bool = False) -> Added:
     """Store a write in the outbox (once per live idempotency key). A write that cannot be
     stored is a 503 with Retry-After: nothing was recorded, the caller may retry."""
     box = outbox()
@@ -69,8 +70,8 @@ def store(kind: str, method: str, path: str, query: dict[str, str], body: Any, *
         if earlier:
             return Added(earlier, duplicate=True)
     try:
-        added = box.add(kind, method, path, query, body, timeout, idem=idem, write_id=write_id,
-                        sheddable=sheddable)
+        added = box.add(kind, write.method, write.path, write.query, write.body, timeout, idem=idem,
+                        write_id=write_id, sheddable=sheddable)
     except (sqlite3.Error, OSError) as exc:
         if shared is not None and idem is not None:
             shared.forget(idem)
