@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Rule
 
 from . import auth, config, observability
 from .cache import Timer
@@ -61,13 +62,15 @@ def create_app(
     def openapi_view():
         from .openapi import document
 
-        return json_response(document())
+        return json_response(document(app))
 
     @app.get("/healthz")
+    @auth.open_to_all  # load balancers probe without credentials
     def healthz():
         return json_response({"ok": True})
 
     @app.get("/readyz")
+    @auth.open_to_all
     def readyz():
         strict = request.args.get("strict", "false").lower()
         if strict not in ("true", "false", "1", "0"):
@@ -76,17 +79,27 @@ def create_app(
         return json_response(answer, status)
 
     _register_error_handlers(app)
-    # Metric and log labels: every fixed route and every data endpoint; middleware.route_of
-    # names the dynamic ones.
+    # From the URL map and the registry: metric and log labels (each fixed route and data
+    # endpoint; a route with variables by the path before them) and the open paths.
     rules = list(app.url_map.iter_rules())
-    routes = [rule.rule for rule in rules if "<" not in rule.rule]
     shared = {path: {m for rule in rules if rule.rule == path for m in rule.methods or ()}
               for path in endpoints}  # the writes on a data endpoint's path (PUT, POST)
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
         app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline,
-        [*routes, *endpoints], services, endpoints, shared,
+        [*(rule.rule for rule in rules if not rule.arguments), *endpoints], services, endpoints, shared,
+        prefixes={rule.rule.split("<", 1)[0]: route_label(rule) for rule in rules if rule.arguments},
+        open_paths={rule.rule for rule in rules if getattr(app.view_functions[rule.endpoint], auth.OPEN, False)},
     )
     return app
+
+
+# Metric labels dashboards already count on, where they differ from the route.
+ROUTE_LABELS = {"/v1/mediarithmics/writes/<write_id>": "/v1/mediarithmics/writes/<id>"}
+
+
+def route_label(rule: Rule) -> str:
+    """The metrics and access-log label of a route with variables (`/v1/render/<name>`)."""
+    return ROUTE_LABELS.get(rule.rule, rule.rule)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, request
 
 from .. import idempotency, links, params
+from ..auth import open_to_all
 from ..errors import ConsentStateUnknown, NotConfigured, ProxyError
 from ..responses import json_response
 from ..shape import mediarithmics as shape
@@ -106,6 +107,7 @@ def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, 
 
 
 @bp.get(CONSENT_PATH)
+@open_to_all
 def consent_page():
     """What a recipient sees on clicking: a confirmation, so link scanners change nothing."""
     try:
@@ -119,6 +121,7 @@ def consent_page():
 
 
 @bp.post(CONSENT_PATH)
+@open_to_all
 def consent_confirm():
     """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
     try:

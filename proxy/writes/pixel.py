@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Response, request
 
 from .. import idempotency, links, params
+from ..auth import open_to_all
 from ..errors import BadRequest, PixelRefused, ProxyError
 from ..responses import json_response
 from .activities import user_identifiers
@@ -64,6 +65,7 @@ def _record_open(args: Mapping[str, str]) -> None:
 
 
 @bp.get(PIXEL_PATH)
+@open_to_all
 def pixel():
     """Always a 1x1 GIF, fast: a broken or busy outbox never breaks an email's rendering."""
     try:
