@@ -21,7 +21,7 @@ from .errors import BadRequest, BodyTooLarge, InternalError, MethodNotAllowed, N
 from .middleware import RequestEnvelope
 from .readiness import readiness
 from .responses import json_response
-from .services import Services
+from .services import EXTENSION, Services
 
 log = logging.getLogger("ccproxy")
 
@@ -33,20 +33,20 @@ def create_app(
     if not isinstance(settings, config.Settings):
         settings = config.load(overrides=settings)
     app = Flask(__name__, static_folder=None)  # no static files: the preview page is one HTML file
-    services = Services(settings, timer)
-    app.extensions["ccproxy"] = services
+    metrics = observability.Metrics()
+    services = Services.build(settings, timer, observe=metrics.observe_upstream)
+    metrics.watch(services)
+    app.extensions[EXTENSION] = services
     observability.configure_logging(settings.log_level)
-    metrics = observability.Metrics(services)
-    for client in services.clients:
-        client.observe = metrics.observe_upstream
 
     # The data endpoints have no Flask views: the registry routes them (middleware.py).
     endpoints = dict(load_all())
+    from .messages import TEMPLATES
     from .messages import bp as messages_bp
     from .rendering import TemplateLibrary, default_templates_dir
 
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
-    app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
+    app.extensions[TEMPLATES] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
     from .writes import blueprints as write_blueprints
 

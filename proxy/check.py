@@ -47,7 +47,7 @@ def _probes(services: Services) -> list[tuple[str, str, str, Callable[[], object
 
 
 def run_checks(settings: Settings) -> list[Probe]:
-    services = Services(settings)
+    services = Services.build(settings)
     results = []
     for name, url, secret, call in _probes(services):
         started = time.perf_counter()

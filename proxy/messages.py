@@ -23,27 +23,33 @@ from .preview_pool import PreviewPool
 from .render_limits import LiquidLimits
 from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
+from .services import Services, of_app
 from .snippets import SnippetPolicy, braze_snippets
 from .writes.link_urls import base_url
 
 bp = Blueprint("messages", __name__)
+TEMPLATES = "ccproxy_templates"  # app.extensions keys: the template library,
+PREVIEWS = "ccproxy_previews"  # and this process's preview pool
 
 
-def _services():
-    return current_app.extensions["ccproxy"]
+def _services() -> Services:
+    return of_app(current_app)
 
 
 def _library() -> TemplateLibrary:
-    return current_app.extensions["ccproxy_templates"]
+    library = current_app.extensions[TEMPLATES]
+    assert isinstance(library, TemplateLibrary)
+    return library
 
 
 def _previews() -> PreviewPool:
     """This process's preview slots and render processes (made on first use)."""
-    pool = current_app.extensions.get("ccproxy_previews")
+    pool = current_app.extensions.get(PREVIEWS)
     if pool is None:
         settings = _services().settings
-        pool = current_app.extensions.setdefault("ccproxy_previews", PreviewPool(
+        pool = current_app.extensions.setdefault(PREVIEWS, PreviewPool(
             settings.preview_concurrency, LiquidLimits.from_settings(settings)))
+    assert isinstance(pool, PreviewPool)
     return pool
 
 

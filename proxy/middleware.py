@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from . import auth, dispatch, observability
 from .errors import MethodNotAllowed, ProxyError
 from .guards import end_deadline, start_deadline
 from .responses import JSON_TYPE, json_bytes
+
+if TYPE_CHECKING:
+    from .services import Services
 
 # What a data endpoint answers; OPTIONS is answered with Allow, as Flask does for its routes.
 DATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -65,7 +68,7 @@ class RequestEnvelope:
     answer; everything else goes to the Flask app."""
 
     def __init__(self, app: Callable, metrics: observability.Metrics, api_keys: list[str],
-                 deadline: float, routes: Iterable[str], services: Any = None,
+                 deadline: float, routes: Iterable[str], services: Services,
                  endpoints: Mapping[str, Any] | None = None,
                  app_methods: Mapping[str, Iterable[str]] | None = None, *,
                  prefixes: Mapping[str, str] | None = None,

@@ -1,7 +1,7 @@
 """What a request handler may use: the settings, the answer cache and one client per upstream
-(each with its circuit breaker, rate limiter and retry budget), and operator fallbacks.
+(each built with its circuit breaker, rate limiter and retry budget), and operator fallbacks.
 
-Built once per app by `create_app`; a test app gets fresh ones.
+Built once per app by `create_app` (in each process); a test app gets fresh ones.
 """
 
 from __future__ import annotations
@@ -10,24 +10,47 @@ import logging
 import time
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
+import urllib3
+
+from .cache import AnswerCache, Lookup, MemoryStore, Store, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
-from .clients.base import Answer, HttpClient, Query, make_pool
+from .clients.base import Answer, HttpClient, Observe, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
 from .errors import OutboxUnavailable, ProxyError, TransientError
-from .guards import CircuitBreaker, RateLimiter, RetryBudget
+from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from .delivery import Deliverer
     from .experiment_local import FlagStore
     from .outbox import Outbox
+    from .redis_backend import RedisHealth
+
+EXTENSION = "ccproxy"  # the app.extensions key of an app's Services
 
 log = logging.getLogger("ccproxy")
+
+
+def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None) -> Guards:
+    """A new breaker, rate limiter and retry budget for one upstream (per process; the
+    limiter is shared by the deployment on Redis)."""
+    breaker = CircuitBreaker(name, settings.breaker_threshold, settings.breaker_reset, timer)
+    local = RateLimiter(name, settings.rate_limit(name), timer)
+    limiter: Limiter = local
+    if redis is not None:
+        from .redis_backend import RedisRateLimiter
+
+        # Shared: the whole deployment's limit in one bucket, not split per process.
+        deployment_limit = settings.rate_limit(name) * settings.workers
+        limiter = RedisRateLimiter(name, deployment_limit, redis, local)
+    return Guards(breaker, limiter, RetryBudget(timer=timer))
 
 
 def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
@@ -42,78 +65,79 @@ def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
     return {path: dict(content) for path, content in data.items() if isinstance(content, dict)}
 
 
+@dataclass(eq=False)
 class Services:
-    def __init__(self, settings: Settings, timer: Timer | None = None):
-        self.settings = settings
-        self.redis = None
-        memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
-        store: Any = memory
-        if settings.redis_url:
-            from .redis_backend import RedisHealth, RedisStore, redis
+    """Built by `Services.build` (once per app, in each process)."""
 
-            self.redis = RedisHealth(redis.Redis.from_url(
+    settings: Settings
+    timer: Timer
+    cache: AnswerCache
+    pool: urllib3.PoolManager
+    amplitude: AmplitudeClient
+    experiment: ExperimentClient
+    # Fetched in the background, never on the send path: a large deployment's configuration
+    # may take longer and weigh more than a per-recipient answer.
+    experiment_flags: FlagConfigClient
+    target: TargetClient
+    mediarithmics: MediarithmicsClient
+    fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    redis: RedisHealth | None = None
+    observe: Observe | None = None  # each upstream call, for the metrics
+    deliverer: Deliverer | None = None
+    _outbox: Outbox | None = None
+    _flag_store: FlagStore | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, timer: Timer | None = None,
+              observe: Observe | None = None) -> Services:
+        """The cache (in memory, or on Redis when CCPROXY_REDIS_URL is set), the upstream
+        pool, and each upstream's client with its guards."""
+        redis = None
+        store: Store = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
+        if settings.redis_url:
+            from .redis_backend import RedisHealth, RedisStore
+            from .redis_backend import redis as redis_module
+
+            redis = RedisHealth(redis_module.Redis.from_url(
                 settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
             ))
             # Entries shared between machines carry wall-clock times.
             timer = timer or time.time
-            memory = MemoryStore(settings.cache_maxsize, timer)
-            store = RedisStore(self.redis, memory)
-        self.timer = timer = timer or time.monotonic
-        self.pool = make_pool(proxy=settings.upstream_proxy)
-        http = {
+            store = RedisStore(redis, MemoryStore(settings.cache_maxsize, timer))
+        clock: Timer = timer or time.monotonic
+        pool = make_pool(proxy=settings.upstream_proxy)
+        http: dict[str, Any] = {
             "connect_timeout": settings.upstream_connect_timeout,
             "read_timeout": settings.upstream_read_timeout,
             "max_bytes": settings.upstream_max_bytes,
+            "observe": observe,
         }
-        self.cache = AnswerCache(
-            store,
-            timer,
-            settings.coalesce_wait,
-            grace=settings.cache_grace,
-            max_stale=settings.cache_max_stale,
-        )
-        self.fallbacks = load_fallbacks(settings.fallbacks_file)
-        self._outbox: Outbox | None = None
-        self.deliverer: Deliverer | None = None
-        self.amplitude = self._guarded(AmplitudeClient(
-            self.pool, settings.amplitude_url, settings.amplitude_secret_key, **http
-        ))
-        self.experiment = self._guarded(ExperimentClient(
-            self.pool, settings.experiment_base_url, settings.experiment_deployment_key, **http
-        ))
-        # Fetched in the background, never on the send path: a large deployment's configuration
-        # may take longer and weigh more than a per-recipient answer.
-        self.experiment_flags = self._guarded(FlagConfigClient(
-            self.pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
-            **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
-               "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
-        ))
-        # Metrics are plugged into `clients` by the app; the flags client reports through them.
-        self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
-        self._flag_store: FlagStore | None = None
-        self.target = self._guarded(TargetClient(
-            self.pool, settings.target_base_url, settings.target_client_code,
-            settings.target_token, **http
-        ))
-        self.mediarithmics = self._guarded(MediarithmicsClient(
-            self.pool, settings.mediarithmics_url, settings.mediarithmics_token,
-            settings.mediarithmics_datamart_id, **http
-        ))
 
-    def _guarded(self, client):
-        client.breaker = CircuitBreaker(
-            client.name, self.settings.breaker_threshold, self.settings.breaker_reset, self.timer
-        )
-        local = RateLimiter(client.name, self.settings.rate_limit(client.name), self.timer)
-        client.limiter = local
-        if self.redis is not None:
-            from .redis_backend import RedisRateLimiter
+        def guards(name: str) -> Guards:
+            return upstream_guards(settings, name, clock, redis)
 
-            # Shared: the whole deployment's limit in one bucket, not split per process.
-            deployment_limit = self.settings.rate_limit(client.name) * self.settings.workers
-            client.limiter = RedisRateLimiter(client.name, deployment_limit, self.redis, local)
-        client.retry_budget = RetryBudget(timer=self.timer)
-        return client
+        return cls(
+            settings=settings, timer=clock, pool=pool, redis=redis, observe=observe,
+            cache=AnswerCache(store, clock, settings.coalesce_wait, grace=settings.cache_grace,
+                              max_stale=settings.cache_max_stale),
+            fallbacks=load_fallbacks(settings.fallbacks_file),
+            amplitude=AmplitudeClient(pool, settings.amplitude_url, settings.amplitude_secret_key,
+                                      guards=guards(AmplitudeClient.name), **http),
+            experiment=ExperimentClient(pool, settings.experiment_base_url,
+                                        settings.experiment_deployment_key,
+                                        guards=guards(ExperimentClient.name), **http),
+            experiment_flags=FlagConfigClient(
+                pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
+                guards=guards(FlagConfigClient.name),
+                **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
+                   "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
+            ),
+            target=TargetClient(pool, settings.target_base_url, settings.target_client_code,
+                                settings.target_token, guards=guards(TargetClient.name), **http),
+            mediarithmics=MediarithmicsClient(
+                pool, settings.mediarithmics_url, settings.mediarithmics_token,
+                settings.mediarithmics_datamart_id, guards=guards(MediarithmicsClient.name), **http),
+        )
 
     @property
     def clients(self) -> list[HttpClient]:
@@ -149,7 +173,7 @@ class Services:
             return Lookup(Answer(data), "FALLBACK", 0.0, 0.0)
 
     @property
-    def outbox(self):
+    def outbox(self) -> Outbox:
         """The durable outbox of writes (opened on first use)."""
         if self._outbox is None:
             import sqlite3
@@ -190,14 +214,13 @@ class Services:
         CCPROXY_OUTBOX_WRITE_TIMEOUT (a write cut off by a short timeout may have landed, and
         would be sent again); its own breaker, the reads' rate limiter (one upstream budget)."""
         s = self.settings
-        client = self._guarded(MediarithmicsClient(
+        own = upstream_guards(s, MediarithmicsClient.name, self.timer, self.redis)
+        return MediarithmicsClient(
             self.pool, s.mediarithmics_url, s.mediarithmics_token, s.mediarithmics_datamart_id,
+            guards=Guards(own.breaker, self.mediarithmics.limiter, own.retry_budget),
             connect_timeout=s.upstream_connect_timeout, read_timeout=s.outbox_write_timeout,
-            max_bytes=s.upstream_max_bytes,
-        ))
-        client.limiter = self.mediarithmics.limiter
-        client.observe = self.mediarithmics.observe
-        return client
+            max_bytes=s.upstream_max_bytes, observe=self.observe,
+        )
 
     def stop_delivering(self) -> None:
         """Claim no more writes (shutting down); the deliveries in flight finish."""
@@ -213,3 +236,10 @@ class Services:
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:
         return self.fallbacks.get(path)
+
+
+def of_app(app: Flask) -> Services:
+    """The services an app was built with."""
+    services = app.extensions[EXTENSION]
+    assert isinstance(services, Services)
+    return services

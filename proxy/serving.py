@@ -63,7 +63,9 @@ def _on_worker_start(worker: Any) -> None:
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
     waits for open connections; otherwise the master's SIGKILL at the end of the graceful
     period can land mid-delivery and leave a write to be delivered a second time after restart."""
-    services = worker.wsgi.extensions["ccproxy"]
+    from .services import of_app
+
+    services = of_app(worker.wsgi)
     services.start_delivery()
     handle_exit = worker.handle_exit
 

@@ -30,11 +30,17 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..errors import Retryable as _Retryable
-from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
+from ..guards import CircuitBreaker, Guards, Limiter, RetryBudget, check_time_left, remaining
 from ..observability import current_request_id
 from .transport import bounded_pool, call_deadline
 
 USER_AGENT = f"connected-content-proxy/{__version__}"
+# What a client reports of each call: (upstream, outcome, seconds).
+Observe = Callable[[str, str, float], None]
+
+
+def _unobserved(upstream: str, outcome: str, seconds: float) -> None:
+    """No metrics (a client used alone, as `ccproxy check` does)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,20 +157,21 @@ class HttpClient:
         pool: urllib3.PoolManager,
         base_url: str,
         *,
+        guards: Guards,
         connect_timeout: float,
         read_timeout: float,
         max_bytes: int,
+        observe: Observe | None = None,
     ):
         self.pool = pool
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
-        # Replaced by Services with configured ones; these never refuse a call.
-        self.breaker = CircuitBreaker(self.name, threshold=10**9)
-        self.limiter: RateLimiter = RateLimiter(self.name, 0)
-        self.retry_budget = RetryBudget()
-        # (upstream, outcome, seconds) for each call; Services plugs the metrics in.
-        self.observe: Callable[[str, str, float], None] = lambda *_: None
+        self.breaker: CircuitBreaker = guards.breaker
+        self.limiter: Limiter = guards.limiter
+        self.retry_budget: RetryBudget = guards.retry_budget
+        # (upstream, outcome, seconds) for each call: the app's metrics.
+        self.observe: Observe = observe or _unobserved
         # Retry-After pauses this upstream asked of this process (metrics).
         self.pauses = 0
 

@@ -16,18 +16,19 @@ from .. import auth, idempotency, params
 from ..clients.mediarithmics import Write
 from ..errors import BadRequest, NotFound, OutboxUnavailable, ProxyError
 from ..idempotency import IdemKey
-from ..outbox import Added, is_busy
+from ..outbox import Added, Outbox, is_busy
 from ..responses import json_response
+from ..services import Services, of_app
 
 bp = Blueprint("writes", __name__)
 log = logging.getLogger("ccproxy.writes")
 
 
-def services():
-    return current_app.extensions["ccproxy"]
+def services() -> Services:
+    return of_app(current_app)
 
 
-def outbox():
+def outbox() -> Outbox:
     """The outbox, once mediarithmics is configured (else NotConfigured)."""
     current = services()
     current.mediarithmics.require()
