@@ -55,23 +55,23 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body  # write bodies; larger is a JSON 413
 
     @app.get("/metrics")
-    def metrics_view():
+    def metrics_view() -> Response:
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
     @app.get("/openapi.json")
-    def openapi_view():
+    def openapi_view() -> Response:
         from .openapi import document
 
         return json_response(document(app))
 
     @app.get("/healthz")
     @auth.open_to_all  # load balancers probe without credentials
-    def healthz():
+    def healthz() -> Response:
         return json_response({"ok": True})
 
     @app.get("/readyz")
     @auth.open_to_all
-    def readyz():
+    def readyz() -> Response:
         strict = request.args.get("strict", "false").lower()
         if strict not in ("true", "false", "1", "0"):
             raise BadRequest("strict must be true or false", code="invalid_parameter")
@@ -111,12 +111,12 @@ def _register_error_handlers(app: Flask) -> None:
         return json_response(body, status, headers)
 
     @app.errorhandler(ProxyError)
-    def proxy_error(error: ProxyError):
+    def proxy_error(error: ProxyError) -> Response:
         log_failure(error, request.path)
         return answer(error)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
+    def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 404:
             return answer(NotFound("no such endpoint"))
@@ -130,6 +130,6 @@ def _register_error_handlers(app: Flask) -> None:
         return answer(refused)
 
     @app.errorhandler(Exception)
-    def unexpected(error: Exception):
+    def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s", request.path)
         return answer(InternalError())

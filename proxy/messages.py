@@ -82,12 +82,12 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 @bp.get("/v1/templates")
-def list_templates():
+def list_templates() -> Response:
     return json_response({"ok": True, "templates": [t.listing() for t in _library().templates.values()]})
 
 
 @bp.get("/v1/render/<name>")
-def render_template(name: str):
+def render_template(name: str) -> Response:
     fmt = request.args.get("format", "html")
     if fmt not in FORMATS:
         raise BadRequest("format must be html or text", code="invalid_parameter")
@@ -100,7 +100,7 @@ def render_template(name: str):
 
 
 @bp.get("/v1/preview/render/<name>")
-def preview_template(name: str):
+def preview_template(name: str) -> Response:
     """Everything the preview page shows for one user: both forms, each data call, snippets."""
     library = _library()
     template = library.get(name)
@@ -127,7 +127,7 @@ def snippet_policy() -> SnippetPolicy:
 
 
 @bp.post("/v1/preview/liquid")
-def preview_liquid():
+def preview_liquid() -> Response:
     payload = params.json_body(request)
     if not isinstance(payload, dict) or not isinstance(payload.get("liquid"), str):
         raise BadRequest('send JSON {"liquid": "<message>", "attributes": {...}}', code="invalid_body")
@@ -175,6 +175,6 @@ def preview_liquid():
 
 
 @bp.get("/preview")
-def preview_page():
+def preview_page() -> Response:
     html = resources.files("proxy.web").joinpath("preview.html").read_text(encoding="utf-8")
     return Response(html, mimetype="text/html")

@@ -95,7 +95,7 @@ class RequestEnvelope:
         status_holder = ["500"]
         cache_holder = ["-"]
 
-        def respond(status: str, headers: list, exc_info: Any = None):
+        def respond(status: str, headers: list, exc_info: Any = None) -> Any:
             status_holder[0] = status[:3]
             headers.append(("X-Request-Id", request_id))
             headers.append(("X-Content-Type-Options", "nosniff"))

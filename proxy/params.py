@@ -140,7 +140,7 @@ def prefixed(args: Args, prefix: str) -> dict[str, str]:
     return found
 
 
-def scalar(text: str):
+def scalar(text: str) -> Any:
     """`true`/`false` and plain numbers as JSON values, other text as is."""
     if text in ("true", "false"):
         return text == "true"

@@ -139,7 +139,7 @@ class WsgiServer(BaseApplication):
             if key in self.cfg.settings and value is not None:
                 self.cfg.set(key, value)
 
-    def load(self):
+    def load(self) -> Any:
         return self.load_app()
 
 
@@ -172,7 +172,7 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
           on_ready: Callable[[], None] | None = None) -> None:
     """Run the app on gunicorn over `listener` (from `listen()`); `on_ready` runs in the
     master once gunicorn is serving the socket, before the workers boot."""
-    def load_app():
+    def load_app() -> Any:
         from . import create_app
 
         return create_app(settings)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import urllib3
+
 from ..config import credential_id
 from ..errors import UpstreamBadAnswer
 from .base import Answer, HttpClient, Query
@@ -22,7 +24,7 @@ class AmplitudeClient(HttpClient):
     name = "amplitude"
     path = "/v1/userprofile"
 
-    def __init__(self, pool, base_url: str, secret_key: str, **http):
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, secret_key: str, **http: Any):
         super().__init__(pool, base_url, **http)
         # Amplitude's documented header form; the key itself never leaves this object.
         self._headers = {"Authorization": f"Api-Key {secret_key}"}

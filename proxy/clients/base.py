@@ -243,7 +243,9 @@ class HttpClient:
         time.sleep(backoff)
         return True
 
-    def _attempt(self, method, path, params, headers, json_body, ok_statuses, left):
+    def _attempt(self, method: str, path: str, params: Mapping[str, str] | None,
+                 headers: Mapping[str, str] | None, json_body: Any, ok_statuses: tuple[int, ...],
+                 left: float) -> tuple[int, Any]:
         url = self.base_url + path
         if params:
             url += "?" + urlencode(params)
@@ -264,7 +266,8 @@ class HttpClient:
             self.raise_for_status(status, retry_after)
         return self._parse(status, content)
 
-    def _exchange(self, method, url, body, headers, timeout) -> tuple[int, bytes, str | None]:
+    def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+                  timeout: urllib3.Timeout) -> tuple[int, bytes, str | None]:
         """Send the request and read the answer (status, capped body, Retry-After)."""
         try:
             response = self.pool.request(method, url, body=body, headers=headers, timeout=timeout,

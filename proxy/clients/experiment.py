@@ -6,6 +6,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import urllib3
+
 from ..config import credential_id
 from ..errors import UpstreamBadAnswer
 from .base import Answer, HttpClient, Query
@@ -15,7 +17,7 @@ class ExperimentClient(HttpClient):
     name = "experiment"
     path = "/v1/vardata"
 
-    def __init__(self, pool, base_url: str, deployment_key: str, **http):
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, deployment_key: str, **http: Any):
         super().__init__(pool, base_url, **http)
         self._headers = {"Authorization": f"Api-Key {deployment_key}"}
         self.credential = credential_id(deployment_key)

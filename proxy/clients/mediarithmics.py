@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import urllib3
+
 from ..config import credential_id
 from ..errors import UpstreamBadAnswer, UpstreamError
 from .base import Answer, HttpClient, Query, path_segment
@@ -32,7 +34,8 @@ class Write:
 class MediarithmicsClient(HttpClient):
     name = "mediarithmics"
 
-    def __init__(self, pool, base_url: str, token: str, datamart_id: str, **http):
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, token: str, datamart_id: str,
+                 **http: Any):
         super().__init__(pool, base_url, **http)
         # mediarithmics takes the API token raw, with no scheme.
         self._headers = {"Authorization": token}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import urllib3
+
 from ..config import credential_id
 from ..errors import UpstreamBadAnswer
 from .base import Answer, HttpClient, Query, path_segment
@@ -13,7 +15,8 @@ from .base import Answer, HttpClient, Query, path_segment
 class TargetClient(HttpClient):
     name = "target"
 
-    def __init__(self, pool, base_url: str, client_code: str, token: str, **http):
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, client_code: str, token: str,
+                 **http: Any):
         super().__init__(pool, base_url, **http)
         self.client_code = client_code
         # Profile API authentication is optional (enabled in the Target UI).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request
 
 from .. import params
 from ..errors import BadRequest
@@ -51,7 +51,7 @@ def user_identifiers(selector: Mapping[str, str]) -> list[dict[str, Any]]:
 
 
 @bp.post("/v1/mediarithmics/activities")
-def post_activity():
+def post_activity() -> Response:
     activity = params.json_body(request)
     problem = activity_problem(activity)
     if problem:

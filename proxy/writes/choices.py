@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request
 
 from .. import params
 from ..errors import BadRequest
@@ -27,7 +27,7 @@ def _profile_selector(args: Mapping[str, str]) -> dict[str, str]:
 
 
 @bp.put("/v1/mediarithmics/profile")
-def put_profile():
+def put_profile() -> Response:
     profile = json_object_body()
     args = request.args
     compartment = params.identifier(args, "compartment_id", required=True)
@@ -56,7 +56,7 @@ def choice_path(selector: Mapping[str, str], processing: str) -> str:
 
 
 @bp.put("/v1/mediarithmics/choices")
-def put_choice():
+def put_choice() -> Response:
     choice = json_object_body()
     if not isinstance(choice.get("$choice_acceptance_value"), bool):
         raise BadRequest("$choice_acceptance_value is required (true or false)", code="invalid_body")

@@ -76,7 +76,7 @@ def consent_url(selector: Mapping[str, str], processing: str, accept: bool,
 
 
 @bp.get("/v1/mediarithmics/consent-link")
-def consent_link():
+def consent_link() -> Response:
     args = request.args
     selector = params.user_point_selector(args)
     processing = processing_id_of(args)
@@ -108,7 +108,7 @@ def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, 
 
 @bp.get(CONSENT_PATH)
 @open_to_all
-def consent_page():
+def consent_page() -> Response:
     """What a recipient sees on clicking: a confirmation, so link scanners change nothing."""
     try:
         _selector, _processing, accept, _version = _verified_link(request.args)
@@ -122,7 +122,7 @@ def consent_page():
 
 @bp.post(CONSENT_PATH)
 @open_to_all
-def consent_confirm():
+def consent_confirm() -> Response:
     """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
     try:
         selector, processing, accept, version = _verified_link(request.args)

@@ -66,7 +66,7 @@ def _record_open(args: Mapping[str, str]) -> None:
 
 @bp.get(PIXEL_PATH)
 @open_to_all
-def pixel():
+def pixel() -> Response:
     """Always a 1x1 GIF, fast: a broken or busy outbox never breaks an email's rendering."""
     try:
         _record_open(request.args)
@@ -90,7 +90,7 @@ def _count_refused(reason: str) -> None:
 
 
 @bp.get("/v1/mediarithmics/pixel-link")
-def pixel_link():
+def pixel_link() -> Response:
     args = request.args
     email_open_activity(args)  # validates the selector, event and properties
     settings = services().settings

@@ -92,7 +92,7 @@ def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKe
 
 
 @bp.get("/v1/mediarithmics/writes/<write_id>")
-def write_status(write_id: str):
+def write_status(write_id: str) -> Response:
     write = outbox().get(write_id) if len(write_id) <= 64 else None
     if write is None:
         raise NotFound(f"no write with id {write_id!r}", code="unknown_write")
