@@ -113,6 +113,14 @@ def user_ref(args: Args) -> tuple[str, str]:
     return user_id or "", device_id or ""
 
 
+def processing_id(args: Args, required: bool = False) -> str | None:
+    """A mediarithmics processing (the consent purpose): a number of at most 32 digits."""
+    value = identifier(args, "processing_id", required=required)
+    if value is not None and not (value.isdigit() and value.isascii() and len(value) <= 32):
+        raise BadRequest("processing_id must be a number of at most 32 digits", code="invalid_parameter")
+    return value
+
+
 def json_object(args: Args, name: str) -> dict:
     """A JSON object passed as one query parameter (`context={"user_properties":{...}}`)."""
     raw = args.get(name)

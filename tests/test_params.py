@@ -68,6 +68,14 @@ def test_user_point_selector_is_exactly_one_selector():
     assert set(params.USER_POINT_PARAMS) == {*params.USER_POINT_SELECTORS, "compartment_id", "user_account_id"}
 
 
+def test_processing_id_is_a_bounded_number():
+    assert params.processing_id({"processing_id": "101"}) == "101"
+    assert params.processing_id({}) is None
+    for bad in ("10a", "\u0661", "1" * 33):  # a letter, an Arabic-Indic digit, too long
+        refused(params.processing_id, {"processing_id": bad}, code="invalid_parameter")
+    refused(lambda: params.processing_id({}, required=True), code="missing_parameter")
+
+
 def test_prefixed_and_scalar_read_typed_properties():
     found = params.prefixed({"user_properties.premium": "true", "user_properties.n": "3", "x": "1"},
                             "user_properties.")

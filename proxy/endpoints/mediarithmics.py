@@ -11,13 +11,6 @@ from . import Context, Result, endpoint
 Args = Mapping[str, str]
 
 
-def processing_id(args: Args, required: bool = False) -> str | None:
-    value = params.identifier(args, "processing_id", required=required)
-    if value is not None and not (value.isdigit() and value.isascii() and len(value) <= 32):
-        raise params.BadRequest("processing_id must be a number of at most 32 digits", code="invalid_parameter")
-    return value
-
-
 @endpoint(
     "/v1/mediarithmics/profile",
     "A mediarithmics user profile, nested fields flattened with `_`.",
@@ -42,7 +35,7 @@ def profile(ctx: Context, args: Args) -> Result:
 )
 def choices(ctx: Context, args: Args) -> Result:
     selector = params.user_point_selector(args)
-    processing = processing_id(args)
+    processing = params.processing_id(args)
     lookup = ctx.fetch(ctx.services.mediarithmics.choices(selector, processing))
     return Result(shape.choices(lookup.value.data, processing), lookup)
 
@@ -58,7 +51,7 @@ def choices(ctx: Context, args: Args) -> Result:
 )
 def choice_history(ctx: Context, args: Args) -> Result:
     selector = params.user_point_selector(args)
-    processing = processing_id(args, required=True)
+    processing = params.processing_id(args, required=True)
     assert processing is not None
     lookup = ctx.fetch(ctx.services.mediarithmics.choice_history(selector, processing))
     return Result(shape.history(lookup.value.data, processing), lookup)

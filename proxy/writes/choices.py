@@ -43,9 +43,7 @@ def put_profile() -> Response:
 
 
 def processing_id_of(args: Mapping[str, str]) -> str:
-    from ..endpoints.mediarithmics import processing_id
-
-    value = processing_id(args, required=True)
+    value = params.processing_id(args, required=True)
     assert value is not None
     return value
 
