@@ -139,9 +139,12 @@ def _outbox(args: argparse.Namespace) -> int:
                                                    if delivered else ""))
         return 0 if count or not args.id else 1
     if args.action == "retry":
-        count = outbox.retry(args.id)
-        print(f"requeued {count} dead letter(s)")
-        return 0 if count or not args.id else 1
+        retried = outbox.retry_dead(args.id)
+        print(f"requeued {retried.requeued} dead letter(s)")
+        for old in retried.skipped:
+            print(f"skipped {old.id} ({old.kind}): superseded by the later write {old.by} "
+                  f"({old.by_state}); sending it now would undo that one")
+        return 0 if retried.requeued or not args.id else 1
     counts = outbox.counts()
     print("outbox " + settings.outbox_path + ": " +
           ", ".join(f"{state} {counts.get(state, 0)}" for state in ("queued", "failed", "dead", "delivered")))

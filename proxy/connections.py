@@ -14,6 +14,10 @@ for over a minute. This worker keeps three clocks apart, per connection:
   has been sending its headers the longest. A connection whose request is being answered
   is never closed.
 
+Requests gunicorn cannot parse (a URL over its 4 KB request line: 414; a malformed request
+line: 400; too many headers: 431) are answered in the proxy's JSON error shape, not
+gunicorn's HTML page.
+
 All of this is per worker process (each guards the sockets it accepted); a timed-out or
 shed connection looks to gunicorn like a client that hung up, so it is closed quietly.
 """
@@ -28,6 +32,19 @@ from contextlib import contextmanager
 from typing import Any
 
 WAITING, IDLE, ACTIVE = "waiting", "idle", "active"
+# gunicorn answers requests it cannot parse itself, before the app sees them; these are its
+# statuses, in the proxy's error shape. The messages are fixed: gunicorn's own quote the
+# request, which may carry a credential.
+PROTOCOL_ERRORS = {
+    400: ("bad_request", "the request is not valid HTTP/1.1"),
+    403: ("forbidden", "the request was refused"),
+    414: ("uri_too_long", "the request line (method and URL) is too long: send long values "
+                          "in a POST body"),
+    417: ("expectation_failed", "the Expect header cannot be met"),
+    431: ("headers_too_large", "the request's headers are too many or too large"),
+    500: ("internal_error", "the request could not be handled"),
+    501: ("not_implemented", "the request's transfer coding is not supported"),
+}
 
 
 class ConnectionGuard:
@@ -157,6 +174,25 @@ class GuardedSocket:
                 self.guard.move(self, ACTIVE, self.guard.header_timeout)  # the body's budget
 
 
+def protocol_error(status: int, reason: str) -> bytes:
+    """A whole HTTP answer for a request gunicorn could not parse (the connection then closes)."""
+    from .errors import ProxyError
+    from .responses import JSON_TYPE, json_bytes
+
+    code, message = PROTOCOL_ERRORS.get(status, ("bad_request", "the request could not be parsed"))
+    body = json_bytes(ProxyError(message, code=code).body())
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {JSON_TYPE}\r\n"
+            f"Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _write_json_error(sock: Any, status_int: int, reason: str, _mesg: str) -> None:
+    """gunicorn's `util.write_error`, in the proxy's JSON shape instead of an HTML page."""
+    from gunicorn import util
+
+    util.write_nonblock(sock, protocol_error(int(status_int), reason))
+
+
 def guarded_worker_class(header_timeout: float, keepalive_timeout: float, max_connections: int) -> type:
     """gunicorn's gevent worker with the guard above (imported here: gevent is loaded only
     where gunicorn loads its worker class)."""
@@ -167,6 +203,11 @@ def guarded_worker_class(header_timeout: float, keepalive_timeout: float, max_co
         def init_process(self) -> None:
             self.guard = ConnectionGuard(header_timeout, keepalive_timeout, max_connections)
             self.reading: dict[Any, GuardedSocket] = {}
+            # gunicorn's handle_error classifies a malformed request (400, 414, 431...) and
+            # writes it through this one function; in this worker process, it writes JSON.
+            from gunicorn import util
+
+            util.write_error = _write_json_error
             super().init_process()
 
         def handle(self, listener: Any, client: Any, addr: Any) -> None:

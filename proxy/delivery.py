@@ -6,7 +6,8 @@
   choice or profile writes.
 - While deliveries are in flight a heartbeat renews their lease every few seconds, so a
   delivery slower than the lease (an upstream taking 18 s) is never started a second time
-  by another process. Outcomes are recorded only under this process's lease (`lease_owner`),
+  by another process; if the heartbeat is late (a starved or frozen process) the outbox
+  still lets no one else claim a write whose holder process is alive (`outbox.holder_alive`). Outcomes are recorded only under this process's lease (`lease_owner`),
   so a process that lost its lease (the file unwritable for 15 s) cannot overwrite another's.
 - Every `purge_every` seconds delivered rows older than the retention are purged (any
   process may do it; the outbox is shared by the box).
@@ -45,6 +46,7 @@ class Deliverer:
         self._sending: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._next_purge = 0.0
+        self._stop_asked: float | None = None  # monotonic time of the first stop request
 
     def start(self) -> Deliverer:
         for name, target in (("outbox", self._run), ("outbox-lease", self._heartbeat)):
@@ -56,14 +58,18 @@ class Deliverer:
     def request_stop(self) -> None:
         """Stop claiming at once (the server is shutting down); deliveries in flight finish.
         Called from a signal handler: only sets the flag (the loop sees it within a poll)."""
+        if self._stop_asked is None:
+            self._stop_asked = time.monotonic()
         self._stop.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop claiming; wait for the deliveries in flight to be recorded."""
-        self._stop.set()
+        """Stop claiming; wait for the deliveries in flight to be recorded, up to `timeout`
+        seconds from the first stop request (the SIGTERM, when there was one)."""
+        self.request_stop()
         with self._slots:
             self._slots.notify_all()
-        deadline = time.monotonic() + timeout
+        assert self._stop_asked is not None
+        deadline = self._stop_asked + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._slots:

@@ -15,6 +15,7 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 ├── PreviewBusy (503 + Retry-After) every preview slot of this process is taken
 ├── OutboxUnavailable (503)       a write could not be stored (disk full, outbox cap)
 ├── IdempotencyKeyReused (422)    an idempotency key sent again with another request
+├── IdempotencyKeyInProgress (409 + Retry-After) the key's first request is still being stored
 ├── ConsentStateUnknown (503)     a consent link would have to guess the choice's state
 └── UpstreamError (upstream=...)  an upstream call failed; never cached (502: unexpected 4xx)
     ├── UpstreamAuthError (502)   the upstream refused our credential (not worth a retry)
@@ -231,6 +232,17 @@ class IdempotencyKeyReused(ProxyError):
 
     status = 422
     code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInProgress(ProxyError):
+    """Another request with this idempotency key is still being stored (seen in Redis as
+    pending): retry shortly and get its answer; nothing was recorded for this one."""
+
+    status = 409
+    code = "idempotency_key_in_progress"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message, retry_after=retry_after)
 
 
 class ConsentStateUnknown(ProxyError):

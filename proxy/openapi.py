@@ -280,6 +280,8 @@ def operations() -> dict[str, dict[str, Any]]:
     write_errors = {"400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                     "503": _error("mediarithmics is not configured, or the outbox cannot store", True)}
     keyed_write_errors = {**write_errors,
+                          "409": _error("idempotency_key_in_progress: the key's first request is "
+                                        "still being stored (with Redis); retry after Retry-After", True),
                           "422": _error("idempotency_key_reused: the key named a different request")}
     ops["activities.post_activity"] = {"post": {
         "summary": "Queue a user activity (validated: $user_identifiers or a legacy id, $type, $ts).",

@@ -14,8 +14,13 @@ what is per process is said where it matters.
   `order_key`; only the oldest pending one of a key can be claimed, so concurrent
   deliveries never reorder an unsubscribe and a resubscribe.
 - **Leases**: a claim leases writes to this process; the deliverer renews the lease while a
-  delivery is in flight, so a slow upstream never gets a write started twice. After a crash
-  the lease runs out and the write is delivered again with its id and key (at least once).
+  delivery is in flight. A renewal can be late (a starved or frozen process), so a lapsed
+  lease is only taken over when its holder is gone: the lease names the holder's host, PID
+  namespace, pid and process start time, and a claim checks that process (`holder_alive`).
+  A write being sent by a live process is never started a second time, however slow. After
+  a crash the holder is gone, the lease runs out and the write is delivered again with its
+  id and key (at least once). A holder on another host or PID namespace (a shared file
+  system) cannot be checked: there the lease alone decides.
 - **Bounds**: delivered rows are purged after the retention (never while their idempotency
   key lives); opens and activities are refused at intake past `max_rows` undelivered rows;
   consent and profile writes are only refused when the disk itself refuses them.
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -125,6 +131,22 @@ class Added:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """A dead letter `retry` left alone: a later write (`by`, now `by_state`) replaced it."""
+
+    id: str
+    kind: str
+    by: str
+    by_state: str
+
+
+@dataclass(frozen=True)
+class Retried:
+    requeued: int
+    skipped: list[Superseded]
+
+
+@dataclass(frozen=True)
 class LaneStats:
     depth: int
     oldest_age: float
@@ -155,24 +177,27 @@ class Outbox:
     """The write store. Every public method runs its SQLite work off the event loop."""
 
     def __init__(self, path: str, max_attempts: int = 25, max_backoff: float = 300.0,
-                 busy_timeout: float = 2.0, max_rows: int = 0):
+                 busy_timeout: float = 2.0, max_rows: int = 0, migrate_timeout: float = 30.0):
         # Absolute, so a later change of working directory cannot point it at another file.
         self.path = os.path.abspath(path)
         self.max_attempts = max_attempts
         self.max_backoff = max_backoff
         self.busy_timeout = busy_timeout
         self.max_rows = max_rows
-        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = lease_owner()
         # Per process: intake refusals by reason (metrics).
         self.dropped: Counter[str] = Counter()
         self._pending_estimate: tuple[float, int] = (0.0, 0)
         self._write_check: tuple[float, str] = (-WRITE_CHECK_TTL, "")
         self._lock = threading.Lock()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._migrate()
+        # Off the event loop: it may wait for another process's migration (several workers
+        # start at once); `ccproxy serve` opens the outbox when a worker starts, so this is
+        # never on a request's clock.
+        off_the_event_loop(self._migrate, migrate_timeout)
 
-    def _migrate(self) -> None:
-        db = self._connect(timeout=30.0)
+    def _migrate(self, timeout: float) -> None:
+        db = self._connect(timeout=timeout)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("BEGIN IMMEDIATE")  # several workers may start at once
@@ -206,6 +231,22 @@ class Outbox:
             raise
         return db
 
+    def _for_request(self, function: Callable[..., Any], *args: Any, budget: float | None = None) -> Any:
+        """Run `function(*args, timeout=...)` for a caller that waits (a request): it must start
+        within `budget` (the busy timeout by default) and waits for a busy file at most what
+        is left of it, so a locked outbox is a prompt 503, never a hang; a call that could not
+        start in time raises as a busy file would, before touching anything."""
+        budget = self.busy_timeout if budget is None else budget
+        deadline = time.monotonic() + max(budget, MIN_START_WAIT)
+
+        def bounded() -> Any:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise sqlite3.OperationalError("database is locked (the outbox is busy)")
+            return function(*args, timeout=max(0.001, min(budget, left)))
+
+        return off_the_event_loop(bounded, pool="intake")
+
     # -- intake ---------------------------------------------------------------------------
 
     def add(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
@@ -213,14 +254,16 @@ class Outbox:
             write_id: str | None = None, sheddable: bool = False) -> Added:
         """Store a write durably. With `idem`, a live key answers the earlier write
         (`duplicate`) or raises IdempotencyKeyReused; `sheddable` writes (opens, activities)
-        raise OutboxUnavailable past the row cap. Raises sqlite3.Error when not stored."""
-        if sheddable and self._over_cap():
+        raise OutboxUnavailable past the row cap (a duplicate of an accepted write is still
+        answered as one: the key is looked up first). Raises sqlite3.Error when not stored."""
+        full = sheddable and self._over_cap()
+        added = self._for_request(self._add_now, kind, method, path, query, body, idem, write_id,
+                                  full, budget=timeout)
+        if added is None:
             self.dropped["outbox_full"] += 1
             raise OutboxUnavailable(f"the outbox holds {self.max_rows} or more undelivered writes; "
                                     "new activities are refused until it drains",
                                     code="outbox_full", retry_after=30)
-        added = off_the_event_loop(self._add_now, kind, method, path, query, body, timeout,
-                                   idem, write_id)
         if not added.duplicate:
             with self._lock:
                 stamp, count = self._pending_estimate
@@ -236,7 +279,7 @@ class Outbox:
             stamp, count = self._pending_estimate
         if time.monotonic() - stamp >= 1.0:
             try:
-                count = off_the_event_loop(self._pending_now)
+                count = self._for_request(self._pending_now)
             except sqlite3.Error:
                 return False  # storing will say what is wrong
             with self._lock:
@@ -247,25 +290,27 @@ class Outbox:
         """Whether a write that must keep its order (a choice, a profile) for `path` is still
         waiting for delivery: what the upstream says now is not the state it will have."""
         key = order_key(kind, path)
-        return key is not None and bool(off_the_event_loop(self._has_pending_now, key))
+        return key is not None and bool(self._for_request(self._has_pending_now, key))
 
-    def _has_pending_now(self, key: str) -> bool:
-        db = self._connect()
+    def _has_pending_now(self, key: str, timeout: float | None = None) -> bool:
+        db = self._connect(timeout)
         try:
             return db.execute(f"SELECT 1 FROM writes WHERE order_key = ? AND {PENDING} LIMIT 1",
                               (key,)).fetchone() is not None
         finally:
             db.close()
 
-    def _pending_now(self) -> int:
-        db = self._connect()
+    def _pending_now(self, timeout: float | None = None) -> int:
+        db = self._connect(timeout)
         try:
             return int(db.execute(f"SELECT COUNT(*) FROM writes WHERE {PENDING}").fetchone()[0])
         finally:
             db.close()
 
     def _add_now(self, kind: str, method: str, path: str, query: dict[str, str], body: Any,
-                 timeout: float | None, idem: IdemKey | None, write_id: str | None) -> Added:
+                 idem: IdemKey | None, write_id: str | None, full: bool = False,
+                 timeout: float | None = None) -> Added | None:
+        """Store it (None: refused, the outbox is `full`); a live key's earlier write first."""
         write_id = write_id or uuid.uuid4().hex
         now = time.time()
         db = self._connect(timeout)
@@ -283,6 +328,9 @@ class Outbox:
                     return Added(row[0], duplicate=True)
                 if row is not None:  # expired: the key may name a new write
                     db.execute("UPDATE writes SET idem_key = NULL WHERE id = ?", (row[0],))
+            if full:
+                db.execute("ROLLBACK")
+                return None
             db.execute(
                 "INSERT INTO writes (id, kind, method, path, query, body, state, next_attempt_at,"
                 " created_at, lane, seq, order_key, idem_key, idem_hash, idem_until)"
@@ -303,17 +351,17 @@ class Outbox:
     # -- reading --------------------------------------------------------------------------
 
     def get(self, write_id: str) -> Write | None:
-        return off_the_event_loop(self._get_now, write_id)
+        return self._for_request(self._get_now, write_id)
 
     def list_writes(self, state: str | None = None, limit: int = 100) -> list[Write]:
         return off_the_event_loop(self._list_writes_now, state, limit)
 
     def counts(self) -> dict[str, int]:
-        return off_the_event_loop(self._counts_now)
+        return self._for_request(self._counts_now)
 
     def lane_stats(self) -> dict[str, LaneStats]:
         """Undelivered writes per lane and the age of the oldest (for every process of the box)."""
-        return off_the_event_loop(self._lane_stats_now)
+        return self._for_request(self._lane_stats_now)
 
     def write_problem(self, min_free_bytes: int, fresh: bool = False) -> str:
         """Why a write could not be recorded now ("" when it could): /readyz asks. The answer
@@ -322,7 +370,7 @@ class Outbox:
         now = time.monotonic()
         checked_at, problem = self._write_check
         if fresh or now - checked_at >= WRITE_CHECK_TTL:
-            problem = off_the_event_loop(self._write_problem_now, min_free_bytes)
+            problem = off_the_event_loop(self._write_problem_now, min_free_bytes, pool="intake")
             self._write_check = (time.monotonic(), problem)
         return problem
 
@@ -343,8 +391,8 @@ class Outbox:
         return ""
 
 
-    def _get_now(self, write_id: str) -> Write | None:
-        db = self._connect()
+    def _get_now(self, write_id: str, timeout: float | None = None) -> Write | None:
+        db = self._connect(timeout)
         try:
             row = db.execute(f"SELECT {COLUMNS} FROM writes WHERE id = ?", (write_id,)).fetchone()
         finally:
@@ -364,16 +412,16 @@ class Outbox:
             db.close()
         return [_write(row) for row in rows]
 
-    def _counts_now(self) -> dict[str, int]:
-        db = self._connect()
+    def _counts_now(self, timeout: float | None = None) -> dict[str, int]:
+        db = self._connect(timeout)
         try:
             return dict(db.execute("SELECT state, COUNT(*) FROM writes GROUP BY state").fetchall())
         finally:
             db.close()
 
-    def _lane_stats_now(self) -> dict[str, LaneStats]:
+    def _lane_stats_now(self, timeout: float | None = None) -> dict[str, LaneStats]:
         now = time.time()
-        db = self._connect()
+        db = self._connect(timeout)
         try:
             rows = db.execute(f"SELECT lane, COUNT(*), MIN(created_at) FROM writes WHERE {PENDING}"
                               " GROUP BY lane").fetchall()
@@ -388,9 +436,38 @@ class Outbox:
 
     def retry(self, write_id: str | None = None) -> int:
         """Requeue one dead letter (or all of them); how many were requeued."""
-        return off_the_event_loop(self._change_dead, write_id,
-                                  "UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
-                                  " WHERE state='dead'", (time.time(),))
+        return self.retry_dead(write_id).requeued
+
+    def retry_dead(self, write_id: str | None = None) -> Retried:
+        """Requeue one dead letter (or all of them), except a choice or profile write that a
+        later write of the same user point and processing (or profile) superseded: sending
+        an old subscribe after a later unsubscribe would revert consent. Those are skipped
+        and reported; they stay dead letters."""
+        return off_the_event_loop(self._retry_dead_now, write_id)
+
+    def _retry_dead_now(self, write_id: str | None) -> Retried:
+        db = self._connect(durable=False)
+        requeued, skipped = 0, []
+        try:
+            db.execute("BEGIN IMMEDIATE")  # no write may be accepted between the check and the requeue
+            sql = "SELECT id, kind, order_key, seq FROM writes WHERE state='dead'"
+            dead = db.execute(sql + (" AND id=?" if write_id else "") + " ORDER BY seq",
+                              (write_id,) if write_id else ()).fetchall()
+            for dead_id, kind, key, seq in dead:
+                later = None if key is None else db.execute(
+                    "SELECT id, state FROM writes WHERE order_key=? AND seq>? ORDER BY seq DESC LIMIT 1",
+                    (key, seq)).fetchone()
+                if later is not None:
+                    skipped.append(Superseded(dead_id, kind, later[0], later[1]))
+                    continue
+                requeued += db.execute("UPDATE writes SET state='queued', attempts=0, next_attempt_at=?"
+                                       " WHERE id=?", (time.time(), dead_id)).rowcount
+            db.execute("COMMIT")
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+        return Retried(requeued, skipped)
 
     def purge_dead(self, write_id: str | None = None) -> int:
         """Delete one dead letter (or all of them); how many were deleted."""
@@ -411,14 +488,18 @@ class Outbox:
         return off_the_event_loop(self._purge_delivered_now, retention, batch)
 
     def _purge_delivered_now(self, retention: float, batch: int) -> int:
+        # A delivered choice or profile write that supersedes an older dead letter is kept
+        # while that letter is: it is what tells `retry` not to send the older one.
         now = time.time()
         total = 0
         db = self._connect()
         try:
             while True:
                 deleted = db.execute(
-                    "DELETE FROM writes WHERE rowid IN (SELECT rowid FROM writes WHERE state='delivered'"
-                    " AND delivered_at < ? AND (idem_until IS NULL OR idem_until < ?) LIMIT ?)",
+                    "DELETE FROM writes WHERE rowid IN (SELECT w.rowid FROM writes w WHERE w.state='delivered'"
+                    " AND w.delivered_at < ? AND (w.idem_until IS NULL OR w.idem_until < ?)"
+                    " AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes d"
+                    "  WHERE d.order_key = w.order_key AND d.state='dead' AND d.seq < w.seq)) LIMIT ?)",
                     (now - retention, now, batch)).rowcount
                 total += deleted
                 if deleted < batch:
@@ -436,17 +517,20 @@ class Outbox:
         of writes sharing an order key, only the oldest pending one."""
         now = time.time()
         db = self._connect(durable=False)
+        db.create_function("holder_alive", 1, holder_alive)
         try:
             db.execute("BEGIN IMMEDIATE")
             rows = db.execute(
                 f"UPDATE writes SET lease_owner=?, lease_until=? WHERE id IN ("
                 # The lane index walks in delivery order: no sort of every pending row.
                 f" SELECT w.id FROM writes w INDEXED BY writes_lane WHERE w.{PENDING} AND w.next_attempt_at<=?"
-                f" AND (w.lease_until IS NULL OR w.lease_until<?)"
+                # A lapsed lease of a live process is still its own (see the module docstring).
+                f" AND (w.lease_until IS NULL OR (w.lease_until<?"
+                f"  AND (w.lease_owner=? OR NOT holder_alive(w.lease_owner))))"
                 f" AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes p"
                 f"  WHERE p.order_key = w.order_key AND p.seq < w.seq AND p.{PENDING}))"
                 f" ORDER BY w.lane, w.seq LIMIT ?) RETURNING {COLUMNS}",
-                (self.owner, now + LEASE_SECONDS, now, now, limit),
+                (self.owner, now + LEASE_SECONDS, now, now, self.owner, limit),
             ).fetchall()
             db.execute("COMMIT")
         finally:
@@ -505,6 +589,46 @@ class Outbox:
 
 
 WRITE_CHECK_TTL = 1.0  # seconds a /readyz outbox check is reused within one process
+# A request's outbox call may wait this long for a thread even when its busy budget is
+# shorter (a pixel's 50 ms): handing work to a thread takes time on a loaded machine.
+MIN_START_WAIT = 0.5
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot: /proc/<pid>/stat field 22), None
+    when it is gone or a zombie. With the pid it names one process: pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _pid_namespace() -> str:
+    try:
+        return "".join(ch for ch in os.readlink("/proc/self/ns/pid") if ch.isdigit())
+    except OSError:
+        return "-"
+
+
+def lease_owner() -> str:
+    """This process, as its leases name it: host/PID namespace/pid/start time/nonce."""
+    pid = os.getpid()
+    return "/".join((socket.gethostname(), _pid_namespace(), str(pid), _start_time(pid) or "-",
+                     uuid.uuid4().hex[:8]))
+
+
+def holder_alive(owner: str | None) -> bool:
+    """Whether the process named by a lease (`lease_owner()`) still runs. One this process
+    cannot check (another host or PID namespace, an older outbox's owner) counts as gone:
+    its lease alone decides, as before."""
+    parts = (owner or "").split("/")
+    if len(parts) != 5 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
+        return False
+    if not parts[2].isdigit() or parts[3] == "-":
+        return False
+    return _start_time(int(parts[2])) == parts[3]
 
 
 def filesystem_problem(path: str, min_free_bytes: int) -> str:
@@ -522,16 +646,37 @@ def filesystem_problem(path: str, min_free_bytes: int) -> str:
     return ""
 
 
-def off_the_event_loop(function: Callable[..., Any], *args: Any) -> Any:
+# The outbox's own threads, per process: SQLite waits (a busy file, an fsync) never occupy
+# gevent's hub pool, which also resolves host names (a locked outbox once delayed every
+# upstream's DNS by 30 s). Requests and delivery bookkeeping get separate pools, so a
+# delivery outcome waiting out a lock never makes a request wait behind it.
+POOL_THREADS = {"intake": 4, "delivery": 4}
+_pools: dict[tuple[int, str], Any] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str) -> Any:
+    """This process's pool `name` (a fork gets new ones: threads do not survive it)."""
+    from gevent.threadpool import ThreadPool
+
+    key = (os.getpid(), name)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPool(POOL_THREADS[name])
+    return pool
+
+
+def off_the_event_loop(function: Callable[..., Any], *args: Any, pool: str = "delivery") -> Any:
     """Run blocking file I/O (SQLite commits fsync) where it cannot stall a gevent worker:
-    in gevent's thread pool when the process is monkey-patched, else right here."""
+    in the outbox's own thread pool when the process is monkey-patched, else right here."""
     try:
-        from gevent import get_hub, monkey
+        from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return function(*args)
     if not monkey.is_module_patched("threading"):
         return function(*args)
-    return get_hub().threadpool.apply(function, args)
+    return _pool(pool).apply(function, args)
 
 
 def _write(row: tuple) -> Write:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 EXTENSION = "ccproxy"  # the app.extensions key of an app's Services
 
 log = logging.getLogger("ccproxy")
+OUTBOX_OPEN_WAIT = 2.0  # seconds a request waits for the outbox's schema (start-up waits longer)
 
 
 def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None) -> Guards:
@@ -174,7 +175,13 @@ class Services:
 
     @property
     def outbox(self) -> Outbox:
-        """The durable outbox of writes (opened on first use)."""
+        """The durable outbox of writes (opened on first use; a request waits briefly for it)."""
+        return self.open_outbox(OUTBOX_OPEN_WAIT)
+
+    def open_outbox(self, migrate_timeout: float) -> Outbox:
+        """The outbox, opened (its schema migrated) now if it is not open yet. `ccproxy serve`
+        opens it as each worker starts, waiting up to a minute for another worker's
+        migration, so no request pays for it."""
         if self._outbox is None:
             import sqlite3
 
@@ -183,7 +190,8 @@ class Services:
             try:
                 self._outbox = Outbox(self.settings.outbox_path, self.settings.outbox_max_attempts,
                                       self.settings.outbox_max_backoff,
-                                      max_rows=self.settings.outbox_max_rows)
+                                      max_rows=self.settings.outbox_max_rows,
+                                      migrate_timeout=migrate_timeout)
             except (OSError, sqlite3.Error) as exc:
                 log.error("outbox %s cannot be opened: %s", self.settings.outbox_path, exc)
                 raise OutboxUnavailable("the outbox cannot be opened; nothing was recorded",
@@ -199,7 +207,7 @@ class Services:
         from .delivery import Deliverer
 
         try:
-            outbox = self.outbox
+            outbox = self.open_outbox(60.0)
         except ProxyError:
             return  # logged; writes answer 503 and /readyz reports it
         client = self.delivery_client()
@@ -228,9 +236,11 @@ class Services:
             self.deliverer.request_stop()
 
     def close(self) -> None:
-        """Let deliveries in flight finish and be recorded (clean shutdown)."""
+        """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked."""
         if self.deliverer is not None:
-            self.deliverer.stop()
+            s = self.settings
+            self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
             self.deliverer = None
         self.cache.drain()
 

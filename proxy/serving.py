@@ -9,6 +9,7 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import signal
@@ -41,9 +42,8 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
         "worker_connections": 4000,
         # Longer than load balancers' idle timeouts so they never reuse a closed socket.
         "keepalive": 75,
-        # SIGTERM: stop accepting, let in-flight requests finish for up to this long. Idle
-        # keep-alive connections hold a gevent worker until then, and Braze gives up on any
-        # call after 2 s, so a few seconds finish every useful request.
+        # SIGTERM: stop accepting, let in-flight requests finish for up to this long (Braze
+        # gives up on any call after 2 s). `serve` lengthens it to cover an outbox delivery.
         "graceful_timeout": 5,
         "timeout": 30,
         "backlog": BACKLOG,
@@ -58,14 +58,34 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
     }
 
 
+def delivery_grace(settings: Settings) -> int:
+    """Seconds a stopping worker is given: the longest a delivery in flight can take
+    (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) and a margin to record its outcome. A stop cut
+    shorter (gunicorn's SIGKILL) could land after mediarithmics took a write and before the
+    outbox knew, and the write would be sent again after the restart. An idle stop does not
+    wait for it: idle connections are closed at once, and a worker ends when nothing runs."""
+    return math.ceil(settings.upstream_connect_timeout + settings.outbox_write_timeout) + 5
+
+
+def _on_worker_fork(_server: Any, _worker: Any) -> None:
+    """In a new worker, right after the fork: until gunicorn installs the worker's own signal
+    handlers, a SIGTERM would run the master's inherited handler, which only queues it in
+    this process's copy of the master's queue, and the worker would live on until the
+    master's SIGKILL at the end of the graceful period. Booting, it has accepted nothing
+    and claimed nothing: the default action (end now) is right."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _on_worker_start(worker: Any) -> None:
     """In each worker: start background delivery of the outbox (create_app builds the app
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
-    waits for open connections; otherwise the master's SIGKILL at the end of the graceful
-    period can land mid-delivery and leave a write to be delivered a second time after restart."""
+    waits for open connections; the deliveries in flight then have the graceful period
+    (`delivery_grace`) to finish and be recorded."""
     from .services import of_app
 
     services = of_app(worker.wsgi)
+    if not worker.alive:  # told to stop while it was loading the app
+        return
     services.start_delivery()
     handle_exit = worker.handle_exit
 
@@ -194,6 +214,8 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
                                           settings.max_connections),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
+        post_fork=_on_worker_fork,
+        graceful_timeout=delivery_grace(settings),
     )
     master = os.getpid()
     try:

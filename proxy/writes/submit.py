@@ -75,7 +75,7 @@ def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKe
                         write_id=write_id, sheddable=sheddable)
     except (sqlite3.Error, OSError) as exc:
         if shared is not None and idem is not None:
-            shared.forget(idem)
+            shared.forget(idem, write_id)
         busy = isinstance(exc, sqlite3.Error) and is_busy(exc)
         if not busy:
             box.dropped["outbox_unwritable"] += 1
@@ -84,10 +84,10 @@ def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKe
                                 retry_after=1 if busy else 5) from None
     except ProxyError:
         if shared is not None and idem is not None:
-            shared.forget(idem)
+            shared.forget(idem, write_id)
         raise
-    if added.duplicate and shared is not None and idem is not None:
-        shared.remember(idem, added.id)  # Redis named our unstored id: name the stored one
+    if shared is not None and idem is not None:
+        shared.stored(idem, write_id, added.id)  # our pending claim now names the stored write
     return added
 
 

@@ -1,0 +1,145 @@
+"""What the outbox promises at its edges, in process against the sandbox over loopback: a
+duplicate is a duplicate even when the outbox is full, an operator's retry never reverts
+consent, and a key shared through Redis never names a write that was not stored."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from servers import wait_for
+from test_write_safety import wait_until
+from test_writes import activity, store_of, wait_for_state
+
+ACTIVITIES = "/v1/mediarithmics/activities"
+
+
+def test_a_duplicate_of_an_accepted_write_is_a_duplicate_even_when_the_outbox_is_full(
+        make_app, sandboxes, tmp_path):
+    sandboxes.state("mediarithmics").set_fault("error")  # nothing drains
+    client = make_app(outbox_path=str(tmp_path / "capped.sqlite3"), outbox_max_rows=2,
+                      outbox_max_backoff=30).test_client()
+    key = {"Idempotency-Key": f"full-{uuid.uuid4().hex}"}
+    first = client.post(ACTIVITIES, json=activity("kept"), headers=key)
+    assert first.status_code == 202
+    assert client.post(ACTIVITIES, json=activity("fills")).status_code == 202
+    time.sleep(1.1)  # the per-process count is refreshed once a second
+    new = client.post(ACTIVITIES, json=activity("refused"))
+    assert new.status_code == 503 and new.get_json()["error"]["code"] == "outbox_full"
+    again = client.post(ACTIVITIES, json=activity("kept"), headers=key)
+    assert again.status_code == 202, again.get_data(as_text=True)
+    assert again.get_json()["duplicate"] is True and again.get_json()["id"] == first.get_json()["id"]
+    # A reused key with another body is still told so, full or not.
+    reused = client.post(ACTIVITIES, json=activity("other"), headers=key)
+    assert reused.status_code == 422 and reused.get_json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_retry_never_sends_a_dead_subscribe_after_a_later_unsubscribe(make_app, sandboxes, tmp_path):
+    path = str(tmp_path / "consent.sqlite3")
+    client = make_app(outbox_path=path, outbox_max_attempts=1, outbox_max_backoff=0.2,
+                      outbox_retention=0.5).test_client()
+    user = f"consent-{uuid.uuid4().hex[:8]}"
+    choice = f"/v1/mediarithmics/choices?user_point_id={user}&processing_id=101"
+    sandboxes.state("mediarithmics").set_fault("error", count=1)  # the subscribe dies
+    subscribe = client.put(choice, json={"$choice_acceptance_value": True}).get_json()["id"]
+    assert wait_for_state(client, subscribe, ("dead",))["state"] == "dead"
+    unsubscribe = client.put(choice, json={"$choice_acceptance_value": False}).get_json()["id"]
+    wait_for_state(client, unsubscribe)
+    # Retention passes (an activity delivered beside it is purged): the unsubscribe's row is
+    # kept, since it is what says the dead subscribe is superseded.
+    other = client.post(ACTIVITIES, json=activity("purged")).get_json()["id"]
+    wait_for_state(client, other)
+    wait_until(lambda: client.get(f"/v1/mediarithmics/writes/{other}").status_code == 404, 30,
+               "retention purge")
+    assert client.get(f"/v1/mediarithmics/writes/{unsubscribe}").status_code == 200
+
+    env = {"CCPROXY_OUTBOX_PATH": path, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "requeued 0 dead letter" in done.stdout
+    assert f"skipped {subscribe} (choice): superseded by the later write {unsubscribe} (delivered)" in done.stdout
+    assert client.get(f"/v1/mediarithmics/writes/{subscribe}").get_json()["state"] == "dead"
+    puts = [w for w in store_of(sandboxes).writes if w[0] == "PUT" and user in w[1]]
+    assert [w[3]["$choice_acceptance_value"] for w in puts] == [False]
+    # Asked for by id, it is refused the same way (exit status 1: nothing requeued).
+    by_id = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", subscribe],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert by_id.returncode == 1 and f"skipped {subscribe}" in by_id.stdout
+
+
+# -- idempotency keys shared through Redis -------------------------------------------------
+
+def new_idem_key(redis_client, before: set[bytes]) -> bytes:
+    def found():
+        return set(redis_client.keys(b"ccproxy:idem:*")) - before
+    return next(iter(wait_for(found, seconds=30, poll=0.01, what="the key claimed in Redis")))
+
+
+def test_a_duplicate_is_never_told_duplicate_of_a_write_not_yet_stored(make_app, redis_server, tmp_path):
+    boxes = [make_app(redis_url=redis_server["url"]).test_client() for _ in range(2)]
+    path = boxes[0].application.extensions["ccproxy"].outbox.path
+    key = {"Idempotency-Key": f"pending-{uuid.uuid4().hex}"}
+    before = set(redis_server["client"].keys(b"ccproxy:idem:*"))
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # the first box cannot commit (busy)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(boxes[0].post, ACTIVITIES, json=activity("pending"), headers=key)
+            new_idem_key(redis_server["client"], before)  # claimed, not stored
+            second = boxes[1].post(ACTIVITIES, json=activity("pending"), headers=key)
+            assert first.result().status_code == 503
+    finally:
+        lock.rollback()
+        lock.close()
+    if second.status_code == 409:  # the first was still being stored
+        assert second.get_json()["error"]["code"] == "idempotency_key_in_progress"
+        assert int(second.headers["Retry-After"]) >= 1
+    else:  # the first had failed already: the second stored its own
+        assert second.status_code == 202 and second.get_json()["duplicate"] is False, second.get_json()
+        assert boxes[1].get(f"/v1/mediarithmics/writes/{second.get_json()['id']}").status_code == 200
+    # Whatever the timing, every answer now names a stored write.
+    again = wait_for(lambda: stored_answer(boxes[1], key, "pending"), seconds=30, what="a stored write")
+    assert again.status_code == 202
+
+
+def test_a_failed_forget_leaves_no_key_naming_a_write_never_stored(make_app, redis_server):
+    client = make_app(redis_url=redis_server["url"]).test_client()
+    services = client.application.extensions["ccproxy"]
+    key = {"Idempotency-Key": f"forget-{uuid.uuid4().hex}"}
+    before = set(redis_server["client"].keys(b"ccproxy:idem:*"))
+    lock = sqlite3.connect(services.outbox.path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    admin = redis_server["client"]
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, ACTIVITIES, json=activity("forget"), headers=key)
+            new_idem_key(admin, before)
+            # Redis now refuses to drop the key: the proxy cannot tell it the write failed.
+            admin.execute_command("ACL", "SETUSER", "default", "-del", "-@scripting")
+            try:
+                assert first.result().status_code == 503
+            finally:
+                admin.execute_command("ACL", "SETUSER", "default", "+@all")
+    finally:
+        lock.rollback()
+        lock.close()
+    wait_for(services.redis.usable, seconds=30, what="Redis used again")
+    answer = wait_for(lambda: stored_answer(client, key, "forget"), seconds=30, what="a stored write")
+    assert answer.get_json()["duplicate"] is False  # never "duplicate" of the unstored one
+
+
+def stored_answer(client, key, marker):
+    """The key's answer once it is a 202 (None while 409); a 202 must name a stored write."""
+    r = client.post(ACTIVITIES, json=activity(marker), headers=key)
+    if r.status_code == 409:
+        assert r.get_json()["error"]["code"] == "idempotency_key_in_progress"
+        return None
+    assert r.status_code == 202, r.get_data(as_text=True)
+    assert client.get(f"/v1/mediarithmics/writes/{r.get_json()['id']}").status_code == 200, \
+        f"{r.get_json()} names a write that was never stored"
+    return r
