@@ -1,4 +1,6 @@
-"""The baseline: a bare Flask `jsonify` endpoint on the same gunicorn settings as the proxy."""
+"""The baseline: a bare Flask `jsonify` endpoint on the same gunicorn settings as the proxy
+(gevent by default; `--worker-class gthread` for the threaded baseline). bench/saturation.py
+also serves `make_app` on granian."""
 
 from __future__ import annotations
 
@@ -42,5 +44,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--worker-class", default="gevent", help="gevent (the proxy's) or gthread")
+    parser.add_argument("--threads", type=int, default=8, help="per worker, for gthread")
     args = parser.parse_args()
-    WsgiServer(make_app, gunicorn_options("127.0.0.1", args.port, args.workers, "warning")).run()
+    options = gunicorn_options("127.0.0.1", args.port, args.workers, "warning")
+    if args.worker_class != "gevent":
+        options.update({"worker_class": args.worker_class, "threads": args.threads})
+    WsgiServer(make_app, options).run()

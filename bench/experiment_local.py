@@ -4,14 +4,16 @@
 
 Starts the sandbox Experiment upstream (20 ms latency), the proxy in local mode and in remote
 mode (`ccproxy serve`, gevent, 2 workers), then drives with wrk: local mode with every request
-a distinct user (in remote mode each would be a `/v1/vardata` call), and remote mode's cached
-hit path (one warmed user). Counts the sandbox's vardata calls during the local run.
+a distinct user (in remote mode each would be a `/v1/vardata` call), local mode with each user
+rendered three times as Braze does, and remote mode's cached hit path (one warmed user). Counts
+the sandbox's vardata calls during the local runs. Prints `uptime` (the machine is shared).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,11 +67,13 @@ def main() -> None:
         # A short first run warms both workers (first requests, connection set-up).
         wrk(local, "variants_local.lua", 64, 2)
         results["local_distinct_users"] = wrk(local, "variants_local.lua", conns, seconds)
+        results["local_three_renders_per_user"] = wrk(local, "variants_local_renders.lua", conns, seconds)
         results["local_vardata_calls"] = vardata_calls(sandbox) - before
         results["remote_hit_path"] = wrk(hit_url, "fixed.lua", conns, seconds)
         results["local_one_user"] = wrk(hit_url.replace(remote, local), "fixed.lua", conns, seconds)
     finally:
         procs.stop()
+    results["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(json.dumps(results, indent=1))
 
 

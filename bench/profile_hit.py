@@ -36,11 +36,20 @@ def caller(app):
     return call
 
 
-def per_request_us(call, n: int = 20000) -> float:
-    started = time.perf_counter()
+def per_request_us(call, n: int = 20000, clock=time.perf_counter) -> float:
+    started = clock()
     for _ in range(n):
         call()
-    return (time.perf_counter() - started) / n * 1e6
+    return (clock() - started) / n * 1e6
+
+
+def profiled(call, n: int = 5000) -> cProfile.Profile:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        call()
+    profiler.disable()
+    return profiler
 
 
 def main() -> None:
@@ -52,11 +61,7 @@ def main() -> None:
         call()  # the miss that fills the cache
         bare_us = per_request_us(caller(make_bare().wsgi_app))
         proxy_us = per_request_us(call)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(5000):
-            call()
-        profiler.disable()
+        profiler = profiled(call)
     finally:
         sandboxes.stop()
     out = io.StringIO()

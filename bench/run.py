@@ -128,10 +128,23 @@ print(json.dumps({{'before_kib': before, 'after_kib': after, 'entries': len(stor
     return {"entries": result["entries"], "mb": grown / 1e6, "bytes_per_entry": grown / entries}
 
 
+def settled_calls(sandbox: str, quiet: float = 1.0, limit: float = 20.0) -> int:
+    """The upstream's call count once it has stopped moving: requests of the run before (the
+    burst) still queued in the proxy would otherwise be counted as this run's calls."""
+    deadline, last = time.monotonic() + limit, sandbox_calls(sandbox)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sandbox_calls(sandbox)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def coalescing(proxy: str, sandbox: str, headers: dict[str, str], concurrency: int = 200) -> int:
     """Upstream calls made for `concurrency` identical cold requests arriving together."""
     set_latency(sandbox, 0.3)
-    before = sandbox_calls(sandbox)
+    before = settled_calls(sandbox)
     url = f"{proxy}/v1/amplitude/recommendations?rec_id=testRecId&user_id=coalesce-{time.time_ns()}"
     barrier = threading.Barrier(concurrency)
 
@@ -144,6 +157,11 @@ def coalescing(proxy: str, sandbox: str, headers: dict[str, str], concurrency: i
         statuses = list(pool.map(one, range(concurrency)))
     assert set(statuses) == {200}, statuses
     return sandbox_calls(sandbox) - before
+
+
+def load_average() -> str:
+    """The machine's load (it is shared): printed beside the figures."""
+    return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def machine() -> str:
@@ -195,6 +213,7 @@ def main() -> None:
     out = Path(args.out)
     procs = Processes()
     started = time.monotonic()
+    load_at_start = load_average()
     try:
         sandbox_port, proxy_port, bare_port, alt_port = free_port(), free_port(), free_port(), free_port()
         sandbox = f"http://127.0.0.1:{sandbox_port}"
@@ -242,6 +261,7 @@ def main() -> None:
         set_latency(sandbox, 1.0)
         results["burst_500c_gthread"] = wrk(alt, "miss.lua", 500, max(10, args.seconds), timeout="2s")
         results["memory"] = measure_memory(100_000)
+        results["load"] = {"start": load_at_start, "end": load_average()}
     finally:
         procs.stop()
 
@@ -288,7 +308,10 @@ def report(results: dict, args, out: Path, elapsed: float) -> None:
         "# Benchmark results", "",
         f"Machine: {machine()}.", "",
         f"Command: `.venv/bin/python bench/run.py` ({elapsed:.0f} s; wrk runs of {args.seconds} s; "
-        f"proxy and baseline on gunicorn + gevent, {args.workers} workers each).", "",
+        f"proxy and baseline on gunicorn + gevent, {args.workers} workers each). Load average (1, 5, 15 min) "
+        f"{results['load']['start']} at the start, {results['load']['end']} at the end, on {os.cpu_count()} cores"
+        + (": a busy machine, these figures need a quiet-machine rerun." if float(results["load"]["end"].split(",")[0])
+           > (os.cpu_count() or 1) else "."), "",
         "| measure | result | target | |", "|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows], "",
         "Raw figures (wrk):", "", "```json", json.dumps(results, indent=1), "```", "",

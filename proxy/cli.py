@@ -51,7 +51,7 @@ def link_secret_warning(settings: config.Settings) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     from .sandbox import stack
-    from .serving import listen, serve
+    from .serving import default_workers, listen, serve
 
     user_settings = config.load()
     if not _is_loopback(args.host) and not user_settings.api_keys:
@@ -67,8 +67,10 @@ def _demo(args: argparse.Namespace) -> int:
     # link secret for this run so consent links and pixels work out of the box.
     import secrets
 
+    # As `serve`: the rate limits are the deployment's, split over the workers it runs.
     settings = user_settings.replace(
-        **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32)
+        **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32),
+        workers=args.workers or default_workers(),
     )
     base = f"http://{args.host}:{args.port}"
 
@@ -164,20 +166,23 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from . import simulate
 
-    if bool(args.liquid) == bool(args.template):
-        print("ccproxy: give the message as --liquid FILE or --template NAME", file=sys.stderr)
+    if not args.liquid and not args.template:
+        print("ccproxy: give the message as --liquid FILE and/or --template NAME", file=sys.stderr)
         return 2
-    if args.rate <= 0 or args.renders < 1 or args.concurrency < 1:
-        print("ccproxy: --rate, --renders and --concurrency must be positive", file=sys.stderr)
+    if (args.rate <= 0 or args.renders < 1 or args.concurrency < 1 or args.drain_timeout < 0
+            or args.probe_seconds <= 0 or args.max_rate <= 0 or args.find_rate_budget <= 0
+            or args.find_rate_recipients < 10):
+        print("ccproxy: --rate, --renders, --concurrency, --probe-seconds, --max-rate and "
+              "--find-rate-budget must be positive (--find-rate-recipients at least 10)", file=sys.stderr)
         return 2
     url = args.url.rstrip("/")
+    # The templates' snippets first, then the Liquid file's tags: one message.
+    liquid = simulate.template_liquid(args.template, url, args.api_key) if args.template else ""
     if args.liquid:
         try:
-            liquid = Path(args.liquid).read_text(encoding="utf-8")
+            liquid += ("\n" if liquid else "") + Path(args.liquid).read_text(encoding="utf-8")
         except OSError as exc:
             raise ScenarioError(f"cannot read {args.liquid}: {exc}") from None
-    else:
-        liquid = simulate.template_liquid(args.template, url, args.api_key)
     sandboxes = {}
     if args.demo_log:
         sandboxes.update(simulate.sandboxes_from_log(Path(args.demo_log).read_text(errors="replace")))
@@ -189,8 +194,15 @@ def _simulate(args: argparse.Namespace) -> int:
         recipients=simulate.read_recipients(Path(args.users) if args.users else None, args.recipients,
                                            args.id_prefix),
         rate=args.rate, renders=args.renders, api_key=args.api_key, concurrency=args.concurrency,
-        sandboxes=sandboxes, faults=simulate.read_faults(Path(args.faults)) if args.faults else [])
-    result = simulate.run(scenario, progress=None if args.no_progress else sys.stderr)
+        sandboxes=sandboxes, faults=simulate.read_faults(Path(args.faults)) if args.faults else [],
+        drain_timeout=args.drain_timeout)
+    progress = None if args.no_progress else sys.stderr
+    if args.find_rate:
+        bounds = simulate.RateSearch(probe_seconds=args.probe_seconds, max_rate=args.max_rate,
+                                     budget_s=args.find_rate_budget, max_recipients=args.find_rate_recipients)
+        result = simulate.find_rate(scenario, bounds, progress=progress)
+    else:
+        result = simulate.run(scenario, progress=progress)
     print(json.dumps(result, indent=2) if args.json else simulate.table(result))
     return 0
 
@@ -274,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the output of `ccproxy demo`: its sandbox URLs are read from it")
     simulate.add_argument("--json", action="store_true", help="the report as JSON")
     simulate.add_argument("--no-progress", action="store_true")
+    simulate.add_argument("--drain-timeout", type=float, default=60.0,
+                          help="seconds to wait after the send for accepted writes to be delivered")
+    simulate.add_argument("--find-rate", action="store_true",
+                          help="search for the highest rate with no aborted message and no halt, "
+                               "from --rate: doubling, then bisection; short probes to fresh ids")
+    simulate.add_argument("--probe-seconds", type=float, default=20.0,
+                          help="--find-rate: seconds of sending per probe")
+    simulate.add_argument("--max-rate", type=float, default=60_000.0,
+                          help="--find-rate: the highest rate probed, messages per minute")
+    simulate.add_argument("--find-rate-budget", type=float, default=600.0,
+                          help="--find-rate: seconds for every probe together")
+    simulate.add_argument("--find-rate-recipients", type=int, default=100_000,
+                          help="--find-rate: recipients for every probe together")
     simulate.set_defaults(run=_simulate)
     return parser
 

@@ -31,6 +31,11 @@ EXPERIMENT_FLAGS_REGION_URLS = {
     "eu": "https://flag.lab.eu.amplitude.com",
 }
 EXPERIMENT_MODES = ("remote", "local")
+# Amplitude HTTP V2 API hosts (exposure events of local evaluation) by data region.
+ANALYTICS_REGION_URLS = {
+    "us": "https://api2.amplitude.com",
+    "eu": "https://api.eu.amplitude.com",
+}
 
 def _secret() -> Any:
     # repr=False keeps secrets out of logs and tracebacks that print the settings.
@@ -53,6 +58,9 @@ class Settings:
     experiment_flags_url: str = ""  # empty: the region's Flags API URL
     experiment_flag_refresh: float = 30.0  # seconds between flag configuration fetches (per process)
     experiment_flag_max_age: float = 300.0  # older than this, local mode evaluates remotely
+    # Amplitude Analytics (HTTP V2 API): local mode's exposure events; no key, no exposures.
+    amplitude_api_key: str = _secret()
+    amplitude_analytics_url: str = ""  # empty: the experiment region's HTTP V2 API host
     # Adobe Target Profile API
     target_client_code: str = ""
     target_url: str = ""  # empty: https://<client-code>.tt.omtrdc.net
@@ -136,6 +144,10 @@ class Settings:
     link_ttl_days: float = 30.0
     # TOML file of fallback content per endpoint path (see README, Operations).
     fallbacks_file: str = ""
+    # Recommendations answer "none for now" (200, found: false, fallback: true) instead of a
+    # 503 while Amplitude is rate limited and nothing is cached: Braze's :retry cannot outlast
+    # a Retry-After, and its failed retries would halt the whole host (README, Operations).
+    recommendations_rate_limit_fallback: bool = True
 
     # Upstream HTTP: timeouts in seconds, answer size cap in bytes.
     upstream_connect_timeout: float = 0.5
@@ -181,6 +193,10 @@ class Settings:
     @property
     def experiment_flags_base_url(self) -> str:
         return self.experiment_flags_url or EXPERIMENT_FLAGS_REGION_URLS[self.experiment_region]
+
+    @property
+    def analytics_base_url(self) -> str:
+        return self.amplitude_analytics_url or ANALYTICS_REGION_URLS[self.experiment_region]
 
     @property
     def target_base_url(self) -> str:
@@ -290,7 +306,7 @@ def _check_base_url(name: str, value: str) -> None:
 def validate(settings: Settings) -> Settings:
     """Reject malformed settings with a message naming the setting."""
     for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url",
-                 "experiment_flags_url"):
+                 "experiment_flags_url", "amplitude_analytics_url"):
         _check_base_url(name, getattr(settings, name))
     if settings.experiment_mode not in EXPERIMENT_MODES:
         raise SettingsError(f"{env_name('experiment_mode')} must be one of {list(EXPERIMENT_MODES)}")

@@ -9,10 +9,14 @@ before gevent patches the workers.
 
 Per worker process: each process holds its own configuration and refreshes it in the
 background (one thread, a greenlet under gevent, started by a request that finds the
-configuration older than `CCPROXY_EXPERIMENT_FLAG_REFRESH`), so `N` workers make `N` Flags
-API calls per interval, and none waits on the send path. A failed refresh keeps the last good
+configuration older than `CCPROXY_EXPERIMENT_FLAG_REFRESH`), and none waits on the send path.
+Without Redis `N` workers make `N` Flags API calls per interval; with `CCPROXY_REDIS_URL` the
+refresh goes through `experiment_flags_shared.py`: one call per interval for the deployment. A failed refresh keeps the last good
 configuration up to `CCPROXY_EXPERIMENT_FLAG_MAX_AGE` (a killed flag must not live forever);
 older, or none yet: the endpoint evaluates remotely.
+
+Decisions are remembered per configuration and process (`Memo`: the last 2,000, so the
+renders of one message are evaluated once by the worker that sees them).
 
 Only what local evaluation can decide is decided here (`Decision.remote` lists the rest, which
 the endpoint evaluates remotely with no-track): a flag is left to remote evaluation when it, or
@@ -54,6 +58,29 @@ class Decision:
 
     vardata: dict[str, dict[str, Any]] = field(default_factory=dict)
     remote: list[str] = field(default_factory=list)
+    # The engine's variants of `vardata` (value and metadata: what an exposure event carries).
+    variants: dict[str, Any] = field(default_factory=dict)
+
+
+# Decisions remembered per configuration and process: Braze renders each message several
+# times within seconds (HTML, text, AMP, retries), and the same user with the same context gets
+# the same answer from the same configuration, so a repeat costs a lookup, not an evaluation.
+# Few: each remembered decision is about a dozen objects that every full garbage collection of
+# the worker walks (10,000 of them tripled its pause), and the renders of a message come together.
+DECISIONS_REMEMBERED = 2_000
+ORDERS_REMEMBERED = 1_000  # evaluation orders (topological sorts) by set of flags asked
+
+
+class Memo:
+    """What one configuration already computed (shared by the refreshes that did not change it;
+    a new configuration starts empty, so nothing decided by an older one is ever reused)."""
+
+    def __init__(self) -> None:
+        from cachetools import LRUCache
+
+        self.decisions: LRUCache[tuple, Decision] = LRUCache(DECISIONS_REMEMBERED)
+        self.orders: LRUCache[tuple[str, ...], list[Any]] = LRUCache(ORDERS_REMEMBERED)
+        self.lock = threading.Lock()  # cachetools caches are not thread-safe
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,7 @@ class Configuration:
     flags: dict[str, Any]  # key -> EvaluationFlag
     needs: dict[str, FlagNeeds]
     fetched_at: float
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
 
 
 def _selector_needs(selector: list[str]) -> FlagNeeds:
@@ -159,9 +187,25 @@ def decidable(needs: FlagNeeds, user: dict[str, Any]) -> bool:
 
 
 def evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
-    """Evaluate the requested flags (every flag when none) that local evaluation can decide."""
+    """Evaluate the requested flags (every flag when none) that local evaluation can decide;
+    a repeat of the same user, context and flags is answered from the configuration's memo
+    (the Decision is shared: callers read it, never change it)."""
+    # The renders of one message send the same query, so the context's order repeats too: a
+    # plain repr is key enough (another order is only a miss, never a wrong answer).
+    key = (repr(context), tuple(requested))
+    memo = config.memo
+    with memo.lock:
+        known = memo.decisions.get(key)
+    if known is not None:
+        return known
+    decision = _evaluate(config, context, requested)
+    with memo.lock:
+        memo.decisions[key] = decision
+    return decision
+
+
+def _evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
     from amplitude_experiment.evaluation.engine import EvaluationEngine
-    from amplitude_experiment.evaluation.topological_sort import topological_sort
 
     wanted = requested or list(config.flags)
     local = [k for k in wanted if k in config.flags and decidable(config.needs[k], context["user"])]
@@ -169,8 +213,7 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
     if not local:
         return decision
     try:
-        ordered = topological_sort(config.flags, local)
-        results = EvaluationEngine().evaluate(context, ordered)
+        results = EvaluationEngine().evaluate(context, _order(config, local))
     except Exception as exc:  # noqa: BLE001 - a configuration the engine cannot evaluate
         log.warning("local experiment evaluation failed, evaluating remotely: %s", exc)
         decision.remote = list(wanted)
@@ -179,9 +222,24 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
         variant = results.get(key)
         if variant is None or not assigned(variant.metadata or {}):
             continue
+        decision.variants[key] = variant
         decision.vardata[key] = {"key": variant.key, **({"payload": variant.payload}
                                                         if variant.payload is not None else {})}
     return decision
+
+
+def _order(config: Configuration, keys: list[str]) -> list[Any]:
+    """The flags to evaluate, dependencies first (the engine's topological sort, once per set)."""
+    from amplitude_experiment.evaluation.topological_sort import topological_sort
+
+    wanted = tuple(keys)
+    with config.memo.lock:
+        order = config.memo.orders.get(wanted)
+    if order is None:
+        order = topological_sort(config.flags, keys)
+        with config.memo.lock:
+            config.memo.orders[wanted] = order
+    return order
 
 
 def assigned(metadata: dict[str, Any]) -> bool:
@@ -192,8 +250,9 @@ def assigned(metadata: dict[str, Any]) -> bool:
 class FlagStore:
     """This process's flag configuration, refreshed in the background on demand."""
 
-    def __init__(self, fetch: Callable[[], list[dict[str, Any]]], refresh: float, max_age: float,
-                 timer: Callable[[], float] = time.monotonic):
+    def __init__(self, fetch: Callable[[], tuple[list[dict[str, Any]], float]], refresh: float,
+                 max_age: float, timer: Callable[[], float] = time.monotonic):
+        # fetch() -> (raw configurations, when they were fetched on `timer`'s clock)
         self._fetch = fetch
         self.refresh_interval = refresh
         self.max_age = max_age
@@ -203,6 +262,7 @@ class FlagStore:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._last_attempt: float | None = None
+        self._not_before: float | None = None  # no refresh before this (see refresh())
         self.last_error = ""
         self.refreshes = 0
         self.failures = 0
@@ -224,8 +284,7 @@ class FlagStore:
             if self._thread is not None and self._thread.is_alive():
                 return
             age = self.age()
-            # After a failure, wait one interval before trying again (no hammering).
-            if self._last_attempt is not None and now - self._last_attempt < self.refresh_interval:
+            if self._not_before is not None and now < self._not_before:
                 return
             if age is not None and age < self.refresh_interval:
                 return
@@ -236,18 +295,24 @@ class FlagStore:
     def refresh(self) -> bool:
         """Fetch and parse once; keep the last good configuration on any failure."""
         try:
-            raw = self._fetch()
+            raw, fetched_at = self._fetch()
             previous = self._config
-            if previous is not None and raw == self._raw:
+            if previous is not None and (raw is self._raw or raw == self._raw):
                 # Unchanged (the usual case): no re-parse, which is CPU in a gevent worker.
-                config = Configuration(previous.flags, previous.needs, self._timer())
+                config = Configuration(previous.flags, previous.needs, fetched_at, previous.memo)
             else:
-                config = parse_flags(raw, self._timer())
+                config = parse_flags(raw, fetched_at)
         except ProxyError as exc:
             self.failures += 1
             self.last_error = exc.message
+            # After a failure, wait one interval before trying again (no hammering).
+            self._not_before = (self._last_attempt or self._timer()) + self.refresh_interval
             log.warning("experiment flag configurations not refreshed: %s", self.last_error)
             return False
+        # After a success the configuration's age says when (a copy read from Redis may be
+        # nearly an interval old already); the short pause only stops a loop should another
+        # box's clock run far behind ours.
+        self._not_before = self._timer() + min(1.0, self.refresh_interval / 10)
         self._config, self._raw = config, raw
         self.refreshes += 1
         self.last_error = ""
@@ -268,6 +333,7 @@ class FlagStore:
             "flags": 0 if config is None else len(config.flags),
             "refresh_seconds": self.refresh_interval,
             "max_age_seconds": self.max_age,
+            "refreshes": self.refreshes,
             "failures": self.failures,
             "last_error": self.last_error,
         }

@@ -141,6 +141,12 @@ class Metrics:
             "Age of the oldest flag configuration a worker evaluates with (local mode; -1: none yet)",
             registry=registry, multiprocess_mode="livemax",
         )
+        self.experiment_exposures = Counter(
+            "ccproxy_experiment_exposures",
+            "Local-mode exposure events by outcome: queued, duplicate (this process's 24 h window), "
+            "shared_duplicate (Redis), dropped (queue full), sent, failed (Amplitude refused them), "
+            "lost_at_exit", ["outcome", "worker"], registry=registry,
+        )
         self.upstream_pauses = Counter(
             "ccproxy_upstream_pauses", "Pauses an upstream asked for (a 429, or a 503 with Retry-After)",
             ["upstream"], registry=registry,
@@ -208,6 +214,11 @@ class Metrics:
             if flags is not None:
                 age = flags.age()
                 self.experiment_flags_age.set(-1 if age is None else age)
+            exposures = services._exposures  # local mode with an analytics key
+            if exposures is not None:
+                for outcome, count in list(exposures.counts.items()):
+                    self._advance(self.experiment_exposures.labels(outcome, worker),
+                                  ("exposures", outcome), count)
             outbox = services._outbox
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):

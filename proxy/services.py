@@ -17,12 +17,13 @@ import urllib3
 
 from .cache import AnswerCache, Lookup, MemoryStore, Store, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
+from .clients.analytics import AnalyticsClient
 from .clients.base import Answer, HttpClient, Observe, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
-from .errors import OutboxUnavailable, ProxyError, TransientError
+from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
 from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from .delivery import Deliverer
     from .experiment_local import FlagStore
+    from .exposures import ExposureTracker
     from .outbox import Outbox
     from .redis_backend import RedisHealth
 
@@ -87,6 +89,7 @@ class Services:
     deliverer: Deliverer | None = None
     _outbox: Outbox | None = None
     _flag_store: FlagStore | None = None
+    _exposures: ExposureTracker | None = None
 
     @classmethod
     def build(cls, settings: Settings, timer: Timer | None = None,
@@ -152,23 +155,60 @@ class Services:
         if self._flag_store is None:
             from .experiment_local import FlagStore
 
-            s = self.settings
-            self._flag_store = FlagStore(self.experiment_flags.flags, s.experiment_flag_refresh,
-                                         s.experiment_flag_max_age, self.timer)
+            s, client, timer = self.settings, self.experiment_flags, self.timer
+
+            def fetch() -> tuple[list[dict], float]:  # each process alone
+                return client.flags(), timer()
+
+            if self.redis is not None:
+                from .experiment_flags_shared import SharedFlagFetch
+
+                # One fetch per interval for the deployment; the lock outlives a fetch's timeout.
+                fetch = SharedFlagFetch(client.flags, self.redis,  # type: ignore[assignment]
+                                        s.experiment_deployment_key, s.experiment_flag_refresh,
+                                        s.experiment_flag_max_age, lock_ttl=sum(client.timeout) + 5,
+                                        timer=timer)
+            self._flag_store = FlagStore(fetch, s.experiment_flag_refresh, s.experiment_flag_max_age, timer)
         return self._flag_store
 
-    def cached(self, query: Query, ttl: float, fallback: Mapping[str, Any] | None = None) -> Lookup:
+    @property
+    def exposures(self) -> ExposureTracker | None:
+        """Local mode's exposure events (this process's pipeline; None without an analytics key
+        or in remote mode, where Amplitude tracks assignments itself)."""
+        s = self.settings
+        if s.experiment_mode != "local" or not s.amplitude_api_key:
+            return None
+        if self._exposures is None:
+            from .exposures import ExposureTracker
+
+            # Off the send path, like the flags: an answer may take longer than a recipient's.
+            client = AnalyticsClient(
+                self.pool, s.analytics_base_url, s.amplitude_api_key,
+                guards=upstream_guards(s, AnalyticsClient.name, self.timer, self.redis),
+                connect_timeout=s.upstream_connect_timeout,
+                read_timeout=max(10.0, s.upstream_read_timeout), max_bytes=s.upstream_max_bytes,
+                observe=self.observe,
+            )
+            self._exposures = ExposureTracker(client, s.amplitude_api_key, self.redis, self.timer)
+        return self._exposures
+
+    def cached(self, query: Query, ttl: float, fallback: Mapping[str, Any] | None = None,
+               when_limited: bool = False) -> Lookup:
         """One upstream read through the cache, keyed without any secret in clear; fresh for
         `ttl` seconds (not-found answers: CCPROXY_CACHE_TTL_NEGATIVE). When it fails and
         nothing stale is left, the operator's `fallback` content, as the client shapes it for
-        this read, stands in (when the read has one)."""
+        this read, stands in (when the read has one); when it is rate limited (a 429, a
+        Retry-After pause, the proxy's own budget) and `when_limited`, the client's empty
+        answer does."""
         client = query.client
         key = cache_key(client.name, client.credential, query.operation, query.params)
         negative = self.settings.cache_ttl_negative
         try:
             return self.cache.fetch(key, query.send, lambda answer: negative if answer.missing else ttl)
-        except TransientError:
+        except TransientError as exc:
             data = None if fallback is None else client.fallback(query, fallback)
+            if data is None and when_limited and isinstance(exc, UpstreamRateLimited):
+                data = client.fallback(query, {})
             if data is None:
                 raise
             return Lookup(Answer(data), "FALLBACK", 0.0, 0.0)
@@ -237,11 +277,14 @@ class Services:
 
     def close(self) -> None:
         """Let deliveries in flight finish and be recorded (clean shutdown): as long as one
-        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked."""
+        may take (connect + CCPROXY_OUTBOX_WRITE_TIMEOUT) from when the stop was asked; then
+        send the queued exposure events (best effort: the writes come first)."""
         if self.deliverer is not None:
             s = self.settings
             self.deliverer.stop(s.upstream_connect_timeout + s.outbox_write_timeout + 1.0)
             self.deliverer = None
+        if self._exposures is not None:
+            self._exposures.close()
         self.cache.drain()
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:

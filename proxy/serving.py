@@ -9,6 +9,7 @@ README and bench/RESULTS.md for the measurements).
 from __future__ import annotations
 
 import errno
+import gc
 import math
 import os
 import shutil
@@ -76,13 +77,64 @@ def _on_worker_fork(_server: Any, _worker: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+# New connections a worker takes per turn of its event loop (gunicorn's gevent worker takes
+# one when there are several workers, so no worker grabs a whole burst; see fair_worker_class).
+ACCEPT_BATCH = 16
+
+
+def fair_worker_class(base: type, accept_batch: int = ACCEPT_BATCH) -> type:
+    """`base` (a gevent worker) made fair between keep-alive connections at saturation.
+
+    gevent's socket reads switch to another greenlet only when no data is waiting. Under load
+    the client's next request on a kept-alive connection is often in the buffer by the time
+    the worker has written the previous answer, so one greenlet serves its connection request
+    after request while the others wait: over a 6 s run at 32 connections some connections got
+    18 times the answers of others, and at 256 some got a single answer while others got a
+    thousand (bench/RESULTS.md, "requests served per connection"). Yielding once after each
+    answer puts that connection behind the others that are ready, so each is served in turn.
+
+    New connections: with more than one worker, gunicorn accepts one connection per turn of
+    the event loop; when every turn also runs up to gevent's switch interval of answers, a
+    burst of new connections (Braze opens hundreds) waits seconds to be accepted. A batch of
+    `accept_batch` per turn takes a burst in a few turns; which worker accepts stays the
+    kernel's race, as before (per process: each worker balances only its own connections)."""
+    from gevent import sleep
+    from gevent.server import StreamServer
+
+    class BatchAcceptServer(StreamServer):  # type: ignore[misc]
+        # gunicorn sets max_accept = 1 on the server it builds; this keeps the batch.
+        max_accept = property(lambda self: accept_batch, lambda self, value: None)
+
+    class FairWorker(base):  # type: ignore[misc, valid-type]
+        def init_process(self) -> None:
+            # After the fork, in this worker only: gunicorn builds its servers from this name.
+            import gunicorn.workers.ggevent as ggevent
+
+            ggevent.StreamServer = BatchAcceptServer
+            super().init_process()
+
+        def handle_request(self, *args: Any) -> Any:
+            try:
+                return super().handle_request(*args)
+            finally:
+                sleep(0)
+
+    FairWorker.__name__ = FairWorker.__qualname__ = f"Fair{base.__name__}"
+    return FairWorker
+
+
 def _on_worker_start(worker: Any) -> None:
-    """In each worker: start background delivery of the outbox (create_app builds the app
+    """In each worker: keep the start-up objects out of garbage collections, start background
+    delivery of the outbox (create_app builds the app
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
     waits for open connections; the deliveries in flight then have the graceful period
     (`delivery_grace`) to finish and be recorded."""
     from .services import of_app
 
+    # Everything imported and built so far lives as long as the worker: out of every full
+    # garbage collection from now on (each one pauses every request in flight in this worker).
+    # No collection first: it would walk the whole heap while the worker is not yet accepting.
+    gc.freeze()
     services = of_app(worker.wsgi)
     if not worker.alive:  # told to stop while it was loading the app
         return
@@ -210,8 +262,8 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
         post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
         # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
         # worker keeps accepting and can shed an idle connection for the new one.
-        worker_class=guarded_worker_class(settings.header_timeout, settings.keepalive_timeout,
-                                          settings.max_connections),
+        worker_class=fair_worker_class(guarded_worker_class(
+            settings.header_timeout, settings.keepalive_timeout, settings.max_connections)),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
         post_fork=_on_worker_fork,

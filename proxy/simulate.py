@@ -8,9 +8,16 @@ call Braze would make, with Braze's rules (Braze docs, "Connected Content"):
 - an answer over 1 MB fails;
 - the unhealthy-host rule: more than 3,000 failures and over 90 % of calls failing within a
   minute halt the host for a minute, during which every call counts as failed.
-A message is *aborted* when a call fails (Braze aborts on a `:retry` failure; without `:retry`
-it would send content built on an error), *fallback* when an answer says `"fallback": true`
-or `"stale": true` (or `X-Cache: FALLBACK/STALE`), else *complete*.
+A message is *aborted* when a `:retry` call still fails after its retries (Braze aborts it),
+*fallback* when an answer says `"fallback": true` or `"stale": true` (or `X-Cache:
+FALLBACK/STALE`) or a call without `:retry` failed (Braze sends the message built on the error
+answer: the template's guard decides what it shows), else *complete*.
+
+The report also counts upstream 429s on both sides (the sandboxes' answers by status, the
+proxy's error codes Braze got), follows every write the proxy accepted until it is delivered
+or dead (bounded) and asks the mediarithmics sandbox whether each arrived exactly once.
+`find_rate` probes rates (doubling, halving, bisection, within bounds) for the highest one at
+which no message aborts and the host is never halted.
 
 Concurrency: one process, gevent greenlets (the caller monkey-patches before importing this
 module), a bounded pool; the report gives the simulator's own CPU time and how late it started
@@ -236,7 +243,11 @@ class Stats:
     statuses: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # seconds, per attempt
     writes: Counter[str] = field(default_factory=Counter)
+    write_ids: set[str] = field(default_factory=set)  # the proxy's ids of the writes it accepted
+    error_codes: Counter[str] = field(default_factory=Counter)  # the proxy's error codes, per attempt
+    sent_after_failure: int = 0  # fallback messages sent on a failed call (no :retry on it)
     max_lag: float = 0.0
+    last_start: float = 0.0  # when the last message was started (its offset from the run's start)
 
 
 class BrazeClient:
@@ -275,16 +286,20 @@ class BrazeClient:
                 stats.calls["retries"] += 1
             answer, failure = self._attempt(url, method, options)
             health.record(failure is None)
-            retryable = failure is not None and (failure.startswith("HTTP 5") or not failure.startswith("HTTP"))
-            if not retryable:
+            if failure is None or not _retryable(failure):
                 break  # success, or a 4xx that no retry would change
         if failure:
             stats.calls["failed"] += 1
             record["failed"] = failure
             return answer
         record["fallback"] = answer.cache == "FALLBACK"
+        if record["fallback"]:
+            stats.calls["fallback_answers"] += 1
         if method != "get":
-            stats.writes["accepted"] += 1
+            stats.writes["answered"] += 1
+            if isinstance(answer.body, dict) and answer.body.get("id"):
+                stats.write_ids.add(str(answer.body["id"]))
+                stats.writes["duplicate_answers"] += answer.body.get("duplicate") is True
         if cacheable:
             age = str(options.get("cache_max_age", DEFAULT_CACHE))
             self.cache.put(url, answer, float(age) if age.isdigit() else DEFAULT_CACHE)
@@ -328,6 +343,9 @@ class BrazeClient:
             parsed = raw.decode("utf-8", "replace")
         answer = Fetched(response.status, parsed, "FALLBACK" if is_fallback(parsed, response.headers) else "-")
         if response.status >= 400:
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            self.stats.error_codes[f"{response.status} {code or '-'}"] += 1
             return answer, f"HTTP {response.status}"
         return answer, None
 
@@ -394,6 +412,7 @@ class Scenario:
     concurrency: int = 200
     sandboxes: dict[str, str] = field(default_factory=dict)
     faults: list[FaultStep] = field(default_factory=list)
+    drain_timeout: float = 60.0  # seconds to wait after the send for accepted writes to be delivered
 
 
 def _sandbox_stats(sandboxes: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -436,23 +455,35 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
     applied: list[dict[str, Any]] = []
     cpu0, start = _cpu(), time.monotonic()
 
+    # Braze gives every send its own dispatch id ({{campaign.${dispatch_id}}}, the usual part
+    # of a write's idempotency key): a new one per run unless the recipients carry one.
+    dispatch = f"sim-{time.time_ns():x}"
+
     def send(attributes: dict[str, Any]) -> None:
-        outcome, reason = "complete", ""
+        outcome, reason, sent_after_failure = "complete", "", [False]
+        context = liquid_context({"campaign.dispatch_id": dispatch, **attributes})
         for _ in range(scenario.renders):
             run_ = SimulatedRun(_no_resolver, set(), client=client)
             env.preview_run = run_  # this greenlet's run
             try:
-                template.render(**liquid_context(attributes))
+                template.render(**context)
             except MessageAborted as abort:
                 outcome, reason = "aborted", abort.reason or "abort_message"
-            failed = [c["failed"] for c in run_.calls if c.get("failed")]
-            if failed and outcome != "aborted":
-                outcome, reason = "aborted", failed[0]
-            if outcome != "aborted" and any(c.get("fallback") for c in run_.calls):
+            failed = [c for c in run_.calls if c.get("failed")]
+            # With :retry, a call still failing after the retries aborts the message; without
+            # it, Braze sends the message built on the error answer (the template's guard
+            # decides what the recipient reads): it counts as fallback, never complete.
+            fatal = [c["failed"] for c in failed if "retry" in c["options"] and _retryable(c["failed"])]
+            if fatal and outcome != "aborted":
+                outcome, reason = "aborted", fatal[0]
+            if outcome != "aborted" and (failed or any(c.get("fallback") for c in run_.calls)):
                 outcome = "fallback"
+                sent_after_failure[0] = sent_after_failure[0] or bool(failed)
             if outcome == "aborted":
                 break  # Braze drops the whole message
         stats.messages[outcome] += 1
+        if outcome == "fallback" and sent_after_failure[0]:
+            stats.sent_after_failure += 1
         if reason:
             stats.aborted_reasons[_reason_kind(reason)] += 1
 
@@ -490,6 +521,7 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
             gevent.sleep(max(0.0, due - time.monotonic()))
             pool.spawn(send, attributes)  # blocks while the pool is full: that shows as lag
             stats.max_lag = max(stats.max_lag, time.monotonic() - due)
+            stats.last_start = time.monotonic() - start
         pool.join()
     finally:
         fault_greenlet.kill()
@@ -505,10 +537,83 @@ def run(scenario: Scenario, progress: TextIO | None = sys.stderr) -> dict[str, A
     if progress:
         _progress(progress, stats, len(scenario.recipients), wall)
         progress.write("\n")
+    states, drain_s = drain(scenario, stats.write_ids, client.http, progress)
     after = _sandbox_stats(scenario.sandboxes)
     halts = [{"host": host, "at_s": round(t - start, 1), "until_s": round(t - start + HALT_SECONDS, 1)}
              for host, health in client.health.items() for t in health.halts]
-    return report(scenario, stats, tags, before, after, applied, halts, wall, cpu)
+    result = report(scenario, stats, tags, before, after, applied, halts, wall, cpu)
+    result["writes"].update(_delivery(states, drain_s, before, after))
+    return result
+
+
+FINAL_STATES = ("delivered", "dead")
+
+
+def drain(scenario: Scenario, write_ids: set[str], http: urllib3.PoolManager,
+          progress: TextIO | None) -> tuple[Counter[str], float]:
+    """Wait (at most `drain_timeout`) until every accepted write is delivered or dead, asking
+    the proxy's `GET /v1/mediarithmics/writes/<id>`; the last state of each write, and the wait."""
+    started = time.monotonic()
+    states: dict[str, str] = {write_id: "queued" for write_id in write_ids}
+    headers = {}
+    if scenario.api_key:
+        token = base64.b64encode(f"braze:{scenario.api_key}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+
+    def ask(write_id: str) -> None:
+        try:
+            answer = http.request("GET", f"{scenario.url}/v1/mediarithmics/writes/{write_id}",
+                                  headers=headers, timeout=5.0)
+            body = json.loads(answer.data)
+            states[write_id] = str(body.get("state", "unknown")) if answer.status == 200 else "unknown"
+        except (urllib3.exceptions.HTTPError, OSError, ValueError):
+            pass  # asked again next round
+
+    while True:
+        pending = [w for w, state in states.items() if state not in FINAL_STATES]
+        if not pending:
+            break
+        pool = gevent.pool.Pool(min(scenario.concurrency, 50))
+        for write_id in pending:
+            pool.spawn(ask, write_id)
+        pool.join()
+        still = sum(1 for state in states.values() if state not in FINAL_STATES)
+        if progress:
+            progress.write(f"\rwaiting for writes: {len(states) - still}/{len(states)} delivered or dead ")
+            progress.flush()
+        if not still or time.monotonic() - started >= scenario.drain_timeout:
+            break
+        gevent.sleep(0.5)
+    if progress and states:
+        progress.write("\n")
+    return Counter(states.values()), time.monotonic() - started
+
+
+def _delivery(states: Counter[str], drain_s: float, before: dict[str, Any],
+              after: dict[str, Any]) -> dict[str, Any]:
+    """Writes accepted vs delivered, and whether mediarithmics got each exactly once (when its
+    sandbox is known: it counts writes received and identical writes received again)."""
+    out: dict[str, Any] = {
+        "delivered": states["delivered"], "queued": states["queued"] + states["failed"],
+        "dead": states["dead"], "unknown": states["unknown"], "drain_s": round(drain_s, 1),
+    }
+    if "mediarithmics" in after:
+        def counter(name: str) -> int:
+            return int(after["mediarithmics"].get("counters", {}).get(name, 0)
+                       - before.get("mediarithmics", {}).get("counters", {}).get(name, 0))
+        received, duplicated = counter("writes_received"), counter("writes_duplicated")
+        # More received than delivered: writes the proxy stored whose 202 came after Braze had
+        # given up (2 s), so Braze never learnt their ids; each still arrived once.
+        out.update({"mediarithmics_received": received, "mediarithmics_duplicated": duplicated,
+                    "accepted_after_braze_gave_up": max(0, received - duplicated - states["delivered"]),
+                    "exactly_once": duplicated == 0 and received >= states["delivered"]})
+    return out
+
+
+def _retryable(failure: str) -> bool:
+    """What Braze's :retry retries: a 5xx, a timeout, a failed connection (and a halted host,
+    which fails every attempt)."""
+    return failure.startswith("HTTP 5") or not failure.startswith(("HTTP", "answer over"))
 
 
 def _no_resolver(path: str, params: dict[str, str]) -> Fetched:
@@ -561,13 +666,22 @@ def report(scenario: Scenario, stats: Stats, tags: int, before: dict[str, Any], 
     upstreams = {}
     for name in after:
         calls = after[name].get("calls", 0) - before.get(name, {}).get("calls", 0)
-        upstreams[name] = {"calls": calls, "per_recipient": round(calls / max(recipients, 1), 3)}
+        too_many = (after[name].get("statuses", {}).get("429", 0)
+                    - before.get(name, {}).get("statuses", {}).get("429", 0))
+        upstreams[name] = {"calls": calls, "per_recipient": round(calls / max(recipients, 1), 3),
+                           "answered_429": too_many}
+    sent = stats.last_start or wall
+    achieved = 60.0 * max(messages - 1, 0) / sent if sent > 0 else 0.0
+    # The simulator held the send back when it was short of CPU or started messages at under
+    # 90 % of the rate (a moment's lag, while its calls in flight were all taken, is not that).
+    limited = bool(cpu > 0.85 * wall or (messages > 1 and achieved < 0.9 * scenario.rate))
     return {
         "scenario": {"url": scenario.url, "recipients": recipients, "rate_per_minute": scenario.rate,
                      "renders": scenario.renders, "connected_content_tags": tags,
                      "concurrency": scenario.concurrency},
         "messages": {"total": messages, "complete": stats.messages["complete"],
-                     "fallback": stats.messages["fallback"], "aborted": stats.messages["aborted"]},
+                     "fallback": stats.messages["fallback"], "aborted": stats.messages["aborted"],
+                     "sent_after_failed_call": stats.sent_after_failure},
         "aborted_reasons": dict(stats.aborted_reasons),
         "calls": {"requested": stats.calls["requested"], "braze_cache_hits": stats.calls["braze_cache_hits"],
                   "halted": stats.calls["halted"], "attempts": stats.calls["attempts"],
@@ -579,11 +693,28 @@ def report(scenario: Scenario, stats: Stats, tags: int, before: dict[str, Any], 
                        "max": round(max(stats.latencies, default=0.0) * 1000, 1)},
         "host_halted": halts,
         "upstreams": upstreams,
-        "writes": {"attempted": stats.writes["attempted"], "accepted": stats.writes["accepted"]},
+        # Upstream 429s as the upstreams answered them, and what Braze saw meanwhile: the
+        # proxy's errors by status and code (503 upstream_rate_limited) and its fallbacks.
+        "rate_limited": {
+            "upstream_429s": {name: up["answered_429"] for name, up in upstreams.items()},
+            "braze_saw_429": stats.statuses["429"],
+            "braze_saw_upstream_rate_limited": sum(
+                n for code, n in stats.error_codes.items() if code.endswith(" upstream_rate_limited")),
+            "braze_saw_fallback_answers": stats.calls["fallback_answers"],
+        },
+        "errors": dict(stats.error_codes),
+        # attempted: write calls sent (retries included); answered: answered 2xx (each render of
+        # a message posts again); accepted: distinct writes the proxy stored (its write ids).
+        "writes": {"attempted": stats.writes["attempted"], "answered": stats.writes["answered"],
+                   "duplicate_answers": stats.writes["duplicate_answers"],
+                   "accepted": len(stats.write_ids)},
         "faults": applied,
         "simulator": {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                       "cpu_share": round(cpu / wall, 3) if wall else 0.0,
-                      "max_start_lag_s": round(stats.max_lag, 3)},
+                      "cpu_ms_per_message": round(1000 * cpu / max(messages, 1), 2),
+                      "achieved_rate_per_minute": round(achieved, 1),
+                      "max_start_lag_s": round(stats.max_lag, 3),
+                      "limited": limited},
     }
 
 
@@ -594,7 +725,9 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("messages", f"{m['total']}"),
         ("  complete", f"{m['complete']} ({100 * m['complete'] / total:.1f} %)"),
-        ("  with fallback", f"{m['fallback']} ({100 * m['fallback'] / total:.1f} %)"),
+        ("  with fallback", f"{m['fallback']} ({100 * m['fallback'] / total:.1f} %)"
+         + (f", {m['sent_after_failed_call']} of them sent on a failed call (no :retry)"
+            if m.get("sent_after_failed_call") else "")),
         ("  aborted", f"{m['aborted']} ({100 * m['aborted'] / total:.1f} %)"
          + (f"  {result['aborted_reasons']}" if result["aborted_reasons"] else "")),
         ("calls per message", f"{c['per_message']}  ({c['attempts']} made, {c['retries']} retries, "
@@ -604,12 +737,152 @@ def table(result: dict[str, Any]) -> str:
                                   for h in result["host_halted"]) or "never"),
     ]
     for name, up in result["upstreams"].items():
-        rows.append((f"upstream {name}", f"{up['calls']} calls, {up['per_recipient']} per recipient"))
-    if result["writes"]["attempted"]:
-        rows.append(("writes", f"{result['writes']['accepted']} accepted of {result['writes']['attempted']}"))
+        rows.append((f"upstream {name}", f"{up['calls']} calls, {up['per_recipient']} per recipient, "
+                                         f"{up['answered_429']} answered 429"))
+    limited = result["rate_limited"]
+    if any(limited["upstream_429s"].values()) or limited["braze_saw_upstream_rate_limited"]:
+        rows.append(("rate limited", f"Braze saw {limited['braze_saw_upstream_rate_limited']} x 503 "
+                                     f"upstream_rate_limited, {limited['braze_saw_429']} x 429, "
+                                     f"{limited['braze_saw_fallback_answers']} fallback answers"))
+    w = result["writes"]
+    if w["attempted"]:
+        line = (f"{w['accepted']} accepted ({w['answered']} answers, {w['duplicate_answers']} duplicates "
+                f"answered as such): {w['delivered']} delivered, {w['queued']} queued, {w['dead']} dead "
+                f"after {w['drain_s']} s")
+        if "mediarithmics_received" in w:
+            line += (f"; mediarithmics received {w['mediarithmics_received']}, "
+                     f"{w['mediarithmics_duplicated']} twice: "
+                     + ("exactly once" if w["exactly_once"] else "NOT exactly once"))
+            if w.get("accepted_after_braze_gave_up"):
+                line += (f" ({w['accepted_after_braze_gave_up']} stored by the proxy after Braze's 2 s: "
+                         "Braze never saw their ids)")
+        rows.append(("writes", line))
     for event in result["faults"]:
         rows.append(("fault", f"{event['action']} {event['fault']} (at {event['at_s']}s)"))
     rows.append(("simulator", f"{sim['cpu_s']} s CPU in {sim['wall_s']} s ({100 * sim['cpu_share']:.0f} % "
-                              f"of a core), started messages up to {sim['max_start_lag_s']} s late"))
+                              f"of a core, {sim['cpu_ms_per_message']} ms a message), "
+                              f"{sim['achieved_rate_per_minute']:g} messages/min, started messages up to "
+                              f"{sim['max_start_lag_s']} s late"
+                              + ("  LIMITED: the simulator could not keep the rate" if sim["limited"] else "")))
+    search = result.get("find_rate")
+    if search:
+        for probe in search["probes"]:
+            rows.append(("probe", f"{probe['rate_per_minute']:g}/min x {probe['recipients']}: "
+                                  f"{probe['aborted']} aborted, {probe['fallback']} fallback"
+                                  f"{', host halted' if probe['halted'] else ''}"
+                                  f"{', simulator limited' if probe['simulator_limited'] else ''}"
+                                  f" -> {'safe' if probe['safe'] else 'unsafe'}"))
+        safe = search["safe_rate_per_minute"]
+        rows.append(("highest safe rate", (f"{safe:g} messages/min" if safe is not None else "none found")
+                     + f" ({search['stopped']})"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# --- the highest safe rate -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RateSearch:
+    """Bounds of `--find-rate`: each probe sends for `probe_seconds` at its rate, to fresh ids."""
+
+    probe_seconds: float = 20.0
+    max_rate: float = 60_000.0  # messages per minute
+    min_rate: float = 60.0
+    budget_s: float = 600.0  # wall time for every probe together
+    max_recipients: int = 100_000  # recipients for every probe together
+    precision: float = 0.1  # stop bisecting when the bounds are within 10 %
+
+
+def probe_safe(result: dict[str, Any]) -> bool:
+    """A rate is safe when no message aborted and Braze never halted the host (and the
+    simulator kept the rate, else the probe says nothing about the proxy)."""
+    return (result["messages"]["aborted"] == 0 and not result["host_halted"]
+            and not result["simulator"]["limited"])
+
+
+def find_rate(scenario: Scenario, bounds: RateSearch, progress: TextIO | None = sys.stderr,
+              runner: Callable[[Scenario], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Double the rate from `scenario.rate` while probes are safe, halve it while they are not,
+    then bisect between the highest safe and the lowest unsafe rate; within the bounds. The
+    report of the highest safe probe (else the last), with `find_rate`: every probe made."""
+    runner = runner or (lambda sub: run(sub, progress=None))
+    started = time.monotonic()
+    probes: list[dict[str, Any]] = []
+    results: dict[float, dict[str, Any]] = {}
+    safe: float | None = None
+    unsafe: float | None = None
+    rate, used, stopped = min(scenario.rate, bounds.max_rate), 0, ""
+    token = time.strftime("%H%M%S")  # another search against the same proxy uses other ids
+    while True:
+        count = max(10, int(rate * bounds.probe_seconds / 60))
+        if used + count > bounds.max_recipients:
+            stopped = f"recipient bound reached ({bounds.max_recipients})"
+            break
+        if probes and time.monotonic() - started + bounds.probe_seconds > bounds.budget_s:
+            stopped = f"time bound reached ({bounds.budget_s:g} s)"
+            break
+        sub = replace_recipients(scenario, rate, count, f"{token}{len(probes)}")
+        result = runner(sub)
+        used += count
+        ok = probe_safe(result)
+        m = result["messages"]
+        probes.append({"rate_per_minute": rate, "recipients": count, "complete": m["complete"],
+                       "fallback": m["fallback"], "aborted": m["aborted"], "halted": bool(result["host_halted"]),
+                       "p99_ms": result["latency_ms"]["p99"],
+                       "achieved_rate_per_minute": result["simulator"].get("achieved_rate_per_minute"),
+                       "simulator_cpu_share": result["simulator"].get("cpu_share"),
+                       "simulator_limited": result["simulator"]["limited"], "safe": ok})
+        results[rate] = result
+        if progress:
+            sim = result["simulator"]
+            progress.write(f"probe {rate:g}/min, {count} messages: {m['aborted']} aborted, "
+                           f"{m['fallback']} fallback{', host halted' if result['host_halted'] else ''}"
+                           + (f", simulator limited ({sim.get('achieved_rate_per_minute')}/min, "
+                              f"{sim.get('max_start_lag_s')} s late, {sim.get('cpu_share')} of a core)"
+                              if sim["limited"] else "")
+                           + f" -> {'safe' if ok else 'unsafe'}\n")
+            progress.flush()
+        if ok:
+            safe = rate
+        elif result["simulator"]["limited"] and m["aborted"] == 0 and not result["host_halted"]:
+            stopped = "the simulator could not send faster on this machine: the proxy's limit is higher"
+            break
+        else:
+            unsafe = rate if unsafe is None else min(unsafe, rate)
+        if safe is None:
+            rate = rate / 2
+            if rate < bounds.min_rate:
+                stopped = f"unsafe down to {bounds.min_rate:g} messages/min"
+                break
+        elif unsafe is None:
+            if rate >= bounds.max_rate:
+                stopped = f"safe at the highest rate probed ({bounds.max_rate:g} messages/min)"
+                break
+            rate = min(rate * 2, bounds.max_rate)
+        else:
+            if unsafe <= safe * (1 + bounds.precision):
+                stopped = f"bisected to within {100 * bounds.precision:g} %"
+                break
+            rate = round((safe + unsafe) / 2)
+    if not probes:
+        raise ScenarioError(f"--find-rate-recipients {bounds.max_recipients} is fewer than the first "
+                            f"probe needs ({max(10, int(rate * bounds.probe_seconds / 60))})")
+    best = results[safe] if safe is not None else results[probes[-1]["rate_per_minute"]]
+    return {**best, "find_rate": {
+        "safe_rate_per_minute": safe, "lowest_unsafe_rate_per_minute": unsafe, "stopped": stopped,
+        "probes": probes, "probe_seconds": bounds.probe_seconds, "max_rate": bounds.max_rate,
+        "budget_s": bounds.budget_s, "max_recipients": bounds.max_recipients,
+        "recipients_used": used, "wall_s": round(time.monotonic() - started, 1)}}
+
+
+def replace_recipients(scenario: Scenario, rate: float, count: int, probe: str) -> Scenario:
+    """The scenario at `rate` for `count` recipients with ids no earlier probe used (a warm
+    cache would flatter later probes), other attributes taken from the scenario's recipients."""
+    import dataclasses
+
+    rows = scenario.recipients or [{}]
+    recipients = []
+    for i in range(count):
+        user = f"probe{probe}-{rate:g}-{i:06d}"
+        recipients.append({**rows[i % len(rows)], "user_id": user, "email_address": f"{user}@example.com"})
+    return dataclasses.replace(scenario, rate=rate, recipients=recipients)

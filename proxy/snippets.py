@@ -2,7 +2,8 @@
 
 Every identifier becomes the Braze expression that yields it for each recipient (never the
 preview user's value), URL-escaped with `url_param_escape`; the tag carries `:basic_auth`
-when the proxy requires keys, `:retry`, and `:cache_max_age` from the data's TTL.
+when the proxy requires keys, `:retry` on the rendered blocks (not on the data tags, whose
+template falls back), and `:cache_max_age` from the data's TTL.
 Pure: takes the template, its arguments and a `SnippetPolicy`; no Flask.
 """
 
@@ -73,9 +74,13 @@ def cache_max_age(ttl: float) -> int:
     return int(min(max(ttl, BRAZE_MIN_CACHE), BRAZE_MAX_CACHE))
 
 
-def _options(policy: SnippetPolicy, ttl: float) -> str:
+def _options(policy: SnippetPolicy, ttl: float, retry: bool = True) -> str:
+    """`:retry` only where a failed call must abort the message: a rendered block would put the
+    error into the email as text. A data tag's answer is saved, and the template's `found`/`ok`
+    guard turns a failure into its fallback; with `:retry` Braze would abort the message after
+    five more failing calls, each counted towards halting the host (bench/RESULTS.md, issue 18)."""
     options = f" :basic_auth {policy.credential}" if policy.credential else ""
-    return f"{options} :retry :cache_max_age {cache_max_age(ttl)}"
+    return f"{options}{' :retry' if retry else ''} :cache_max_age {cache_max_age(ttl)}"
 
 
 def _ttl(path: str, policy: SnippetPolicy) -> float:
@@ -93,7 +98,7 @@ def braze_snippets(
     render_url = f"{base}/v1/render/{template.name}?{query}"
     short = [f"{{% comment %}} {note} {{% endcomment %}}" for note in _cache_notes(ttls)]
     data_tags = [
-        f"{{% connected_content {base}{path}?{query}{_options(policy, ttls[path])} :save {data} %}}"
+        f"{{% connected_content {base}{path}?{query}{_options(policy, ttls[path], retry=False)} :save {data} %}}"
         for data, path in template.data.items()
     ]
     return {

@@ -109,6 +109,8 @@ def warm(
             body = answer.json() if answer.headers.get("Content-Type", "").startswith("application/json") else {}
             outcome = "fetched" if answer.status_code == 200 and body.get("found") else (
                 "not_found" if answer.status_code == 200 else f"HTTP {answer.status_code}")
+            if answer.status_code == 200 and body.get("fallback") is True:
+                outcome = "fallback"  # stand-in content (rate limited, down): nothing was cached
         except requests.RequestException as exc:
             outcome = type(exc).__name__
         with lock:

@@ -157,11 +157,36 @@ def test_timeout_is_503_with_retry_after(make_app, sandboxes):
     assert r.headers["Retry-After"]
 
 
-def test_upstream_429_is_503_with_retry_after(client, sandboxes):
+def test_upstream_429_is_503_with_retry_after(make_app, sandboxes):
+    client = make_app(recommendations_rate_limit_fallback=False).test_client()
     sandboxes.state("amplitude").set_fault("ratelimit", count=1)
     r = client.get(f"{RECS}?user_id=u2&rec_id=a")
     assert r.status_code == 503 and r.headers["Retry-After"] == "30"
     assert r.get_json()["error"]["code"] == "upstream_rate_limited"
+
+
+def test_rate_limited_recommendations_answer_none_for_now(client, sandboxes):
+    """By default a 429 (and the pause it starts) is a 200 with no recommendations and
+    `fallback: true`: the template shows its own fallback instead of Braze retrying into a
+    Retry-After and aborting. Other endpoints keep their 503."""
+    sandboxes.state("amplitude").set_fault("ratelimit", count=1)
+    first = client.get(f"{RECS}?user_id=u2&rec_id=a,b")
+    paused = client.get(f"{RECS}?user_id=u3&rec_id=a")
+    for r in (first, paused):
+        assert r.status_code == 200 and r.headers["X-Cache"] == "FALLBACK"
+        body = r.get_json()
+        assert body["ok"] is True and body["found"] is False and body["fallback"] is True
+        assert body["items"] == [] and body["item_count"] == 0 and body["items_joined"] == ""
+    assert first.get_json()["recommendations"]["b"]["found"] is False
+    assert sandboxes.state("amplitude").calls == 1  # the pause held: the second made no call
+    props = client.get("/v1/amplitude/properties?user_id=u4")
+    assert props.status_code == 503 and props.get_json()["error"]["code"] == "upstream_rate_limited"
+
+
+def test_recommendations_failing_otherwise_are_still_503(client, sandboxes):
+    sandboxes.state("amplitude").set_fault("error", count=2)  # a 500, and the proxy's one retry
+    r = client.get(f"{RECS}?user_id=u5&rec_id=a")
+    assert r.status_code == 503 and r.get_json()["error"]["code"] == "upstream_unavailable"
 
 
 @pytest.mark.parametrize("fault", ["malformed", "oversized", "reset"])

@@ -77,7 +77,8 @@ def test_dashboard_reads_only_exported_metrics(servers, sandboxes, tmp_path):
     sandboxes.state("amplitude").set_fault("ratelimit", count=1)
     requests.get(served.base + RECS + "limited", headers=AUTH, timeout=10)
     sandboxes.state("amplitude").set_fault("error", count=3)
-    requests.get(served.base + RECS + "failing", headers=AUTH, timeout=10)
+    # Not recommendations: those answer "none for now" while Amplitude is paused.
+    requests.get(served.base + "/v1/amplitude/properties?user_id=failing", headers=AUTH, timeout=10)
     requests.post(served.base + "/v1/mediarithmics/activities", headers=AUTH, timeout=10,
                   json={"user_id": "u1", "type": "open"})
     text = requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text

@@ -91,10 +91,14 @@ def test_all_flags_without_flag_keys_agree_too(make_app, sandboxes):
     assert vardata_calls(sandboxes) == before
 
 
-def test_local_answers_are_untracked_and_send_no_assignment(make_app, sandboxes):
+def test_local_answers_send_no_assignment_event(make_app, sandboxes):
+    """Amplitude records no assignment for a local answer (exposure events are the proxy's own:
+    tests/test_experiment_exposures.py)."""
     local = local_app(make_app).test_client()
     body = local.get(f"{URL}?user_id=treatment-1&flag_keys=checkout-button").get_json()
-    assert body["variants"] == {"checkout_button": "treatment"} and body["tracked"] is False
+    assert body["variants"] == {"checkout_button": "treatment"} and body["tracked"] is True
+    body = local.get(f"{URL}?user_id=treatment-1&flag_keys=checkout-button&track=false").get_json()
+    assert body["tracked"] is False
     assert sandboxes.state("experiment").counters["assignments_tracked"] == 0
 
 
@@ -220,7 +224,7 @@ def test_failed_refresh_keeps_the_last_good_configuration_up_to_max_age(make_app
     local.get(f"{URL}?user_id=u-1&flag_keys=checkout-button")
     store.wait(10)
     assert store.failures == 1 and store.refreshes == 1
-    body = local.get(f"{URL}?user_id=treatment-1&flag_keys=checkout-button").get_json()
+    body = local.get(f"{URL}?user_id=treatment-1&flag_keys=checkout-button&track=false").get_json()
     assert body["variants"] == {"checkout_button": "treatment"} and body["tracked"] is False
     assert vardata_calls(sandboxes) == before  # still local on the last good configuration
     ready = local.get("/readyz").get_json()
@@ -282,7 +286,8 @@ def test_flags_api_urls_by_region_and_setting_checks(make_app):
 def test_the_engine_is_not_imported_with_the_app():
     """Nothing may load the SDK (and ssl with it) in the gunicorn master before gevent patches."""
     code = ("import sys, proxy.app, proxy.services, proxy.endpoints.experiment, proxy.readiness; "
-            "sys.exit('amplitude_experiment' in sys.modules)")
+            "import proxy.exposures, proxy.clients.analytics; "
+            "sys.exit('amplitude_experiment' in sys.modules or 'amplitude' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -304,6 +309,7 @@ def test_two_gevent_workers_each_load_flags_and_make_no_vardata_call(sandboxes, 
 
     env = {"CCPROXY_EXPERIMENT_MODE": "local", "CCPROXY_EXPERIMENT_FLAG_REFRESH": "300",
            "CCPROXY_EXPERIMENT_FLAG_MAX_AGE": "600"}
+    exposed = 0
     with serving(sandboxes, tmp_path / "serve.log", env, workers=2) as (base, _proc):
         wait_for(both_loaded, seconds=90, poll=0.02, what="both workers loading their flags")
         state = sandboxes.state("experiment")
@@ -311,7 +317,32 @@ def test_two_gevent_workers_each_load_flags_and_make_no_vardata_call(sandboxes, 
         before = state.paths["/v1/vardata"]
         for query in users():
             r = requests.get(f"{base}{URL}?{query}&flag_keys={','.join(SANDBOX_FLAGS)}", timeout=10)
-            assert r.status_code == 200 and r.json()["tracked"] is False
+            assert r.status_code == 200 and r.json()["tracked"] is True
             if "treatment-" in query:
                 assert r.json()["variants"]["checkout_button"] == "treatment"
+            exposed += sum(1 for v in r.json()["variants"].values() if v != "off")
         assert state.paths["/v1/vardata"] == before
+    # The workers' SDK threads ran under gevent and their exit flushed what was still buffered:
+    # one exposure event per assigned flag and user, none lost, none twice.
+    events = requests.get(f"{sandboxes.servers['amplitude'].url}/__sandbox/events", timeout=10).json()
+    assert exposed > 200 and len(events["events"]) == exposed == events["ingested"]
+
+
+def test_the_renders_of_one_message_are_evaluated_once(make_app, sandboxes, monkeypatch):
+    """Braze renders a message several times: the same user, context and flags are evaluated
+    once per configuration (the memo), with the same answer every time."""
+    from amplitude_experiment.evaluation.engine import EvaluationEngine
+
+    app = local_app(make_app)
+    client, config = app.test_client(), app.extensions["ccproxy"].flag_store.current()
+    evaluations = []
+    original = EvaluationEngine.evaluate
+    monkeypatch.setattr(EvaluationEngine, "evaluate",
+                        lambda self, *a: evaluations.append(1) or original(self, *a))
+    query = f"{URL}?user_id=u-memo-1&flag_keys=checkout-button,hero-banner,premium-upsell&track=false"
+    bodies = [client.get(f"{query}&user_properties.premium=true").get_json() for _ in range(3)]
+    assert bodies[0] == bodies[1] == bodies[2] and bodies[0]["variants"]["premium_upsell"] == "on"
+    assert len(evaluations) == 1 and len(config.memo.decisions) == 1
+    # Another context is another evaluation (and answer).
+    other = client.get(f"{query}&user_properties.premium=false").get_json()
+    assert other["variants"]["premium_upsell"] == "off" and len(evaluations) == 2

@@ -54,8 +54,14 @@ def test_a_scrape_sums_every_worker(servers, sandboxes, tmp_path):
         assert requests.get(served.base + RECS + f"u{n % 5}", headers=AUTH, timeout=10).status_code == 200
     readyz_total = sum(answered.values())
     workers = {str(pid) for pid in answered}
+    def scrape() -> str:
+        return requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text
+
+    # A request is counted once its answer is written: the last one may land just after its client read it.
+    wait_for(lambda: sample(scrape(), "ccproxy_requests_total", route="/v1/amplitude/recommendations",
+                            status="200") == 20, seconds=30, what="the last request counted")
     for _ in range(6):  # whichever worker answers the scrape, it counts for both
-        text = requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text
+        text = scrape()
         assert sample(text, "ccproxy_requests_total", route="/readyz") == readyz_total
         assert sample(text, "ccproxy_requests_total", route="/v1/amplitude/recommendations",
                       status="200") == 20
@@ -125,12 +131,16 @@ def test_braze_failures_stale_and_pauses_by_route(make_app, sandboxes, clock):
 def test_upstream_429_pauses_are_counted(make_app, sandboxes):
     client = make_app().test_client()
     sandboxes.state("amplitude").set_fault("ratelimit", count=1)
-    assert client.get(RECS + "p1").status_code in (429, 503)
+    assert client.get(RECS + "p1").status_code == 200  # recommendations: "none for now"
+    assert client.get("/v1/amplitude/properties?user_id=p2").status_code == 503  # paused
     text = client.get("/metrics").get_data(as_text=True)
     assert sample(text, "ccproxy_upstream_calls_total", upstream="amplitude", outcome="429") == 1
     assert sample(text, "ccproxy_upstream_pauses_total", upstream="amplitude") == 1
     assert sample(text, "ccproxy_upstream_paused", upstream="amplitude") == 1
-    assert sample(text, "ccproxy_braze_failures_total", route="/v1/amplitude/recommendations") == 1
+    assert sample(text, "ccproxy_braze_failures_total", route="/v1/amplitude/recommendations") == 0
+    assert sample(text, "ccproxy_degraded_answers_total", route="/v1/amplitude/recommendations",
+                  kind="fallback") == 1
+    assert sample(text, "ccproxy_braze_failures_total", route="/v1/amplitude/properties") == 1
 
 
 def test_braze_failure_reasons():

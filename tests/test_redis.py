@@ -53,7 +53,8 @@ def test_negative_ttl_in_redis(shared_app, redis_server):
 
 
 def test_rate_limit_is_shared_across_instances(shared_app, sandboxes):
-    apps = [shared_app(rate_limit_amplitude=12, cache_max_stale=0).test_client() for _ in range(3)]
+    apps = [shared_app(rate_limit_amplitude=12, cache_max_stale=0, recommendations_rate_limit_fallback=False)
+            .test_client() for _ in range(3)]
     statuses = [apps[i % 3].get(RECS + f"rlshared{i}").status_code for i in range(4)]
     assert statuses.count(200) == 2 and statuses.count(503) == 2  # a burst of 2 for everyone
     assert upstream_calls(sandboxes) == 2

@@ -123,7 +123,8 @@ def test_rate_limiter_never_exceeds_the_limit_in_any_minute():
 
 
 def test_rate_limit_rejects_at_once_without_calling(make_app, sandboxes):
-    client = make_app(rate_limit_amplitude=12, cache_max_stale=0).test_client()  # burst of 2
+    client = make_app(rate_limit_amplitude=12, cache_max_stale=0,  # burst of 2
+                      recommendations_rate_limit_fallback=False).test_client()
     assert [client.get(RECS + f"rl{i}").status_code for i in range(3)] == [200, 200, 503]
     r = client.get(RECS + "rl9")
     assert r.get_json()["error"]["code"] == "upstream_rate_limited" and int(r.headers["Retry-After"]) >= 1
@@ -138,7 +139,7 @@ def test_rate_limit_is_split_across_workers():
 
 
 def test_upstream_429_pauses_the_upstream(make_app, sandboxes, clock):
-    client = make_app(cache_max_stale=0).test_client()
+    client = make_app(cache_max_stale=0, recommendations_rate_limit_fallback=False).test_client()
     sandboxes.state("amplitude").set_fault("ratelimit", count=1)  # Retry-After: 30
     assert client.get(RECS + "p1").status_code == 503
     r = client.get(RECS + "p2")

@@ -11,6 +11,7 @@ import pytest
 import requests
 from ccproxy_serve import serving
 from conftest import upstream_calls
+from servers import wait_for
 
 from proxy import config, create_app
 from proxy.clients.base import retry_after_seconds
@@ -127,13 +128,15 @@ def test_pause_holds_in_the_worker_that_never_saw_the_429(served_with_redis, san
     worker (each worker tells its pid on /readyz); the 429 reaches one, the other pauses."""
     base = served_with_redis
     sessions: dict[int, requests.Session] = {}
-    for _ in range(60):  # new connections until both workers hold one
+
+    def both_hold_one() -> bool:  # new connections until both workers hold one (one may still boot)
         session = requests.Session()
         worker = session.get(base + "/readyz", timeout=10).json()["worker"]
-        sessions.setdefault(worker, session)
-        if len(sessions) == 2:
-            break
-    assert len(sessions) == 2, "the two workers never both accepted a connection"
+        if sessions.setdefault(worker, session) is not session:
+            session.close()
+        return len(sessions) == 2
+
+    wait_for(both_hold_one, seconds=90, poll=0.2, what="both workers accepting a connection")
     (saw, _), (other, other_session) = sessions.items()
     sandboxes.state("target").set_fault("ratelimit", 30, count=1)
     r = sessions[saw].get(base + PATHS["target"] + "served-0", timeout=10)

@@ -108,7 +108,18 @@ def test_no_basic_auth_when_the_proxy_takes_no_keys(client):
 def test_cache_max_age_follows_the_ttl_and_braze_limits(make_app):
     client = make_app(cache_ttl_recommendations=3600).test_client()
     data = client.get("/v1/preview/render/recs_block?user_id=u").get_json()["snippets"]["data"]
-    assert ":retry :cache_max_age 3600 :save recs %}" in data
+    assert " :cache_max_age 3600 :save recs %}" in data
+
+
+def test_data_tags_fall_back_instead_of_retrying_and_rendered_blocks_retry(client):
+    """A saved answer's failure is the template's fallback (Braze sends the message); `:retry`
+    would abort it after five more failing calls. A rendered block keeps `:retry`: its error
+    would otherwise be printed into the email."""
+    for name in ("recs_block", "hero_banner", "loyalty_badge", "consent_footer"):
+        snippets = client.get(f"/v1/preview/render/{name}?user_id=u&third_party_id=t&email_hash=h").get_json()["snippets"]
+        tags = [line for line in snippets["data"].splitlines() if line.startswith("{% connected_content")]
+        assert tags and all(":save " in tag and ":retry" not in tag for tag in tags)
+        assert " :retry :cache_max_age" in snippets["render_html"] and " :retry " in snippets["render_text"]
     hero = client.get("/v1/preview/render/hero_banner?user_id=u").get_json()["snippets"]
     # variants live 60 s in the proxy: Braze's 5-minute minimum, said in the snippet itself
     assert ":cache_max_age 300 :save exp" in hero["data"]

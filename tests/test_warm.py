@@ -68,6 +68,15 @@ def test_failures_are_counted(live, sandboxes, tmp_path):
     assert summary.failed == 2 and summary.errors == {"HTTP 503": 2}
 
 
+def test_rate_limited_fallbacks_are_not_counted_as_warmed(live, sandboxes, tmp_path):
+    url, app = live
+    sandboxes.state("amplitude").set_fault("ratelimit", 30)  # a 429 storm (and the pause it starts)
+    users = write_users(tmp_path, ["l1", "l2", "l3"])
+    summary = warm(url, "recommendations", users, {"rec_id": "x"}, per_minute=60_000, out=io.StringIO())
+    assert summary.fetched == 0 and summary.failed == 3 and summary.errors == {"fallback": 3}
+    assert app.test_client().get("/v1/amplitude/recommendations?user_id=l1&rec_id=x").headers["X-Cache"] != "HIT"
+
+
 def test_read_rows_forms(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("a\nb\n\n")

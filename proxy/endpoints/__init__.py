@@ -74,10 +74,12 @@ class Context:
     def ttl(self) -> float:
         return self.endpoint.ttl(self.services.settings)
 
-    def fetch(self, query: Query) -> Lookup:
+    def fetch(self, query: Query, *, when_limited: bool = False) -> Lookup:
         """One upstream read through the cache; the operator's fallback content for this
-        endpoint stands in when it fails and nothing stale is left."""
-        return self.services.cached(query, self.ttl, self.services.fallback_content(self.endpoint.path))
+        endpoint stands in when it fails and nothing stale is left (and, `when_limited`, the
+        client's empty answer when the upstream is rate limited)."""
+        return self.services.cached(query, self.ttl, self.services.fallback_content(self.endpoint.path),
+                                    when_limited)
 
 
 REGISTRY: dict[str, Endpoint] = {}

@@ -30,7 +30,9 @@ def recommendations(ctx: Context, args: Args) -> Result:
     rec_type = _rec_type(args)
     user_id, device_id = params.user_ref(args)
     query = ctx.services.amplitude.recommendations(user_id, device_id, rec_ids, rec_type)
-    lookup = ctx.fetch(query)
+    # "No recommendations for now": every template has that branch, and Braze's :retry
+    # cannot outlast a Retry-After (README, "Rate limited recommendations").
+    lookup = ctx.fetch(query, when_limited=ctx.services.settings.recommendations_rate_limit_fallback)
     return Result(shape.recommendations(lookup.value.data, rec_ids, user_id, device_id), lookup)
 
 

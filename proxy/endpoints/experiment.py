@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -46,15 +47,16 @@ def variants(ctx: Context, args: Mapping[str, str]) -> Result:
     store = ctx.services.flag_store
     config = store.current() if store is not None else None
     if config is not None:
-        return local_variants(ctx, config, user_id, device_id, flags, context)
+        return local_variants(ctx, config, user_id, device_id, flags, context, track)
     lookup = ctx.fetch(ctx.services.experiment.variants(user_id, device_id, flags, context, track))
     return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
 
 
 def local_variants(ctx: Context, config: Configuration, user_id: str, device_id: str,
-                   flags: list[str], context: dict[str, Any]) -> Result:
+                   flags: list[str], context: dict[str, Any], track: bool) -> Result:
     """Local mode: the flags the configuration can decide, evaluated in process; the others in
-    one remote call with no-track. No assignment event is sent either way (`tracked: false`)."""
+    one remote call with no-track (Amplitude sends no assignment event either way). With
+    `track` and an analytics key, one exposure event per answered flag (`tracked: true`)."""
     from ..experiment_local import evaluate
     from ..experiment_local import evaluation_context as engine_context
 
@@ -66,4 +68,28 @@ def local_variants(ctx: Context, config: Configuration, user_id: str, device_id:
         lookup = ctx.fetch(remote_query)
         remote = lookup.value.data if isinstance(lookup.value.data, dict) else {}
         vardata.update({k: v for k, v in remote.items() if k in decision.remote})
-    return Result(shape.variants(vardata, flags, user_id, device_id, False), lookup)
+    tracker = ctx.services.exposures if track else None
+    if tracker is not None:
+        # The operator's fallback defaults are no exposure; what the engine decided is.
+        seen = decision.vardata if lookup.state == "FALLBACK" else vardata
+        tracker.track(exposures(user_id, device_id, seen, decision.variants))
+    return Result(shape.variants(vardata, flags, user_id, device_id, tracker is not None), lookup)
+
+
+def exposures(user_id: str, device_id: str, vardata: dict, engine: dict) -> list:
+    """One exposure per assigned flag: the engine's variant (value, metadata) where local
+    evaluation decided it, the `/v1/vardata` answer's fields otherwise."""
+    from ..exposures import Exposure
+
+    now = time.time()
+    found = []
+    for flag, answer in vardata.items():
+        if not isinstance(answer, dict) or answer.get("key") in (None, ""):
+            continue
+        source = engine.get(flag)
+        value = source.value if source is not None else answer.get("value")
+        metadata = source.metadata if source is not None else answer.get("metadata")
+        found.append(Exposure(user_id, device_id, flag, str(answer["key"]), value, answer.get("payload"),
+                              metadata if isinstance(metadata, dict) else None, now))
+    return found
+

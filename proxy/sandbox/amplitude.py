@@ -6,6 +6,7 @@
 - any other id: deterministic data derived from the id.
 - 401 `Missing Api-Key in Authorization header` / `Invalid Api-Key`; empty 404 on other paths;
   429 with Retry-After above the configured rate.
+- `POST /2/httpapi`: Amplitude's HTTP V2 API, recording events (`sandbox/analytics.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
+from . import analytics
 from .base import SandboxState, digest, pick, sandbox_app
 
 DEFAULT_KEY = "sandbox-amplitude-secret"
@@ -111,6 +113,7 @@ def _computations(who: str) -> dict[str, str]:
 def make_app(secret_key: str = DEFAULT_KEY, state: SandboxState | None = None):
     state = state or SandboxState()
     app = sandbox_app("amplitude", state)
+    analytics.register(app, state)  # the HTTP V2 API (exposure events), on the same sandbox
 
     @app.errorhandler(404)
     def empty_404(_error):

@@ -1,7 +1,9 @@
 """What every sandbox upstream shares: call counting, latency, a rate limit and injectable faults.
 
 Control endpoints live under `/__sandbox/` (never part of the real APIs):
-- `GET /__sandbox/stats` -> {"calls": n, "paths": {...}}
+- `GET /__sandbox/stats` -> {"calls": n, "paths": {...}, "statuses": {"200": n, "429": n, ...},
+  "counters": {...}}: `statuses` counts the answers given to API calls by HTTP status (a
+  rejected call's 429 included), so a client can tell how many 429s an upstream answered.
 - `POST /__sandbox/faults` {"mode": "<mode>", "seconds": 2, "count": null} -> the next `count`
   calls (all when null) misbehave. Modes: `slow`/`hang` (no answer for `seconds`), `error` (500),
   `ratelimit` (429, `Retry-After: seconds`, 30 by default), `unavailable` (503 with
@@ -46,6 +48,7 @@ class SandboxState:
         self.rate = RateWindow(rate_per_minute)
         self.calls = 0
         self.paths: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()  # answers to API calls by HTTP status
         self.counters: Counter[str] = Counter()  # sandbox-specific events (e.g. tracked assignments)
         self.last_uri = ""  # the request target exactly as sent, before any decoding
         self.last_request_id = ""  # X-Request-Id of the last call, to check it is forwarded
@@ -78,6 +81,7 @@ class SandboxState:
         with self.lock:
             self.calls = 0
             self.paths.clear()
+            self.statuses.clear()
             self.counters.clear()
             self.last_uri = ""
             self.fault, self.fault_count = "none", None
@@ -102,7 +106,8 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
     def stats():
         with state.lock:
             return jsonify(
-                {"calls": state.calls, "paths": dict(state.paths), "counters": dict(state.counters)}
+                {"calls": state.calls, "paths": dict(state.paths), "statuses": dict(state.statuses),
+                 "counters": dict(state.counters)}
             )
 
     @app.post("/__sandbox/faults")
@@ -168,6 +173,13 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
         if wait is not None:
             return _too_many(wait)
         return None
+
+    @app.after_request
+    def count_status(response: Response) -> Response:
+        if not request.path.startswith(UNCOUNTED):
+            with state.lock:
+                state.statuses[str(response.status_code)] += 1
+        return response
 
     return app
 

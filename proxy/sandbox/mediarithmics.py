@@ -5,6 +5,11 @@ deterministic profile and two choices: processing 101 (newsletter; refused when 
 id contains `optout`) and 102 (personalised offers). Writes change what later reads
 return, as the real API does.
 
+Writes received are counted in `/__sandbox/stats` counters: `writes_received`, and
+`writes_duplicated` for a write identical to one received before (same method, path, query
+and JSON body: the same activity, profile update or choice sent twice), so a client can
+check that each write it had accepted reached mediarithmics exactly once.
+
 Write faults (`POST /__sandbox/writes {"latency": 0.05, "slow_seconds": 18, "slow_count": 1}`):
 every write waits `latency` seconds (reads do not), and the next `slow_count` writes take
 `slow_seconds` to answer, as a slow upstream would.
@@ -12,6 +17,8 @@ every write waits `latency` seconds (reads do not), and the next `slow_count` wr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from typing import Any
@@ -50,6 +57,7 @@ class Store:
         self.profiles: dict[str, dict[str, Any]] = {}
         self.activities: list[dict[str, Any]] = []
         self.writes: list[tuple[str, str, dict[str, str], Any]] = []  # method, path, query, body
+        self.identities: set[str] = set()  # digests of the writes received
         self.write_latency = 0.0
         self.slow_seconds = 0.0
         self.slow_count = 0
@@ -150,8 +158,22 @@ def make_app(token: str = DEFAULT_TOKEN, datamart_id: str = DEFAULT_DATAMART, st
         return _ok(stored or [_profile(selector)])
 
     def record(body: Any) -> None:
+        identity = hashlib.sha256(json.dumps(
+            [request.method, request.path, sorted(request.args.items(multi=True)), body],
+            sort_keys=True).encode()).hexdigest()
         with store.lock:
             store.writes.append((request.method, request.path, dict(request.args), body))
+            duplicate = identity in store.identities
+            store.identities.add(identity)
+        with state.lock:
+            state.counters["writes_received"] += 1
+            state.counters["writes_duplicated"] += int(duplicate)
+
+    def forget_writes() -> None:
+        with store.lock:
+            store.identities.clear()
+
+    state.on_reset.append(forget_writes)
 
     @app.post("/v1/datamarts/<datamart>/user_activities")
     def user_activities(datamart: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import amplitude, experiment, mediarithmics, target
+from . import amplitude, analytics, experiment, mediarithmics, target
 from .base import SandboxState
 from .server import RunningServer
 
@@ -22,6 +22,8 @@ class SandboxStack:
         return {
             "amplitude_url": self.servers["amplitude"].url,
             "amplitude_secret_key": amplitude.DEFAULT_KEY,
+            "amplitude_api_key": analytics.DEFAULT_API_KEY,
+            "amplitude_analytics_url": self.servers["amplitude"].url,
             "experiment_url": self.servers["experiment"].url,
             "experiment_deployment_key": experiment.DEFAULT_KEY,
             "experiment_flags_url": self.servers["experiment"].url,
