@@ -28,9 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, Processes, free_port, wait_up  # noqa: E402
+from run import Processes, start_amplitude_and_proxy  # noqa: E402
 
-AMPLITUDE_KEY = "sandbox-amplitude-secret"
 KEYS = [f"/v1/amplitude/properties?user_id=bench-{i}" for i in range(50)]
 NESTED = ("{% for a in (1..1000) %}{% for b in (1..1000) %}{% for c in (1..1000) %}x"
           "{% endfor %}{% endfor %}{% endfor %}")
@@ -144,16 +143,7 @@ def main() -> None:
     procs = Processes()
     results: dict[str, dict] = {}
     try:
-        sandbox_port, proxy_port = free_port(), free_port()
-        sandbox = f"http://127.0.0.1:{sandbox_port}"
-        procs.start([PY, "-m", "proxy.sandbox", "amplitude", "--port", str(sandbox_port), "--workers", "1"])
-        procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(proxy_port),
-                     "--workers", str(args.workers)],
-                    {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
-                     "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_CACHE_TTL_PROPERTIES": "3600",
-                     "CCPROXY_LOG_LEVEL": "WARNING"})
-        for url in (sandbox + "/__sandbox/stats", f"http://127.0.0.1:{proxy_port}/healthz"):
-            wait_up(url)
+        sandbox, proxy_port = start_amplitude_and_proxy(procs, args.workers)
         # Caches are per worker: a new connection per request (a kept-alive one sticks to one
         # worker), enough rounds that every worker holds every key.
         for _ in range(10):

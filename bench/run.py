@@ -53,8 +53,8 @@ class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=ROOT,
+    def start(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=cwd,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
@@ -68,6 +68,23 @@ class Processes:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def start_amplitude_and_proxy(procs: Processes, workers: int, env: dict[str, str] | None = None,
+                              source: Path = ROOT) -> tuple[str, int]:
+    """The sandbox Amplitude upstream and `ccproxy serve --no-auth` wired to it, both up:
+    the sandbox's URL and the proxy's port. `source`: the checkout whose proxy runs (another
+    one, e.g. main's, for a comparison in the same run)."""
+    sandbox_port, proxy_port = free_port(), free_port()
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    procs.start([PY, "-m", "proxy.sandbox", "amplitude", "--port", str(sandbox_port), "--workers", "1"])
+    procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(proxy_port), "--workers", str(workers)],
+                {"CCPROXY_AMPLITUDE_URL": sandbox, "CCPROXY_AMPLITUDE_SECRET_KEY": AMPLITUDE_KEY,
+                 "CCPROXY_RATE_LIMIT_AMPLITUDE": "0", "CCPROXY_CACHE_TTL_PROPERTIES": "3600",
+                 "CCPROXY_LOG_LEVEL": "WARNING", **(env or {})}, cwd=source)
+    for url in (sandbox + "/__sandbox/stats", f"http://127.0.0.1:{proxy_port}/healthz"):
+        wait_up(url)
+    return sandbox, proxy_port
 
 
 def wrk(url: str, script: str, connections: int, seconds: int, threads: int = 2,

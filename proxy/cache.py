@@ -5,6 +5,10 @@ Storage is a small `Store` interface (get/put) so a shared backend (Redis)
 can replace the in-memory one without changing callers; coalescing and
 freshness policy live here, above the store.
 
+Scope: `MemoryStore` and the in-flight calls coalesced here are per process. A store with
+`try_lock`/`unlock` extends coalescing beyond the process: `box_cache.BoxStore` to every
+worker of one machine, `redis_backend.RedisStore` to the whole deployment.
+
 Freshness follows RFC 5861 and Varnish grace: an entry is fresh for its TTL; for
 `grace` seconds after that it is served at once while one background refresh runs
 (stale-while-revalidate); for `max_stale` seconds after its TTL it is served when
@@ -188,15 +192,15 @@ class AnswerCache:
             flight.done.set()
 
     def _lead(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> Lookup:
-        # A shared store (Redis) extends coalescing across processes with a short lock.
+        # A shared store (the box cache, Redis) extends coalescing across processes with a claim.
         try_lock = getattr(self.store, "try_lock", None)
         token = try_lock(key) if try_lock else ""
-        if token is None:
-            shared = self._await_shared(key)
+        if token is None and try_lock is not None:
+            shared, token = self._await_shared(key, try_lock)
             if shared is not None:
                 age = self.timer() - shared.stored_at
                 return Lookup(shared.value, "COALESCED", age, shared.ttl - age)
-            # The other process failed or is slow: call the upstream ourselves.
+            # The other process failed, died or is slow: call the upstream ourselves.
         try:
             value = load()
             ttl = ttl_of(value)
@@ -206,15 +210,20 @@ class AnswerCache:
             if token:
                 self.store.unlock(key, token)  # type: ignore[attr-defined]
 
-    def _await_shared(self, key: str, poll: float = 0.01) -> Entry | None:
-        """Wait for another process's answer to appear in the shared store."""
+    def _await_shared(self, key: str, try_lock: Callable[[str], str | None],
+                      poll: float = 0.01) -> tuple[Entry | None, str | None]:
+        """Wait for another process's answer to appear in the shared store; or for its claim
+        to go (it failed, or its process died) and take it: then (None, our token)."""
         until = self.timer() + max(0.0, min(self.coalesce_wait, remaining()))
         while self.timer() < until:
             time.sleep(poll)
             entry = self.store.get(key)
             if entry is not None and self.timer() - entry.stored_at < entry.ttl:
-                return entry
-        return None
+                return entry, None
+            token = try_lock(key)
+            if token is not None:
+                return None, token
+        return None, None
 
     def _wait(self, key: str, flight: _Flight) -> Lookup:
         # Bounded by the request's own deadline too: never wait past what Braze allows.

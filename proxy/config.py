@@ -117,6 +117,10 @@ class Settings:
     # Circuit breaker: consecutive failures that open it, seconds before a probe.
     breaker_threshold: int = 5
     breaker_reset: float = 10.0
+    # One answer cache for every worker of one machine (without Redis): a SQLite file that
+    # `ccproxy serve` starts afresh; empty path: a new one under /dev/shm (or the temp dir).
+    box_cache: bool = True
+    box_cache_path: str = ""
     # Shared cache and rate limits for several processes or machines, e.g. redis://host:6379/0.
     redis_url: str = _secret()
     # The durable outbox of writes to mediarithmics (SQLite), and its retry policy.
@@ -158,10 +162,13 @@ class Settings:
     upstream_proxy: str = _secret()  # may carry credentials
 
     # Inbound connections, per `ccproxy serve` worker process. A client has this many seconds
-    # from its first byte (or from connecting) to send a request's headers, and again for its
-    # body; an idle keep-alive connection waits up to `keepalive_timeout` for its next request.
+    # from its first byte (or from connecting) to send a request's headers, then `body_timeout`
+    # for its whole body; an idle keep-alive connection waits up to `keepalive_timeout` for its
+    # next request; an answer must be taken by the client within `send_timeout`.
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    body_timeout: float = 10.0
+    send_timeout: float = 5.0
     # Connections one worker holds; past it the idle and slowest-to-send ones are closed first
     # (a request being answered never is).
     max_connections: int = 2000
@@ -342,7 +349,7 @@ def validate(settings: Settings) -> Settings:
                             f"{env_name('outbox_write_timeout')} positive")
     if settings.workers < 1 or settings.breaker_threshold < 1:
         raise SettingsError("workers and breaker_threshold must be at least 1")
-    for name in ("header_timeout", "keepalive_timeout"):
+    for name in ("header_timeout", "keepalive_timeout", "body_timeout", "send_timeout"):
         if not 0 < getattr(settings, name) <= 3600:
             raise SettingsError(f"{env_name(name)} must be between 0 and 3600 seconds")
     for name in ("max_connections", "max_body"):

@@ -1,18 +1,33 @@
 """Inbound connections of a `ccproxy serve` worker: slow or silent clients cannot hold it.
 
 The proxy's hostname is printed in every email (pixels, consent links), so anyone can open
-thousands of connections that never finish their headers (slowloris). gunicorn's gevent
-worker reads a request's headers under its keep-alive timeout (75 s) and stops accepting
-once `worker_connections` are open, so a few thousand such sockets would stop every answer
-for over a minute. This worker keeps three clocks apart, per connection:
+thousands of connections that never finish their headers (slowloris), trickle a request
+body a byte a second, or never read their answers. gunicorn's gevent worker reads headers
+under its keep-alive timeout (75 s), lets the application read the body at the client's
+pace, blocks a send for as long as the socket's timeout, and stops accepting once
+`worker_connections` are open; so a few thousand such sockets would stop every answer.
 
-- from connecting, or from the first byte of a later request, the headers must arrive
-  within `header_timeout`; the body then has `header_timeout` again;
-- between requests, an idle keep-alive connection may wait `keepalive_timeout` (longer than
-  load balancers' idle timeouts, so they never reuse a socket we closed);
-- past `max_connections`, the longest-idle connection is closed first, then the one that
-  has been sending its headers the longest. A connection whose request is being answered
-  is never closed.
+This worker gives each connection one phase at a time, each on its own clock:
+
+- waiting: from connecting, or from the first byte of a later request, the headers must
+  arrive within `header_timeout`;
+- body: the whole request body must arrive within `body_timeout`. The worker reads it
+  (up to `max_body` + 1 bytes) before the application runs, so a slow client never holds
+  a request's deadline or a greenlet inside the app; late, it is answered a JSON 408
+  `body_timeout` (if anything can still be written) and closed;
+- active: the request is being answered (the app runs, maybe waiting on an upstream): no
+  clock of ours, never shed;
+- send: the answer must be taken by the client within `send_timeout` from its first byte;
+  a stuck send is closed. The next request (pipelined or not) is read only once the whole
+  answer is written and taken by the client (the kernel has transmitted all of it: the
+  client's receive window is open), so a client that pipelines requests and reads nothing
+  costs at most its receive buffer of answers, not megabytes of them;
+- idle: between requests a keep-alive connection may wait `keepalive_timeout` (longer than
+  load balancers' idle timeouts, so they never reuse a socket we closed).
+
+Past `max_connections`, the longest-idle connection is closed first; then, of those whose
+pace the client decides (waiting, body, send), the one that entered its phase first: the
+slowest, never the newcomer while an older one is left. An active one never is.
 
 Requests gunicorn cannot parse (a URL over its 4 KB request line: 414; a malformed request
 line: 400; too many headers: 431) are answered in the proxy's JSON error shape, not
@@ -20,18 +35,37 @@ gunicorn's HTML page.
 
 All of this is per worker process (each guards the sockets it accepted); a timed-out or
 shed connection looks to gunicorn like a client that hung up, so it is closed quietly.
+The guard counts closures by reason (`closed`), copied into `ccproxy_connections_closed_total`
+and the open connections by phase into `ccproxy_connections` (proxy/observability.py).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import socket
+import struct
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-WAITING, IDLE, ACTIVE = "waiting", "idle", "active"
+from .errors import BadRequest, BodyTimeout, BodyTooLarge, ProxyError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+WAITING, IDLE, BODY, ACTIVE, SEND = "waiting", "idle", "body", "active", "send"
+PHASES = (WAITING, IDLE, BODY, ACTIVE, SEND)
+# The phases whose length the client decides: past the cap, the oldest of them is shed.
+_CLIENT_PACED = (WAITING, BODY, SEND)
+# The clock that ran out, by phase (an active request reads only the rest of a body over
+# CCPROXY_MAX_BODY, if the app asks for it: the body's clock).
+TIMEOUT_REASONS = {WAITING: "header_timeout", IDLE: "keepalive_timeout", BODY: "body_timeout",
+                   ACTIVE: "body_timeout", SEND: "send_timeout"}
+CLOSE_REASONS = (*TIMEOUT_REASONS.values(), *(f"shed_{phase}" for phase in (IDLE, *_CLIENT_PACED)),
+                 "shutdown")
 # gunicorn answers requests it cannot parse itself, before the app sees them; these are its
 # statuses, in the proxy's error shape. The messages are fixed: gunicorn's own quote the
 # request, which may carry a credential.
@@ -48,22 +82,33 @@ PROTOCOL_ERRORS = {
 
 
 class ConnectionGuard:
-    """The connections of one worker, by phase, oldest first."""
+    """The connections of one worker, by phase, each phase's oldest first."""
 
     def __init__(self, header_timeout: float, keepalive_timeout: float, max_connections: int,
-                 send_timeout: float = 30.0):
+                 body_timeout: float = 10.0, send_timeout: float = 5.0):
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = max_connections
+        self.body_timeout = body_timeout
         self.send_timeout = send_timeout
         self.phases: dict[str, OrderedDict[GuardedSocket, None]] = {
-            WAITING: OrderedDict(), IDLE: OrderedDict(), ACTIVE: OrderedDict()}
-        self.shed_count = 0
-        self.timed_out = 0
+            phase: OrderedDict() for phase in PHASES}
+        self.closed: Counter[str] = Counter()  # by reason: a clock that ran out, or shed_<phase>
         self.closing = False  # shutting down: no connection waits for another request
 
     def __len__(self) -> int:
         return sum(len(conns) for conns in self.phases.values())
+
+    @property
+    def shed_count(self) -> int:
+        return sum(n for reason, n in self.closed.items() if reason.startswith("shed_"))
+
+    @property
+    def timed_out(self) -> int:
+        return sum(n for reason, n in self.closed.items() if reason.endswith("_timeout"))
+
+    def open_by_phase(self) -> dict[str, int]:
+        return {phase: len(conns) for phase, conns in self.phases.items()}
 
     def admit(self, conn: GuardedSocket) -> None:
         """A new connection: its first request's headers are due within header_timeout."""
@@ -74,7 +119,8 @@ class ConnectionGuard:
     def move(self, conn: GuardedSocket, phase: str, budget: float) -> None:
         if conn.phase:
             self.phases[conn.phase].pop(conn, None)
-        conn.phase, conn.deadline = phase, time.monotonic() + budget
+        now = time.monotonic()
+        conn.phase, conn.since, conn.deadline = phase, now, now + budget
         self.phases[phase][conn] = None
 
     def leave(self, conn: GuardedSocket) -> None:
@@ -82,41 +128,67 @@ class ConnectionGuard:
             self.phases[conn.phase].pop(conn, None)
         conn.phase = ""
 
+    def shed(self, conn: GuardedSocket, reason: str) -> None:
+        self.closed[reason] += 1
+        self.leave(conn)
+        conn.close_now()
+
     def shed_idle(self) -> int:
         """Shutting down: close every connection not being answered, so the worker stops as
         soon as its requests and deliveries in flight are done (not after keep-alive ends)."""
         self.closing = True
-        shed = 0
-        for phase in (IDLE, WAITING):
-            while self.phases[phase]:
-                conn, _ = self.phases[phase].popitem(last=False)
-                conn.phase = ""
-                conn.close_now()
-                shed += 1
-        return shed
+        victims = [*self.phases[IDLE], *self.phases[WAITING]]
+        for conn in victims:
+            self.shed(conn, "shutdown")
+        return len(victims)
 
     def _shed_one(self) -> bool:
-        for phase in (IDLE, WAITING):
-            if self.phases[phase]:
-                conn, _ = self.phases[phase].popitem(last=False)
-                conn.phase = ""
-                conn.close_now()
-                self.shed_count += 1
-                return True
-        return False  # every connection is being answered: accept no more (gunicorn's pool)
+        victim = self._victim()
+        if victim is None:
+            return False  # every connection is being answered: accept no more (gunicorn's pool)
+        self.shed(victim, f"shed_{victim.phase}")
+        return True
+
+    def _victim(self) -> GuardedSocket | None:
+        """The longest-idle connection; else the one that entered a client-paced phase first."""
+        if self.phases[IDLE]:
+            return next(iter(self.phases[IDLE]))
+        heads = [next(iter(self.phases[phase])) for phase in _CLIENT_PACED if self.phases[phase]]
+        return min(heads, key=lambda conn: conn.since, default=None)
+
+
+def _quiet_hangup(message: str) -> BrokenPipeError:
+    # gunicorn logs EPIPE at debug level, as a client that went away; anything else it logs
+    # with a traceback.
+    return BrokenPipeError(errno.EPIPE, message)
+
+
+# Linux ioctl: bytes written to a TCP socket that the kernel has not transmitted yet (the
+# client's receive window is closed: it does not read). Unlike SIOCOUTQ it leaves out bytes
+# in flight, so a client across a WAN is not waited for while its ACK travels.
+SIOCOUTQNSD = 0x894B
+
+
+def _unsent(sock: socket.socket) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # not TCP, or not Linux: nothing known to wait for
+        return 0
 
 
 class GuardedSocket:
-    """A client socket whose reads end (as if the client hung up) at the phase's deadline."""
+    """A client socket whose reads end (as if the client hung up) at the phase's deadline,
+    and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
-    __slots__ = ("_sock", "guard", "phase", "deadline", "requests")
+    __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
         self.guard = guard
         self.phase = ""
-        self.deadline = 0.0
+        self.since = self.deadline = 0.0
         self.requests = 0
+        self.expired = ""  # the clock that ran out, if one did
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -124,17 +196,15 @@ class GuardedSocket:
 
     def recv(self, size: int, *flags: int) -> bytes:
         left = self.deadline - time.monotonic()
-        if left <= 0:
-            self.guard.timed_out += 1
-            return b""
+        if left <= 0 or not self.phase:
+            return self._expire()
         self._sock.settimeout(left)
         try:
             data = self._sock.recv(size, *flags)
         except TimeoutError:
-            self.guard.timed_out += 1
-            return b""
+            return self._expire()
         except OSError:
-            if self.deadline == 0.0:  # shed: gevent wakes the blocked read with an error
+            if not self.phase:  # shed: gevent wakes the blocked read with an error
                 return b""
             raise
         if data and self.phase == IDLE:
@@ -142,36 +212,163 @@ class GuardedSocket:
             self.guard.move(self, WAITING, self.guard.header_timeout)
         return data
 
+    def _expire(self) -> bytes:
+        """The phase's clock ran out: count it once; reads see the end of the stream."""
+        if self.phase and not self.expired:
+            self.expired = TIMEOUT_REASONS[self.phase]
+            self.guard.closed[self.expired] += 1
+        return b""
+
+    def _send_time_left(self) -> float:
+        """An answer's first byte starts the send clock; its whole must go within it."""
+        if not self.phase:
+            raise _quiet_hangup("connection shed")
+        if self.phase != SEND:
+            self.guard.move(self, SEND, self.guard.send_timeout)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self._expire()
+            raise _quiet_hangup("the client did not take its answer in time")
+        return left
+
     def sendall(self, data: bytes, *flags: int) -> None:
-        # A client that stops reading its answer cannot hold the connection forever.
-        self._sock.settimeout(self.guard.send_timeout)
-        self._sock.sendall(data, *flags)
+        self._sock.settimeout(self._send_time_left())
+        try:
+            self._sock.sendall(data, *flags)
+        except OSError as exc:
+            raise self._send_failure(exc) from None
 
     def send(self, data: bytes, *flags: int) -> int:
-        self._sock.settimeout(self.guard.send_timeout)
-        return self._sock.send(data, *flags)
+        self._sock.settimeout(self._send_time_left())
+        try:
+            return self._sock.send(data, *flags)
+        except OSError as exc:
+            raise self._send_failure(exc) from None
+
+    def _send_failure(self, exc: OSError) -> OSError:
+        if isinstance(exc, TimeoutError):
+            self._expire()
+            return _quiet_hangup("the client did not take its answer in time")
+        return _quiet_hangup("connection shed") if not self.phase else exc
 
     def close_now(self) -> None:
-        """Shed: wake the reader blocked on this socket with an end of stream."""
+        """Shed: wake the reader or sender blocked on this socket."""
         self.deadline = 0.0
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
+    def answer_taken(self) -> bool:
+        """Wait (on the send clock) until the client has taken the previous answer: the
+        kernel has transmitted all of it. A client that pipelines requests and reads nothing
+        would otherwise have the worker render answer after answer into socket buffers
+        (megabytes each), starving every other client of the worker's CPU. Only such a
+        client waits: a reading one has an open window, so nothing is left unsent."""
+        delay = 0.001
+        while _unsent(self._sock) > 0:
+            left = self.deadline - time.monotonic()
+            if not self.phase or left <= 0:
+                self._expire()
+                return False
+            time.sleep(min(delay, left))  # gevent's sleep in a worker
+            delay = min(2 * delay, 0.05)
+        return True
+
     @contextmanager
     def reading_request(self) -> Iterator[None]:
-        """Around gunicorn's read of one request line and headers."""
+        """Around gunicorn's read of one request line and headers (after the previous
+        answer was written whole and taken by the client)."""
         if self.requests:
-            self.guard.move(self, IDLE, self.guard.keepalive_timeout)
-            if self.guard.closing:  # answered while the worker was told to stop: no more
+            if not self.answer_taken():
+                self.guard.leave(self)  # the parser's next read sees the end of the stream
                 self.close_now()
+            else:
+                self.guard.move(self, IDLE, self.guard.keepalive_timeout)
+            if self.guard.closing and self.phase:  # answered while the worker was told to stop
+                self.guard.shed(self, "shutdown")
         try:
             yield
         finally:
             if self.phase:
                 self.requests += 1
-                self.guard.move(self, ACTIVE, self.guard.header_timeout)  # the body's budget
+                self.guard.move(self, BODY, self.guard.body_timeout)
+
+    def take_body(self, req: Any, max_body: int, body_class: type) -> bool:
+        """Read the request's body (up to `max_body` + 1 bytes) under the body clock, before
+        the app runs; then the request is active. False: the connection must close (the
+        client is gone, or was answered 408, 413 or 400 here)."""
+        headers = dict(req.headers)  # gunicorn refused repeated or conflicting length headers
+        length = headers.get("CONTENT-LENGTH")
+        if "TRANSFER-ENCODING" not in headers:
+            size = int(length or 0)
+            if size > max_body:
+                # The app refuses it by its length (413) without reading it; nor does gunicorn
+                # drain it for a next request at the client's pace: the connection closes.
+                req.force_close()
+            if size == 0 or size > max_body:
+                self.guard.move(self, ACTIVE, self.guard.body_timeout)
+                return True
+        from gunicorn.http.errors import NoMoreData, ParseException
+
+        try:
+            # gunicorn would send this when the app starts; the client waits for it to send the body.
+            if getattr(req, "_expected_100_continue", False):
+                req._expected_100_continue = False
+                self._sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+                self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            data = req.body.read(max_body + 1)
+        except (NoMoreData, OSError):
+            data = None
+        except ParseException:
+            if self.phase and not self.expired:
+                return self._answer_and_close(BadRequest("malformed chunked request body",
+                                                         code="invalid_body"))
+            data = None
+        if self.expired:
+            return self._answer_and_close(BodyTimeout(self.guard.body_timeout))
+        if data is None or not self.phase:
+            return False  # the client hung up, or the connection was shed for a newer one
+        if length is not None and len(data) < int(length):
+            return self._answer_and_close(BadRequest(
+                "the request body ended before its Content-Length", code="invalid_body"))
+        if len(data) > max_body:  # chunked, over the limit: the app would not see it whole
+            return self._answer_and_close(BodyTooLarge(max_body))
+        req.body = body_class(_Prefetched(data, req.body))
+        self.guard.move(self, ACTIVE, self.guard.body_timeout)
+        return True
+
+    def _answer_and_close(self, error: ProxyError) -> bool:
+        """A JSON error written by the server itself (the app never saw the request), with
+        Connection: close; at most send_timeout, and nothing if the client is gone."""
+        from .dispatch import http_answer, status_line
+        from .responses import JSON_TYPE, json_bytes
+
+        status, extra, body = http_answer(error)
+        payload = json_bytes(body)
+        head = [f"HTTP/1.1 {status_line(status)}", f"Content-Type: {JSON_TYPE}",
+                f"Content-Length: {len(payload)}", "Connection: close",
+                "X-Content-Type-Options: nosniff", *(f"{name}: {value}" for name, value in extra.items())]
+        try:
+            self.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+        except OSError:
+            pass
+        return False
+
+
+class _Prefetched:
+    """A body reader for gunicorn's Body: the bytes read under the body clock, then whatever
+    the client sends past CCPROXY_MAX_BODY (read only if the app asks for it)."""
+
+    def __init__(self, data: bytes, rest: Any):
+        self.data = data
+        self.rest = rest
+
+    def read(self, size: int) -> bytes:
+        if self.data:
+            chunk, self.data = self.data[:size], self.data[size:]
+            return chunk
+        return self.rest.read(size)
 
 
 def protocol_error(status: int, reason: str) -> bytes:
@@ -193,15 +390,18 @@ def _write_json_error(sock: Any, status_int: int, reason: str, _mesg: str) -> No
     util.write_nonblock(sock, protocol_error(int(status_int), reason))
 
 
-def guarded_worker_class(header_timeout: float, keepalive_timeout: float, max_connections: int) -> type:
+def guarded_worker_class(settings: Settings) -> type:
     """gunicorn's gevent worker with the guard above (imported here: gevent is loaded only
     where gunicorn loads its worker class)."""
     from gevent import getcurrent
+    from gunicorn.http.body import Body
     from gunicorn.workers.ggevent import GeventWorker
 
     class GuardedGeventWorker(GeventWorker):
         def init_process(self) -> None:
-            self.guard = ConnectionGuard(header_timeout, keepalive_timeout, max_connections)
+            self.guard = ConnectionGuard(settings.header_timeout, settings.keepalive_timeout,
+                                         settings.max_connections, settings.body_timeout,
+                                         settings.send_timeout)
             self.reading: dict[Any, GuardedSocket] = {}
             # gunicorn's handle_error classifies a malformed request (400, 414, 431...) and
             # writes it through this one function; in this worker process, it writes JSON.
@@ -209,6 +409,12 @@ def guarded_worker_class(header_timeout: float, keepalive_timeout: float, max_co
 
             util.write_error = _write_json_error
             super().init_process()
+
+        def load_wsgi(self) -> None:
+            super().load_wsgi()
+            services = getattr(self.wsgi, "extensions", {}).get("ccproxy")
+            if services is not None:  # its metrics copy the guard's counts
+                services.connections = self.guard
 
         def handle(self, listener: Any, client: Any, addr: Any) -> None:
             conn = GuardedSocket(client, self.guard)
@@ -219,6 +425,11 @@ def guarded_worker_class(header_timeout: float, keepalive_timeout: float, max_co
             finally:
                 self.reading.pop(greenlet, None)
                 self.guard.leave(conn)
+
+        def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+            if not sock.take_body(req, settings.max_body, Body):
+                raise StopIteration  # gunicorn's keep-alive loop closes the connection quietly
+            return super().handle_request(listener_name, req, sock, addr)
 
         def timeout_ctx(self) -> Any:
             return self.reading[getcurrent()].reading_request()

@@ -9,6 +9,7 @@ ProxyError                       -> {"ok": false, "error": {"code", "message"}}
 ├── NotFound (404)                no such endpoint or template
 ├── MethodNotAllowed (405 + Allow) a method the path does not answer
 ├── BodyTooLarge (413)            a write body over CCPROXY_MAX_BODY
+├── BodyTimeout (408)             a request body not received within CCPROXY_BODY_TIMEOUT
 ├── LiquidError (422)             a Liquid preview does not parse or render
 ├── TemplateError (422)           a message template fails to compile or render (file, line)
 ├── RenderLimitExceeded (422)     a Liquid preview or a template render went over a bound
@@ -113,6 +114,16 @@ class BodyTooLarge(ProxyError):
 
     def __init__(self, limit: int):
         super().__init__(f"the request body is larger than {limit} bytes (CCPROXY_MAX_BODY)")
+
+
+class BodyTimeout(ProxyError):
+    """Answered by the server itself (proxy/connections.py), then the connection is closed."""
+
+    status = 408
+    code = "body_timeout"
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the request body did not arrive within {seconds:g} s (CCPROXY_BODY_TIMEOUT)")
 
 
 class LiquidError(ProxyError):

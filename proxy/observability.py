@@ -155,6 +155,28 @@ class Metrics:
             "ccproxy_outbox_dropped", "Writes not recorded at intake, by reason", ["reason", "worker"],
             registry=registry,
         )
+        # Inbound connections of `ccproxy serve` workers (proxy/connections.py): none in-process.
+        self.connections_closed = Counter(
+            "ccproxy_connections_closed", "Client connections the server closed, by reason "
+            "(a clock that ran out: header/body/send/keepalive_timeout; shed_<phase> past the cap; shutdown)",
+            ["reason"], registry=registry,
+        )
+        self.connections = Gauge(
+            "ccproxy_connections", "Open client connections by phase (waiting, body, active, send, idle)",
+            ["phase"], registry=registry, multiprocess_mode="livesum",
+        )
+        # The box cache (a SQLite file all workers share; see proxy/box_cache.py).
+        self.box_lookups = Counter(
+            "ccproxy_box_cache_lookups",
+            "Memory misses of a worker answered from the box cache (HIT) or not (MISS)",
+            ["result", "worker"], registry=registry,
+        )
+        self.box_degraded = Counter(
+            "ccproxy_box_cache_degraded",
+            "Box cache operations given up, by reason (full, read_only, unavailable, busy, error, "
+            "skipped: left alone after a failure); the worker used its own memory cache instead",
+            ["reason", "worker"], registry=registry,
+        )
         self._copied: dict[tuple, float] = {}
         self._sync_lock = threading.Lock()
         if self.multiprocess_dir:
@@ -219,6 +241,18 @@ class Metrics:
                 for outcome, count in list(exposures.counts.items()):
                     self._advance(self.experiment_exposures.labels(outcome, worker),
                                   ("exposures", outcome), count)
+            guard = services.connections  # set by the serve worker
+            if guard is not None:
+                for reason, count in list(guard.closed.items()):
+                    self._advance(self.connections_closed.labels(reason), ("closed", reason), count)
+                for phase, count in guard.open_by_phase().items():
+                    self.connections.labels(phase).set(count)
+            box = services.box
+            if box is not None:
+                for result, count in list(box.counts.items()):
+                    self._advance(self.box_lookups.labels(result, worker), ("box", result), count)
+                for reason, count in list(box.degraded.items()):
+                    self._advance(self.box_degraded.labels(reason, worker), ("box-degraded", reason), count)
             outbox = services._outbox
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):

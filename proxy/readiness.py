@@ -7,7 +7,7 @@ then is the answer 503, so one failing upstream, a Redis outage or an unwritable
 never takes every instance out of a load balancer. Everything else is `degraded: true`
 with HTTP 200, and 503 only with `?strict=true`. A check that fails unexpectedly is itself
 a reason (`check_failed`), never a 500. Every check looks at this process (breakers,
-limiters and the memory cache are per process; Redis and the outbox are shared).
+limiters and the memory cache are per process; the box cache, Redis and the outbox are shared).
 
 To add a check: write `def check_x(services, report) -> list[Reason]` and append it to CHECKS.
 """
@@ -49,7 +49,14 @@ def check_cache(services: Services, report: dict[str, Any]) -> list[Reason]:
     entries = len(services.cache)
     if services.redis is None:
         report["cache"] = {"backend": "memory", "reachable": True, "entries": entries}
-        return []
+        box = services.box
+        if box is None:
+            return []
+        report["cache"]["box"] = box.state()  # shared by the box's workers
+        if box.usable:
+            return []
+        return [Reason("box_cache_unusable", "cache",
+                       f"the box cache cannot be used ({box.last_error}); each worker caches on its own")]
     reachable = services.redis.ping()
     report["cache"] = {"backend": "redis", "reachable": reachable, "entries": entries}
     if reachable:

@@ -9,7 +9,6 @@ process memory, logs it, and reports it on /readyz; it tries Redis again after a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -21,7 +20,8 @@ from typing import Any
 import redis
 
 from .cache import Entry, MemoryStore
-from .clients.base import Answer
+from .entry_codec import decode_entry as _decode
+from .entry_codec import encode_entry as _encode
 from .errors import UpstreamRateLimited
 from .guards import RateLimiter, paused_error
 
@@ -76,20 +76,6 @@ class RedisHealth:
             return default
         self.ok()
         return result
-
-
-def _encode(entry: Entry) -> str:
-    answer: Answer = entry.value
-    return json.dumps({"d": answer.data, "m": answer.missing, "s": entry.stored_at,
-                       "t": entry.ttl, "k": entry.keep}, separators=(",", ":"))
-
-
-def _decode(raw: bytes) -> Entry | None:
-    try:
-        data = json.loads(raw)
-        return Entry(Answer(data["d"], bool(data["m"])), float(data["s"]), float(data["t"]), float(data["k"]))
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class RedisStore:

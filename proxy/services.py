@@ -29,6 +29,7 @@ from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .box_cache import BoxStore
     from .delivery import Deliverer
     from .experiment_local import FlagStore
     from .exposures import ExposureTracker
@@ -39,6 +40,13 @@ EXTENSION = "ccproxy"  # the app.extensions key of an app's Services
 
 log = logging.getLogger("ccproxy")
 OUTBOX_OPEN_WAIT = 2.0  # seconds a request waits for the outbox's schema (start-up waits longer)
+
+
+def flight_deadline(settings: Settings) -> float:
+    """How long a box single-flight claim holds: the longest a live holder's upstream call
+    may take (every call is cut at connect + read timeout), so only a hung or dead
+    holder loses it."""
+    return settings.upstream_connect_timeout + settings.upstream_read_timeout + 0.5
 
 
 def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None) -> Guards:
@@ -85,6 +93,8 @@ class Services:
     mediarithmics: MediarithmicsClient
     fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     redis: RedisHealth | None = None
+    box: BoxStore | None = None  # the machine's shared answer cache (box_cache.py)
+    connections: Any = None  # the serve worker's connection guard (connections.py), for metrics
     observe: Observe | None = None  # each upstream call, for the metrics
     deliverer: Deliverer | None = None
     _outbox: Outbox | None = None
@@ -97,7 +107,8 @@ class Services:
         """The cache (in memory, or on Redis when CCPROXY_REDIS_URL is set), the upstream
         pool, and each upstream's client with its guards."""
         redis = None
-        store: Store = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
+        memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
+        store: Store = memory
         if settings.redis_url:
             from .redis_backend import RedisHealth, RedisStore
             from .redis_backend import redis as redis_module
@@ -107,8 +118,17 @@ class Services:
             ))
             # Entries shared between machines carry wall-clock times.
             timer = timer or time.time
-            store = RedisStore(redis, MemoryStore(settings.cache_maxsize, timer))
+            memory = MemoryStore(settings.cache_maxsize, timer)
+            store = RedisStore(redis, memory)
         clock: Timer = timer or time.monotonic
+        box = None
+        if not settings.redis_url and settings.box_cache and settings.box_cache_path:
+            from .box_cache import BoxStore
+
+            # Entries carry time.monotonic(): one clock for every process of the machine.
+            box = BoxStore(settings.box_cache_path, memory, clock, settings.cache_maxsize,
+                           lock_ttl=flight_deadline(settings))
+            store = box
         pool = make_pool(proxy=settings.upstream_proxy)
         http: dict[str, Any] = {
             "connect_timeout": settings.upstream_connect_timeout,
@@ -121,7 +141,7 @@ class Services:
             return upstream_guards(settings, name, clock, redis)
 
         return cls(
-            settings=settings, timer=clock, pool=pool, redis=redis, observe=observe,
+            settings=settings, timer=clock, pool=pool, redis=redis, box=box, observe=observe,
             cache=AnswerCache(store, clock, settings.coalesce_wait, grace=settings.cache_grace,
                               max_stale=settings.cache_max_stale),
             fallbacks=load_fallbacks(settings.fallbacks_file),

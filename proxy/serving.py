@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import math
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable
@@ -182,6 +184,28 @@ def _empty_metrics_dir(directory: str) -> None:
                 pass
 
 
+def box_cache_path(settings: Settings) -> tuple[str, str]:
+    """The box cache file the workers share, started afresh (see proxy/box_cache.py), and a
+    directory of ours to remove at exit ("" when the path was configured, or no box cache)."""
+    from . import box_cache
+
+    if settings.redis_url or not settings.box_cache:
+        return "", ""
+    ours = ""
+    path = settings.box_cache_path
+    try:
+        if not path:
+            parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            ours = tempfile.mkdtemp(prefix="ccproxy-cache-", dir=parent)
+            path = os.path.join(ours, "box-cache.sqlite3")
+        box_cache.prepare(path)
+    except (OSError, sqlite3.Error) as exc:
+        # Not fatal: each worker degrades to its own memory cache and says so.
+        logging.getLogger("ccproxy").warning("box cache %s cannot be prepared (%s); each worker "
+                                             "caches on its own until it can be written", path, exc)
+    return path, ours
+
+
 def _use_metrics_dir(directory: str) -> None:
     """Turn on multiprocess mode for the workers gunicorn is about to fork."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
@@ -244,6 +268,10 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
           on_ready: Callable[[], None] | None = None) -> None:
     """Run the app on gunicorn over `listener` (from `listen()`); `on_ready` runs in the
     master once gunicorn is serving the socket, before the workers boot."""
+    box_path, box_dir = box_cache_path(settings)
+    if box_path:
+        settings = settings.replace(box_cache_path=box_path)
+
     def load_app() -> Any:
         from . import create_app
 
@@ -262,8 +290,7 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
         post_worker_init=_on_worker_start, worker_exit=_on_worker_exit,
         # Slow and silent clients: see proxy/connections.py. One more than the cap, so the
         # worker keeps accepting and can shed an idle connection for the new one.
-        worker_class=fair_worker_class(guarded_worker_class(
-            settings.header_timeout, settings.keepalive_timeout, settings.max_connections)),
+        worker_class=fair_worker_class(guarded_worker_class(settings)),
         worker_connections=settings.max_connections + 1,
         keepalive=max(1, round(settings.keepalive_timeout)),
         post_fork=_on_worker_fork,
@@ -275,6 +302,12 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
     finally:
         # Workers leave through here too (gunicorn ends them with SystemExit): only the master cleans.
         if os.getpid() == master:
+            if box_dir:
+                shutil.rmtree(box_dir, ignore_errors=True)
+            elif box_path:
+                from .box_cache import remove
+
+                remove(box_path)
             if ours:
                 shutil.rmtree(directory, ignore_errors=True)
             else:

@@ -78,8 +78,9 @@ class Server:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM (a clean stop), then SIGKILL to the whole group if it does not stop."""
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM (a clean stop), then SIGKILL to the whole group if it does not stop (the
+        timeout outlasts `ccproxy serve`'s graceful period, 36 s by default)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -3,14 +3,16 @@ shedding, and a two-worker `ccproxy serve` under thousands of half-open connecti
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import pytest
 import requests
 from servers import wait_for
+from test_metrics import sample
 
-from proxy.connections import ACTIVE, IDLE, WAITING, ConnectionGuard, GuardedSocket
+from proxy.connections import ACTIVE, BODY, IDLE, SEND, WAITING, ConnectionGuard, GuardedSocket
 
 KEY = "conn-test-key"
 
@@ -24,7 +26,9 @@ def test_idle_connections_are_shed_first_then_the_oldest_waiting_never_an_active
     guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=3)
     active, _c1 = pair(guard)
     with active.reading_request():
-        pass  # headers read: being answered
+        pass  # headers read: its body next
+    assert active.phase == BODY
+    guard.move(active, ACTIVE, 10)  # being answered
     idle, _c2 = pair(guard)
     with idle.reading_request():
         pass
@@ -57,11 +61,71 @@ def test_headers_have_their_own_deadline_and_a_keepalive_wait_its_own():
         assert kept.phase == WAITING  # the next request began: its headers are due soon
 
 
+def test_body_and_send_phases_are_shed_oldest_first_after_idle_ones_never_an_active_one():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=4)
+    body, _c1 = pair(guard)
+    guard.move(body, BODY, 10)  # trickling its body since first
+    active, _c2 = pair(guard)
+    guard.move(active, ACTIVE, 10)  # waiting on an upstream
+    send, _c3 = pair(guard)
+    guard.move(send, SEND, 5)  # its client does not read the answer
+    idle, _c4 = pair(guard)
+    guard.move(idle, IDLE, 75)
+    first, _c5 = pair(guard)  # over the cap: the idle one goes first
+    assert idle.phase == "" and body.phase == BODY and send.phase == SEND
+    second, _c6 = pair(guard)  # then the one that entered a client-paced phase first
+    assert body.phase == "" and send.phase == SEND and first.phase == WAITING
+    third, _c7 = pair(guard)  # then the send, older than the waiting newcomers
+    assert send.phase == "" and first.phase == second.phase == third.phase == WAITING
+    fourth, _c8 = pair(guard)  # the oldest newcomer, never the one just admitted
+    assert first.phase == "" and fourth.phase == WAITING and active.phase == ACTIVE
+    assert guard.closed == {"shed_idle": 1, "shed_body": 1, "shed_send": 1, "shed_waiting": 1}
+
+
+def test_an_answer_the_client_does_not_read_fails_at_the_send_deadline():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=0.3)
+    conn, client = pair(guard)
+    guard.move(conn, ACTIVE, 10)
+    with pytest.raises(BrokenPipeError):
+        conn.sendall(b"x" * 50_000_000)  # far more than the socket buffers; nobody reads
+    assert guard.closed["send_timeout"] == 1
+    client.close()
+
+
+def test_the_next_request_waits_until_the_client_took_the_answer():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=0.5)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(listener.getsockname())
+        server_side, _ = listener.accept()
+    conn = GuardedSocket(server_side, guard)
+    with conn.reading_request():
+        pass
+    guard.move(conn, ACTIVE, 10)
+    conn.sendall(b"x" * 50_000)  # fits the kernel's buffers; the client reads none of it
+    assert conn.phase == SEND
+    with conn.reading_request():  # its next request is not read: the answer was never taken
+        assert conn.phase == "" and conn.recv(10) == b""
+    assert guard.closed["send_timeout"] == 1
+    kept, client2 = pair(guard)
+    with kept.reading_request():
+        pass
+    guard.move(kept, ACTIVE, 10)
+    kept.sendall(b"answer")
+    assert client2.recv(10) == b"answer"
+    with kept.reading_request():  # taken: the next request is read on the keep-alive clock
+        assert kept.phase == IDLE
+    client.close()
+    server_side.close()
+
+
 @pytest.fixture
-def guarded_server(sandboxes, servers):
+def guarded_server(sandboxes, servers, tmp_path):
     def start(**settings):
         env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
-        env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_LOG_LEVEL": "WARNING"})
+        env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_LOG_LEVEL": "WARNING",
+                    "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3")})
         env.update({"CCPROXY_" + k.upper(): str(v) for k, v in settings.items()})
         return servers.start(["serve", "--workers", "2"], env)
 
@@ -161,9 +225,15 @@ def test_a_body_over_the_limit_is_a_json_413(guarded_server):
     r = requests.post(f"{server.base}/v1/mediarithmics/activities", data=b"{" + b" " * 5000 + b"}",
                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
                       timeout=30)
-    assert r.status_code == 413
+    assert r.status_code == 413 and r.headers["Connection"] == "close"  # the body is never read
     assert r.json() == {"ok": False, "error": {
         "code": "body_too_large", "message": "the request body is larger than 1000 bytes (CCPROXY_MAX_BODY)"}}
+    # Without a length (chunked), the worker reads no more than the limit and one byte.
+    chunked = requests.post(f"{server.base}/v1/mediarithmics/activities",
+                            data=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]),
+                            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                            timeout=30)
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
 
 
 def test_sigterm_closes_idle_keepalive_connections_so_the_stop_is_prompt(guarded_server):
@@ -185,3 +255,113 @@ def test_sigterm_closes_idle_keepalive_connections_so_the_stop_is_prompt(guarded
     assert rest == b""  # closed by the server, not left until keep-alive or the graceful end
     assert server.proc.wait(60) == 0
     idle.close()
+
+
+AUTH_LINE = f"Authorization: Bearer {KEY}\r\n".encode()
+ACTIVITY = b'{"$type": "TOUCH", "$ts": 1735689600000, "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "slow"}]}'
+
+
+def slow_body(port: int) -> socket.socket:
+    """A write whose headers arrive whole and whose body stops after a few bytes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"POST /v1/mediarithmics/activities HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE
+              + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ACTIVITY) + ACTIVITY[:5])
+    return s
+
+
+def unread_answers(port: int) -> socket.socket:
+    """A client that asks for megabytes of answers (pipelined) and reads none of them."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(60)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n" * 1)
+    s.sendall((b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n") * 150)
+    return s
+
+
+def metrics_text(base: str) -> str:
+    return requests.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+
+
+@pytest.mark.parametrize("attack", [slow_body, unread_answers])
+def test_connections_pinned_by_a_slow_body_or_an_unread_answer_do_not_stop_answers(guarded_server, attack):
+    # Clocks far longer than the test: only shedding can make room for the normal client.
+    server = guarded_server(max_connections=4, header_timeout=120, body_timeout=120, send_timeout=120)
+    port = int(server.base.rsplit(":", 1)[1])
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cached = f"{server.base}/v1/amplitude/properties?user_id=testUser"
+    assert requests.get(cached, headers=auth, timeout=30).status_code == 200
+    # Three times what both workers hold; the kernel hands them out in order, all before
+    # the normal client below, so without shedding they fill every slot.
+    held = [attack(port) for _ in range(3 * 2 * 4)]
+    try:
+        answer = requests.get(cached, headers=auth, timeout=30)
+        assert answer.status_code == 200 and answer.json()["found"] is True
+        assert requests.get(f"{server.base}/healthz", timeout=30).status_code == 200
+        reason = "shed_body" if attack is slow_body else "shed_send"
+        wait_for(lambda: sample(metrics_text(server.base), "ccproxy_connections_closed_total", reason=reason) >= 1,
+                 seconds=60, what=f"{reason} counted")
+    finally:
+        for s in held:
+            s.close()
+
+
+def read_answer(s: socket.socket) -> bytes:
+    answer = b""
+    while True:
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        answer += data
+    return answer
+
+
+def test_a_slow_body_is_answered_408_and_an_unread_answer_closed_at_their_deadlines(guarded_server):
+    server = guarded_server(header_timeout=120, body_timeout=2, send_timeout=2)
+    port = int(server.base.rsplit(":", 1)[1])
+    # A body sent a byte every 0.2 s would take about 20 s: its 2 s clock ends it first.
+    trickler = slow_body(port)
+    answer = b""
+    for byte in ACTIVITY[5:]:
+        try:
+            trickler.send(bytes([byte]))
+        except OSError:
+            break
+        trickler.settimeout(0.2)
+        try:
+            answer = read_answer(trickler)
+            break
+        except TimeoutError:
+            pass
+    trickler.settimeout(60)
+    answer += read_answer(trickler)  # then the server closes the connection
+    trickler.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+    assert json.loads(body) == {"ok": False, "error": {
+        "code": "body_timeout", "message": "the request body did not arrive within 2 s (CCPROXY_BODY_TIMEOUT)"}}
+
+    reader = unread_answers(port)
+    try:
+        wait_for(lambda: sample(metrics_text(server.base), "ccproxy_connections_closed_total",
+                                reason="send_timeout") >= 1, seconds=60, what="the unread answer closed")
+        # Closed, not left to hold the worker; and of its 151 pipelined requests only the
+        # first was answered: the next waits until the client takes the answer before it.
+        reader.settimeout(60)
+        assert read_answer(reader).count(b"HTTP/1.1 200 ") == 1
+    finally:
+        reader.close()
+    text = metrics_text(server.base)
+    assert sample(text, "ccproxy_connections_closed_total", reason="body_timeout") == 1
+
+    # Bodies a normal client sends are read whole, whatever their framing.
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = f"{server.base}/v1/mediarithmics/activities"
+    assert requests.post(url, data=ACTIVITY, headers=auth, timeout=30).status_code == 202
+    assert requests.post(url, data=iter([ACTIVITY[:20], ACTIVITY[20:]]), headers=auth, timeout=30).status_code == 202
+    assert requests.post(url, data=ACTIVITY, headers={**auth, "Expect": "100-continue"},
+                         timeout=30).status_code == 202
