@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Rule
 
 from . import auth, config, observability
 from .cache import Timer
@@ -20,7 +21,7 @@ from .errors import BadRequest, BodyTooLarge, InternalError, MethodNotAllowed, N
 from .middleware import RequestEnvelope
 from .readiness import readiness
 from .responses import json_response
-from .services import Services
+from .services import EXTENSION, Services
 
 log = logging.getLogger("ccproxy")
 
@@ -32,44 +33,45 @@ def create_app(
     if not isinstance(settings, config.Settings):
         settings = config.load(overrides=settings)
     app = Flask(__name__, static_folder=None)  # no static files: the preview page is one HTML file
-    services = Services(settings, timer)
-    app.extensions["ccproxy"] = services
+    metrics = observability.Metrics()
+    services = Services.build(settings, timer, observe=metrics.observe_upstream)
+    metrics.watch(services)
+    app.extensions[EXTENSION] = services
     observability.configure_logging(settings.log_level)
-    metrics = observability.Metrics(services)
-    for client in services.clients:
-        client.observe = metrics.observe_upstream
 
     # The data endpoints have no Flask views: the registry routes them (middleware.py).
     endpoints = dict(load_all())
+    from .messages import TEMPLATES
     from .messages import bp as messages_bp
     from .rendering import TemplateLibrary, default_templates_dir
 
     templates_dir = Path(settings.templates_dir) if settings.templates_dir else default_templates_dir()
-    app.extensions["ccproxy_templates"] = TemplateLibrary(templates_dir)
+    app.extensions[TEMPLATES] = TemplateLibrary(templates_dir)
     app.register_blueprint(messages_bp)
-    from .consent import bp as consent_bp
-    from .writes import bp as writes_bp
+    from .writes import blueprints as write_blueprints
 
-    app.register_blueprint(writes_bp)
-    app.register_blueprint(consent_bp)
+    for blueprint in write_blueprints():
+        app.register_blueprint(blueprint)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body  # write bodies; larger is a JSON 413
 
     @app.get("/metrics")
-    def metrics_view():
+    def metrics_view() -> Response:
         return Response(metrics.exposition(), mimetype="text/plain; version=0.0.4")
 
     @app.get("/openapi.json")
-    def openapi_view():
+    def openapi_view() -> Response:
         from .openapi import document
 
-        return json_response(document())
+        return json_response(document(app))
 
     @app.get("/healthz")
-    def healthz():
+    @auth.open_to_all  # load balancers probe without credentials
+    def healthz() -> Response:
         return json_response({"ok": True})
 
     @app.get("/readyz")
-    def readyz():
+    @auth.open_to_all
+    def readyz() -> Response:
         strict = request.args.get("strict", "false").lower()
         if strict not in ("true", "false", "1", "0"):
             raise BadRequest("strict must be true or false", code="invalid_parameter")
@@ -77,17 +79,27 @@ def create_app(
         return json_response(answer, status)
 
     _register_error_handlers(app)
-    # Metric and log labels: every fixed route and every data endpoint; middleware.route_of
-    # names the dynamic ones.
+    # From the URL map and the registry: metric and log labels (each fixed route and data
+    # endpoint; a route with variables by the path before them) and the open paths.
     rules = list(app.url_map.iter_rules())
-    routes = [rule.rule for rule in rules if "<" not in rule.rule]
     shared = {path: {m for rule in rules if rule.rule == path for m in rule.methods or ()}
               for path in endpoints}  # the writes on a data endpoint's path (PUT, POST)
     app.wsgi_app = RequestEnvelope(  # type: ignore[method-assign]
         app.wsgi_app, metrics, auth.parse_keys(settings.api_keys), settings.request_deadline,
-        [*routes, *endpoints], services, endpoints, shared,
+        [*(rule.rule for rule in rules if not rule.arguments), *endpoints], services, endpoints, shared,
+        prefixes={rule.rule.split("<", 1)[0]: route_label(rule) for rule in rules if rule.arguments},
+        open_paths={rule.rule for rule in rules if getattr(app.view_functions[rule.endpoint], auth.OPEN, False)},
     )
     return app
+
+
+# Metric labels dashboards already count on, where they differ from the route.
+ROUTE_LABELS = {"/v1/mediarithmics/writes/<write_id>": "/v1/mediarithmics/writes/<id>"}
+
+
+def route_label(rule: Rule) -> str:
+    """The metrics and access-log label of a route with variables (`/v1/render/<name>`)."""
+    return ROUTE_LABELS.get(rule.rule, rule.rule)
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -99,12 +111,12 @@ def _register_error_handlers(app: Flask) -> None:
         return json_response(body, status, headers)
 
     @app.errorhandler(ProxyError)
-    def proxy_error(error: ProxyError):
+    def proxy_error(error: ProxyError) -> Response:
         log_failure(error, request.path)
         return answer(error)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
+    def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 404:
             return answer(NotFound("no such endpoint"))
@@ -118,6 +130,6 @@ def _register_error_handlers(app: Flask) -> None:
         return answer(refused)
 
     @app.errorhandler(Exception)
-    def unexpected(error: Exception):
+    def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s", request.path)
         return answer(InternalError())

@@ -7,14 +7,21 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from .errors import Unauthorized
 
-# Load balancers probe the first two without credentials; recipients' mail clients and
-# browsers load the pixel and open consent links (those are trusted by their signature).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v1/mediarithmics/pixel.gif", "/v1/mediarithmics/consent"})
+View = TypeVar("View", bound=Callable[..., Any])
+OPEN = "ccproxy_open"  # the attribute `open_to_all` sets on a view
+
+
+def open_to_all(view: View) -> View:
+    """Mark a route as answered without an API key: load balancers' probes, and what
+    recipients' mail clients and browsers load (the pixel, consent links: trusted by their
+    signature). The app derives its open paths from the views so marked."""
+    setattr(view, OPEN, True)
+    return view
 
 
 class Headers(Protocol):
@@ -54,9 +61,9 @@ def key_is_valid(presented: str | None, keys: Iterable[str]) -> bool:
     return any(matches)
 
 
-def check(path: str, headers: Headers, keys: list[str]) -> None:
-    """Raise Unauthorized unless the request may proceed."""
-    if not keys or path in OPEN_PATHS:
+def check(path: str, headers: Headers, keys: list[str], open_paths: frozenset[str] = frozenset()) -> None:
+    """Raise Unauthorized unless the request may proceed (`open_paths` need no key)."""
+    if not keys or path in open_paths:
         return
     if not key_is_valid(presented_key(headers), keys):
         raise Unauthorized("a valid API key is required (Bearer, X-Api-Key or Basic password)")

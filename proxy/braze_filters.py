@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +29,7 @@ from liquid.undefined import is_undefined
 _URI_SAFE = "-_.!~*'();/?:@&=+$,[]"
 
 
-def _digest(name: str):
+def _digest(name: str) -> Callable[..., Any]:
     @string_filter
     def digest(value: str) -> str:
         return hashlib.new(name, value.encode()).hexdigest()
@@ -37,7 +38,7 @@ def _digest(name: str):
     return digest
 
 
-def _hmac(name: str, encoding: str):
+def _hmac(name: str, encoding: str) -> Callable[..., Any]:
     @string_filter
     def sign(value: str, key: Any = "") -> str:
         mac = hmac.new(str(key).encode(), value.encode(), name).digest()

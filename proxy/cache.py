@@ -29,6 +29,7 @@ from .errors import TransientError, UpstreamTimeout
 from .guards import remaining
 
 Timer = Callable[[], float]
+TtlOf = Callable[[Any], float]  # seconds an answer stays fresh, from the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,7 @@ class AnswerCache:
         self._refreshes: list[threading.Thread] = []
         self.counts = {"HIT": 0, "MISS": 0, "STALE": 0, "COALESCED": 0, "REFRESH": 0}
 
-    def fetch(self, key: str, load: Callable[[], Any], ttl_of: Callable[[Any], float]) -> Lookup:
+    def fetch(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> Lookup:
         """Serve `key` fresh, else stale within grace (refreshing in the background), else
         load it (once for concurrent callers), else serve it stale if the load failed."""
         now = self.timer()
@@ -145,7 +146,7 @@ class AnswerCache:
         self.counts[lookup.state] += 1
         return lookup
 
-    def _refresh_in_background(self, key: str, load: Callable[[], Any], ttl_of) -> None:
+    def _refresh_in_background(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> None:
         """One refresh per key at a time; its failure leaves the stored entry as it was."""
         with self._flights_lock:
             if key in self._flights:
@@ -167,7 +168,7 @@ class AnswerCache:
         for thread in list(self._refreshes):
             thread.join(timeout)
 
-    def _load_once(self, key: str, load: Callable[[], Any], ttl_of) -> Lookup:
+    def _load_once(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> Lookup:
         """Load `key` once per process for concurrent callers (nginx proxy_cache_lock)."""
         with self._flights_lock:
             flight = self._flights.get(key)
@@ -190,7 +191,7 @@ class AnswerCache:
                 self._flights.pop(key, None)
             flight.done.set()
 
-    def _lead(self, key: str, load: Callable[[], Any], ttl_of) -> Lookup:
+    def _lead(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> Lookup:
         # A shared store (the box cache, Redis) extends coalescing across processes with a claim.
         try_lock = getattr(self.store, "try_lock", None)
         token = try_lock(key) if try_lock else ""

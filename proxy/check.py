@@ -40,14 +40,14 @@ def _probes(services: Services) -> list[tuple[str, str, str, Callable[[], object
         ("experiment", s.experiment_base_url, s.experiment_deployment_key,
          lambda: services.experiment.vardata({"user_id": PROBE_ID, "flag_keys": PROBE_ID}, track=False)),
         ("target", s.target_base_url or "(no client code)", s.target_token,
-         lambda: services.target.profile(third_party_id=PROBE_ID)),
+         lambda: services.target.profile(third_party_id=PROBE_ID).send()),
         ("mediarithmics", s.mediarithmics_url, s.mediarithmics_token,
-         lambda: services.mediarithmics.profiles(point)),
+         lambda: services.mediarithmics.profiles(point).send()),
     ]
 
 
 def run_checks(settings: Settings) -> list[Probe]:
-    services = Services(settings)
+    services = Services.build(settings)
     results = []
     for name, url, secret, call in _probes(services):
         started = time.perf_counter()

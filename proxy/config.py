@@ -37,19 +37,6 @@ ANALYTICS_REGION_URLS = {
     "eu": "https://api.eu.amplitude.com",
 }
 
-CACHE_KINDS = (
-    "recommendations",
-    "properties",
-    "computations",
-    "cohorts",
-    "profile",
-    "variants",
-    "target_profile",
-    "mediarithmics_profile",
-    "choices",
-)
-
-
 def _secret() -> Any:
     # repr=False keeps secrets out of logs and tracebacks that print the settings.
     return field(default="", repr=False)
@@ -206,10 +193,6 @@ class Settings:
         # Upstreams without a setting (the Flags API, a few calls a minute) are not limited.
         return float(getattr(self, f"rate_limit_{upstream}", 0.0)) / max(1, self.workers)
 
-    def ttl(self, kind: str) -> float:
-        """Fresh lifetime in seconds of one cache kind."""
-        return float(getattr(self, f"cache_ttl_{kind}"))
-
     @property
     def experiment_base_url(self) -> str:
         return self.experiment_url or EXPERIMENT_REGION_URLS[self.experiment_region]
@@ -341,9 +324,9 @@ def validate(settings: Settings) -> Settings:
         raise SettingsError(
             f"{env_name('experiment_region')} must be one of {sorted(EXPERIMENT_REGION_URLS)}"
         )
-    for kind in CACHE_KINDS + ("negative",):
-        if settings.ttl(kind) < 0:
-            raise SettingsError(f"{env_name('cache_ttl_' + kind)} must not be negative")
+    for ttl in fields(settings):  # every cache kind's CCPROXY_CACHE_TTL_<KIND>
+        if ttl.name.startswith("cache_ttl_") and getattr(settings, ttl.name) < 0:
+            raise SettingsError(f"{env_name(ttl.name)} must not be negative")
     if settings.cache_maxsize < 1:
         raise SettingsError(f"{env_name('cache_maxsize')} must be at least 1")
     if settings.upstream_connect_timeout <= 0 or settings.upstream_read_timeout <= 0:

@@ -21,6 +21,7 @@ from .responses import cache_headers
 
 if TYPE_CHECKING:
     from .endpoints import Endpoint, Result
+    from .services import Services
 
 log = logging.getLogger("ccproxy")
 
@@ -42,11 +43,11 @@ def status_line(status: int) -> str:
         return f"{status} Unknown"
 
 
-def run(endpoint: Endpoint, services: Any, args: Mapping[str, str], path: str) -> Result | ProxyError:
+def run(endpoint: Endpoint, services: Services, args: Mapping[str, str], path: str) -> Result | ProxyError:
     """The handler's outcome: its Result, or the ProxyError it raised (an upstream failure
     logged on `path`, the route the caller asked for; anything else an InternalError)."""
     try:
-        return endpoint.handler(services, args)
+        return endpoint.run(services, args)
     except ProxyError as error:
         log_failure(error, path)
         return error
@@ -80,7 +81,7 @@ class Call:
                 "ms": round(self.ms, 2), "body": self.body}
 
 
-def call(endpoint: Endpoint, services: Any, args: Mapping[str, str], path: str = "") -> Call:
+def call(endpoint: Endpoint, services: Services, args: Mapping[str, str], path: str = "") -> Call:
     """Run a data endpoint without HTTP; the answer is the one HTTP would give.
 
     A bad request or an unexpected failure is raised (the caller's input is wrong, or the

@@ -42,6 +42,7 @@ ScenarioError                    `ccproxy simulate-send`: a bad scenario (messag
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class ProxyError(Exception):
@@ -195,7 +196,7 @@ class TransientError(UpstreamError):
     status = 503
     default_retry_after = 2
 
-    def __init__(self, upstream: str, message: str, **kwargs):
+    def __init__(self, upstream: str, message: str, **kwargs: Any):
         super().__init__(upstream, message, **kwargs)
         if self.retry_after is None:
             self.retry_after = self.default_retry_after

@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import CircuitOpen, UpstreamRateLimited, UpstreamTimeout
@@ -93,6 +94,8 @@ class Limiter(Protocol):
     def acquire(self) -> None: ...
 
     def pause(self, seconds: float) -> None: ...
+
+    def paused_for(self) -> float: ...
 
     @property
     def state(self) -> dict: ...
@@ -191,6 +194,15 @@ class RetryBudget:
                 self.retries += 1
                 return True
             return False
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """One upstream's guards, given to its client when the client is built."""
+
+    breaker: CircuitBreaker
+    limiter: Limiter
+    retry_budget: RetryBudget
 
 
 def check_time_left(upstream: str, minimum: float = 0.02, timer: Timer = time.monotonic) -> float:

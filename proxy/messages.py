@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, request
 
 from . import params
-from .endpoints import REGISTRY, call
+from .endpoints import REGISTRY, call, fresh_seconds
 from .errors import BadRequest, ProxyError
 from .guards import start_deadline
 from .liquid_preview import Fetched
@@ -23,26 +23,33 @@ from .preview_pool import PreviewPool
 from .render_limits import LiquidLimits
 from .rendering import FORMATS, TemplateLibrary, render, template_args
 from .responses import json_response
+from .services import Services, of_app
 from .snippets import SnippetPolicy, braze_snippets
+from .writes.link_urls import base_url
 
 bp = Blueprint("messages", __name__)
+TEMPLATES = "ccproxy_templates"  # app.extensions keys: the template library,
+PREVIEWS = "ccproxy_previews"  # and this process's preview pool
 
 
-def _services():
-    return current_app.extensions["ccproxy"]
+def _services() -> Services:
+    return of_app(current_app)
 
 
 def _library() -> TemplateLibrary:
-    return current_app.extensions["ccproxy_templates"]
+    library = current_app.extensions[TEMPLATES]
+    assert isinstance(library, TemplateLibrary)
+    return library
 
 
 def _previews() -> PreviewPool:
     """This process's preview slots and render processes (made on first use)."""
-    pool = current_app.extensions.get("ccproxy_previews")
+    pool = current_app.extensions.get(PREVIEWS)
     if pool is None:
         settings = _services().settings
-        pool = current_app.extensions.setdefault("ccproxy_previews", PreviewPool(
+        pool = current_app.extensions.setdefault(PREVIEWS, PreviewPool(
             settings.preview_concurrency, LiquidLimits.from_settings(settings)))
+    assert isinstance(pool, PreviewPool)
     return pool
 
 
@@ -58,7 +65,7 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
     args = dict(args or {})
 
     def consent_link(accept: bool) -> str:
-        from .consent import consent_url
+        from .writes.consent import consent_url
 
         if not _services().settings.link_secret:
             return ""
@@ -73,18 +80,14 @@ def _template_globals(args: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {"consent_link": consent_link}
 
 
-def base_url() -> str:
-    configured = _services().settings.public_url
-    return (configured or request.host_url).rstrip("/")
-
 
 @bp.get("/v1/templates")
-def list_templates():
+def list_templates() -> Response:
     return json_response({"ok": True, "templates": [t.listing() for t in _library().templates.values()]})
 
 
 @bp.get("/v1/render/<name>")
-def render_template(name: str):
+def render_template(name: str) -> Response:
     fmt = request.args.get("format", "html")
     if fmt not in FORMATS:
         raise BadRequest("format must be html or text", code="invalid_parameter")
@@ -97,7 +100,7 @@ def render_template(name: str):
 
 
 @bp.get("/v1/preview/render/<name>")
-def preview_template(name: str):
+def preview_template(name: str) -> Response:
     """Everything the preview page shows for one user: both forms, each data call, snippets."""
     library = _library()
     template = library.get(name)
@@ -119,11 +122,12 @@ def preview_template(name: str):
 def snippet_policy() -> SnippetPolicy:
     settings = _services().settings
     return SnippetPolicy(settings.email_hash_liquid,
-                         settings.braze_credential if settings.api_keys else None, settings.ttl)
+                         settings.braze_credential if settings.api_keys else None,
+                         fresh_seconds(settings))
 
 
 @bp.post("/v1/preview/liquid")
-def preview_liquid():
+def preview_liquid() -> Response:
     payload = params.json_body(request)
     if not isinstance(payload, dict) or not isinstance(payload.get("liquid"), str):
         raise BadRequest('send JSON {"liquid": "<message>", "attributes": {...}}', code="invalid_body")
@@ -171,6 +175,6 @@ def preview_liquid():
 
 
 @bp.get("/preview")
-def preview_page():
+def preview_page() -> Response:
     html = resources.files("proxy.web").joinpath("preview.html").read_text(encoding="utf-8")
     return Response(html, mimetype="text/html")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from . import auth, dispatch, observability
 from .errors import MethodNotAllowed, ProxyError
 from .guards import end_deadline, start_deadline
 from .responses import JSON_TYPE, json_bytes
+
+if TYPE_CHECKING:
+    from .services import Services
 
 # What a data endpoint answers; OPTIONS is answered with Allow, as Flask does for its routes.
 DATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -38,16 +41,14 @@ class _EnvironHeaders:
         return self.environ[_HEADER_ENVIRON[name]]
 
 
-def route_of(path: str, exact: frozenset[str]) -> str:
-    """A low-cardinality route label for metrics and logs."""
+def route_of(path: str, exact: frozenset[str], prefixes: Iterable[tuple[str, str]] = ()) -> str:
+    """A low-cardinality route label for metrics and logs: the path of a fixed route, else
+    the label of the first (longest) matching `(prefix, label)` of a route with variables."""
     if path in exact:
         return path
-    if path.startswith("/v1/render/"):
-        return "/v1/render/<name>"
-    if path.startswith("/v1/preview/render/"):
-        return "/v1/preview/render/<name>"
-    if path.startswith("/v1/mediarithmics/writes/"):
-        return "/v1/mediarithmics/writes/<id>"
+    for prefix, label in prefixes:
+        if path.startswith(prefix):
+            return label
     return "unmatched"
 
 
@@ -67,14 +68,19 @@ class RequestEnvelope:
     answer; everything else goes to the Flask app."""
 
     def __init__(self, app: Callable, metrics: observability.Metrics, api_keys: list[str],
-                 deadline: float, routes: Iterable[str], services: Any = None,
+                 deadline: float, routes: Iterable[str], services: Services,
                  endpoints: Mapping[str, Any] | None = None,
-                 app_methods: Mapping[str, Iterable[str]] | None = None):
+                 app_methods: Mapping[str, Iterable[str]] | None = None, *,
+                 prefixes: Mapping[str, str] | None = None,
+                 open_paths: Iterable[str] = ()):
         self.app = app
         self.metrics = metrics
         self.api_keys = api_keys
         self.deadline = deadline
         self.routes = frozenset(routes)
+        # Routes with variables, by the path before the first one: longest first.
+        self.prefixes = sorted((prefixes or {}).items(), key=lambda item: -len(item[0]))
+        self.open_paths = frozenset(open_paths)
         self.services = services
         self.endpoints = dict(endpoints or {})
         # Methods the Flask app answers on a data endpoint's path (the writes: PUT, POST).
@@ -89,7 +95,7 @@ class RequestEnvelope:
         status_holder = ["500"]
         cache_holder = ["-"]
 
-        def respond(status: str, headers: list, exc_info: Any = None):
+        def respond(status: str, headers: list, exc_info: Any = None) -> Any:
             status_holder[0] = status[:3]
             headers.append(("X-Request-Id", request_id))
             headers.append(("X-Content-Type-Options", "nosniff"))
@@ -102,7 +108,7 @@ class RequestEnvelope:
         try:
             method = environ.get("REQUEST_METHOD", "GET")
             try:
-                auth.check(path, _EnvironHeaders(environ), self.api_keys)
+                auth.check(path, _EnvironHeaders(environ), self.api_keys, self.open_paths)
             except ProxyError as refused:
                 return _send(respond, refused, method)
             endpoint = self.endpoints.get(path)
@@ -120,7 +126,7 @@ class RequestEnvelope:
         finally:
             end_deadline(deadline_token)
             seconds = time.perf_counter() - started
-            route = route_of(path, self.routes)
+            route = self.route_of(path)
             status = int(status_holder[0])
             self.metrics.observe_request(route, status, seconds, cache_holder[0])
             if access_log.isEnabledFor(logging.INFO):
@@ -131,6 +137,10 @@ class RequestEnvelope:
                     "status": status, "ms": round(seconds * 1000, 2), "cache": cache_holder[0],
                 }})
             observability.reset_request_id(id_token)
+
+
+    def route_of(self, path: str) -> str:
+        return route_of(path, self.routes, self.prefixes)
 
 
 def _send(respond: Callable, outcome: Any, method: str) -> list[bytes]:

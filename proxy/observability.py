@@ -21,11 +21,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from .services import Services
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # Accepted from callers as is; anything else (CR/LF, long strings) is replaced, so a request
@@ -81,10 +84,10 @@ class Metrics:
     answers for all. State other layers keep in memory (cache counts, breakers, limiters)
     is copied into metrics at scrape time and, in each worker, once a second."""
 
-    def __init__(self, services: Any):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.worker = str(os.getpid())
-        self.services = services
+        self.services: Services | None = None  # what `watch` copies state from
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
         registry = self.registry
         self.requests = Counter(
@@ -176,17 +179,21 @@ class Metrics:
         )
         self._copied: dict[tuple, float] = {}
         self._sync_lock = threading.Lock()
-        box = _BoxCollector(services)
         if self.multiprocess_dir:
             # The registry above only names the metrics: their values live in the directory's files.
             self.scrape_registry = CollectorRegistry()
             MultiProcessCollector(self.scrape_registry, path=self.multiprocess_dir)
-            self.scrape_registry.register(box)
-            threading.Thread(target=self._sync_forever, name="ccproxy-metrics", daemon=True).start()
         else:
             self.scrape_registry = registry
-            registry.register(box)
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def watch(self, services: Services) -> None:
+        """Report `services`' state too: in-memory counts and states copied at scrape time
+        (and once a second in each worker under `ccproxy serve`), the outbox file read."""
+        self.services = services
+        self.scrape_registry.register(_BoxCollector(services))
+        if self.multiprocess_dir:
+            threading.Thread(target=self._sync_forever, name="ccproxy-metrics", daemon=True).start()
 
     def observe_request(self, route: str, status: int, seconds: float, cache: str = "-") -> None:
         # Label lookups cost more than the increments: keep the children.
@@ -212,6 +219,8 @@ class Metrics:
         """Copy this process's in-memory counts and states into its metrics (counters by
         their increase since the last copy, so a sum over workers stays right)."""
         services, worker = self.services, self.worker
+        if services is None:
+            return
         with self._sync_lock:
             for state, count in list(services.cache.counts.items()):
                 self._advance(self.cache_lookups.labels(state, worker), ("cache", state), count)
@@ -223,28 +232,28 @@ class Metrics:
                               client.limiter.state.get("rejected", 0))
                 self.upstream_paused.labels(name).set(1 if client.limiter.paused_for() > 0 else 0)
                 self._advance(self.upstream_pauses.labels(name), ("pauses", name), client.pauses)
-            flags = getattr(services, "_flag_store", None)  # local Experiment mode, once used
+            flags = services._flag_store  # local Experiment mode, once used
             if flags is not None:
                 age = flags.age()
                 self.experiment_flags_age.set(-1 if age is None else age)
-            exposures = getattr(services, "_exposures", None)  # local mode with an analytics key
+            exposures = services._exposures  # local mode with an analytics key
             if exposures is not None:
                 for outcome, count in list(exposures.counts.items()):
                     self._advance(self.experiment_exposures.labels(outcome, worker),
                                   ("exposures", outcome), count)
-            guard = getattr(services, "connections", None)  # set by the serve worker
+            guard = services.connections  # set by the serve worker
             if guard is not None:
                 for reason, count in list(guard.closed.items()):
                     self._advance(self.connections_closed.labels(reason), ("closed", reason), count)
                 for phase, count in guard.open_by_phase().items():
                     self.connections.labels(phase).set(count)
-            box = getattr(services, "box", None)
+            box = services.box
             if box is not None:
                 for result, count in list(box.counts.items()):
                     self._advance(self.box_lookups.labels(result, worker), ("box", result), count)
                 for reason, count in list(box.degraded.items()):
                     self._advance(self.box_degraded.labels(reason, worker), ("box-degraded", reason), count)
-            outbox = getattr(services, "_outbox", None)
+            outbox = services._outbox
             if outbox is not None:
                 for reason in ("outbox_full", "outbox_unwritable", "pixel_unsigned", "pixel_duplicate"):
                     self._advance(self.outbox_dropped.labels(reason, worker), ("dropped", reason),
@@ -272,7 +281,7 @@ class Metrics:
 class _BoxCollector:
     """What every worker sees alike (the outbox file), read at scrape time."""
 
-    def __init__(self, services: Any):
+    def __init__(self, services: Services):
         self.services = services
 
     def describe(self) -> Iterable:
@@ -282,12 +291,12 @@ class _BoxCollector:
         yield from _outbox_metrics(self.services)
 
 
-def _outbox_metrics(services: Any) -> Iterable:
+def _outbox_metrics(services: Services) -> Iterable:
     """Outbox depth and oldest age per lane and dead letters (the box's file, whichever
     worker answers)."""
     import sqlite3
 
-    outbox = getattr(services, "_outbox", None)
+    outbox = services._outbox
     if outbox is None:
         return
     try:

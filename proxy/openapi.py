@@ -9,15 +9,19 @@ so it cannot drift from the code; and the README's endpoint reference, generated
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 import typing
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
 
 from . import __version__
 from .endpoints import REGISTRY, load_all
-from .params import PARAM_SCHEMAS
+from .params import PARAM_SCHEMAS, USER_POINT_PARAMS, USER_POINT_SELECTORS
 from .shape.amplitude import Recommendation
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 # Keys a TypedDict cannot name: the numbered list fields.
 PATTERN_PROPERTIES: dict[Any, dict[str, Any]] = {
@@ -147,8 +151,15 @@ def _plain(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def document() -> dict[str, Any]:
-    """The whole OpenAPI 3.1 document."""
+def document(app: Flask | None = None) -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document of `app` (a default one when None): the data endpoints
+    from the registry, every other path from the app's URL map, each documented by the
+    operations of its view (`operations`)."""
+    if app is None:
+        from . import config
+        from .app import create_app
+
+        app = create_app(config.load(environ={}))
     load_all()
     defs: dict[str, Any] = {"Error": ERROR}
     paths: dict[str, Any] = {}
@@ -165,11 +176,46 @@ def document() -> dict[str, Any]:
                           **COMMON_ERRORS},
             **({"x-example": endpoint.example} if endpoint.example else {}),
         }}
+    views = {rule.endpoint: rule for rule in app.url_map.iter_rules()}
+    for view, documented in operations().items():
+        rule = views.pop(view)  # a KeyError: documentation of a route the app does not have
+        path = openapi_path(rule.rule)
+        for method, op in documented.items():
+            assert method.upper() in (rule.methods or ()), f"{method} {rule.rule} is not routed"
+            paths.setdefault(path, {})[method] = op
+    undocumented = sorted(rule.rule for rule in views.values())
+    if undocumented:
+        raise ValueError(f"routes without OpenAPI operations: {undocumented}")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "connected-content-proxy", "version": __version__,
+                 "description": "Flat, Liquid-friendly JSON for Braze Connected Content. Every key in an "
+                                "answer is a Liquid identifier. Give user_id or device_id where both are listed."},
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "basic": {"type": "http", "scheme": "basic"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
+        },
+        "security": [{"bearer": []}, {"basic": []}, {"apiKey": []}, {}],
+        "paths": paths,
+    }
+
+
+def openapi_path(rule: str) -> str:
+    """`/v1/render/<name>` -> `/v1/render/{name}` (converters dropped)."""
+    return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule)
+
+
+def operations() -> dict[str, dict[str, Any]]:
+    """The operations of every Flask view, by its endpoint name (`blueprint.function`), in
+    the document's order; their paths come from the URL map."""
+    ops: dict[str, dict[str, Any]] = {}
     name_param = {"name": "name", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": "^[a-z0-9_]{1,64}$"}}
     any_params = [_parameter(p, False) for p in ("user_id", "device_id", "rec_id", "flag_keys",
                                                    "third_party_id", "tntid", "email_hash", "processing_id")]
-    paths["/v1/render/{name}"] = {"get": {
+    ops["messages.render_template"] = {"get": {
         "summary": "A message template rendered with the proxy's data (Braze inserts it as text).",
         "operationId": "v1_render",
         "parameters": [name_param, _parameter("format", False), *any_params],
@@ -180,7 +226,7 @@ def document() -> dict[str, Any]:
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"]},
         "x-example": "recs_block?user_id=testUser",
     }}
-    paths["/v1/preview/render/{name}"] = {"get": {
+    ops["messages.preview_template"] = {"get": {
         "summary": "What the preview page shows for one user: both forms, each data call, snippets.",
         "operationId": "v1_preview_render",
         "parameters": [name_param, *any_params],
@@ -194,7 +240,7 @@ def document() -> dict[str, Any]:
                       "400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"], "503": PREVIEW_BUSY},
         "x-example": "hero_banner?user_id=treatment-1",
     }}
-    paths["/v1/preview/liquid"] = {"post": {
+    ops["messages.preview_liquid"] = {"post": {
         "summary": "Render a Braze Liquid message; connected_content resolves against this proxy only.",
         "operationId": "v1_preview_liquid",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -230,37 +276,36 @@ def document() -> dict[str, Any]:
     def json_body(example: dict[str, Any]) -> dict[str, Any]:
         return {"required": True, "content": {"application/json": {"schema": {"type": "object"},
                                                                    "example": example}}}
-    selector = [_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash",
-                                               "compartment_id", "user_account_id")]
+    selector = [_parameter(p, False) for p in USER_POINT_PARAMS]
     write_errors = {"400": COMMON_ERRORS["400"], "401": COMMON_ERRORS["401"],
                     "503": _error("mediarithmics is not configured, or the outbox cannot store", True)}
     keyed_write_errors = {**write_errors,
                           "409": _error("idempotency_key_in_progress: the key's first request is "
                                         "still being stored (with Redis); retry after Retry-After", True),
                           "422": _error("idempotency_key_reused: the key named a different request")}
-    paths["/v1/mediarithmics/activities"] = {"post": {
+    ops["activities.post_activity"] = {"post": {
         "summary": "Queue a user activity (validated: $user_identifiers or a legacy id, $type, $ts).",
         "operationId": "v1_mediarithmics_activities", "requestBody": json_body(EXAMPLE_ACTIVITY),
         "parameters": idempotency,
         "responses": {"202": accepted, **keyed_write_errors}}}
-    paths["/v1/mediarithmics/profile"]["put"] = {
+    ops["choices.put_profile"] = {"put": {
         "summary": "Queue a user profile update (force_replace / merge_objects as mediarithmics documents).",
         "operationId": "v1_mediarithmics_profile_put", "requestBody": json_body({"loyalty": {"tier": "gold"}}),
         "x-example": "email_hash=abc&compartment_id=1&user_account_id=acc-1&force_replace=false&merge_objects=true",
-        "parameters": [*[_parameter(p, False) for p in ("user_point_id", "user_agent_id", "email_hash")],
+        "parameters": [*[_parameter(p, False) for p in USER_POINT_SELECTORS],
                        _parameter("compartment_id", True), _parameter("user_account_id", True),
                        {"name": "force_replace", "in": "query", "schema": PARAM_SCHEMAS["track"]},
                        {"name": "merge_objects", "in": "query", "schema": PARAM_SCHEMAS["track"]},
                        *idempotency],
-        "responses": {"202": accepted, **keyed_write_errors}}
-    paths["/v1/mediarithmics/choices"]["put"] = {
+        "responses": {"202": accepted, **keyed_write_errors}}}
+    ops["choices.put_choice"] = {"put": {
         "summary": "Queue a user choice (needs $choice_acceptance_value).",
         "operationId": "v1_mediarithmics_choices_put",
         "requestBody": json_body({"$choice_acceptance_value": True}),
         "x-example": "email_hash=abc&processing_id=102",
         "parameters": [*selector, _parameter("processing_id", True), *idempotency],
-        "responses": {"202": accepted, **keyed_write_errors}}
-    paths["/v1/mediarithmics/writes/{write_id}"] = {"get": {
+        "responses": {"202": accepted, **keyed_write_errors}}}
+    ops["writes.write_status"] = {"get": {
         "summary": "State of a queued write: queued, delivered, failed (retrying) or dead.",
         "operationId": "v1_mediarithmics_write",
         # The id comes from the answer to a write.
@@ -279,20 +324,20 @@ def document() -> dict[str, Any]:
                       "503": write_errors["503"]}}}
     link_answer = _plain({"type": "object", "required": ["ok", "url"],
                           "properties": {"ok": {"const": True}, "url": {"type": "string"}}}, "a signed URL")
-    paths["/v1/mediarithmics/consent-link"] = {"get": {
+    ops["consent.consent_link"] = {"get": {
         "summary": "A signed one-click consent link for an email footer (expiry included in the signature).",
         "operationId": "v1_mediarithmics_consent_link", "x-example": CONSENT_LINK_EXAMPLE,
         "parameters": [*selector, _parameter("processing_id", True),
                        {"name": "accept", "in": "query", "schema": PARAM_SCHEMAS["track"]},
                        {"name": "expires", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
         "responses": {"200": link_answer, **write_errors}}}
-    paths["/v1/mediarithmics/pixel-link"] = {"get": {
+    ops["pixel.pixel_link"] = {"get": {
         "summary": "A (signed, when CCPROXY_LINK_SECRET is set) email-open pixel URL.",
         "operationId": "v1_mediarithmics_pixel_link", "x-example": PIXEL_LINK_EXAMPLE,
         "parameters": [*selector, {"name": "event", "in": "query", "required": True,
                                    "schema": PARAM_SCHEMAS["user_id"]}],
         "responses": {"200": link_answer, **write_errors}}}
-    paths["/v1/mediarithmics/pixel.gif"] = {"get": {
+    ops["pixel.pixel"] = {"get": {
         "summary": "Email-open pixel: always a 1x1 GIF; queues an activity with `event` when the input is valid.",
         "operationId": "v1_mediarithmics_pixel", "security": [{}],
         # A signed pixel URL comes from pixel-link; -D - shows the answer's headers (a GIF).
@@ -301,12 +346,13 @@ def document() -> dict[str, Any]:
         "parameters": [*selector, {"name": "event", "in": "query", "schema": {"type": "string"}}],
         "responses": {"200": {"description": "a 1x1 GIF", "content": {"image/gif": {"schema": {"type": "string"}}}}}}}
     consent_page = {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
-    paths["/v1/mediarithmics/consent"] = {
+    ops["consent.consent_page"] = {
         "get": {"summary": "The page a recipient sees on clicking a consent link (changes nothing).",
                 "operationId": "v1_mediarithmics_consent_page", "security": [{}],
                 "x-example-shell": ("curl \"$(curl -s '{base}/v1/mediarithmics/consent-link?"
                                     + CONSENT_LINK_EXAMPLE + "' | jq -r .url)\""),
-                "responses": {"200": consent_page, "403": consent_page}},
+                "responses": {"200": consent_page, "403": consent_page}}}
+    ops["consent.consent_confirm"] = {
         "post": {"summary": "Confirm a consent link; RFC 8058 one-click compatible. Records the choice.",
                  "operationId": "v1_mediarithmics_consent_confirm", "security": [{}],
                  # What a mail client sends for RFC 8058 one-click, to a freshly made link.
@@ -315,42 +361,29 @@ def document() -> dict[str, Any]:
                                      "processing_id=101&accept=false' | jq -r .url)\""),
                  "responses": {"200": consent_page, "403": consent_page, "503": consent_page}},
     }
-    paths["/v1/templates"] = {"get": {
+    ops["messages.list_templates"] = {"get": {
         "summary": "The message template library.", "operationId": "v1_templates",
         "responses": {"200": _plain({"type": "object", "required": ["ok", "templates"],
                                      "properties": {"ok": {"const": True},
                                                     "templates": {"type": "array", "items": {"type": "object"}}}},
                                     "templates"), "401": COMMON_ERRORS["401"]},
     }}
-    for path, summary, op in (("/healthz", "Alive.", "healthz"),
-                              ("/readyz", "Upstreams' configuration, breakers, limiters; cache backend.", "readyz")):
-        paths[path] = {"get": {"summary": summary, "operationId": op,
+    for summary, op in (("Alive.", "healthz"),
+                        ("Upstreams' configuration, breakers, limiters; cache backend.", "readyz")):
+        ops[op] = {"get": {"summary": summary, "operationId": op,
                                "responses": {"200": _plain({"type": "object", "required": ["ok"]}, summary)}}}
-    paths["/metrics"] = {"get": {"summary": "Prometheus metrics.", "operationId": "metrics",
+    ops["metrics_view"] = {"get": {"summary": "Prometheus metrics.", "operationId": "metrics",
                                  "responses": {"200": {"description": "Prometheus text format",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},
                                                "401": COMMON_ERRORS["401"]}}}
-    paths["/preview"] = {"get": {"summary": "The preview page (HTML).", "operationId": "preview",
+    ops["messages.preview_page"] = {"get": {"summary": "The preview page (HTML).", "operationId": "preview",
                                  "responses": {"200": {"description": "HTML",
                                                        "content": {"text/html": {"schema": {"type": "string"}}}},
                                                "401": COMMON_ERRORS["401"]}}}
-    paths["/openapi.json"] = {"get": {"summary": "This document.", "operationId": "openapi",
+    ops["openapi_view"] = {"get": {"summary": "This document.", "operationId": "openapi",
                                       "responses": {"200": _plain({"type": "object"}, "OpenAPI 3.1"),
                                                     "401": COMMON_ERRORS["401"]}}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "connected-content-proxy", "version": __version__,
-                 "description": "Flat, Liquid-friendly JSON for Braze Connected Content. Every key in an "
-                                "answer is a Liquid identifier. Give user_id or device_id where both are listed."},
-        "components": {
-            "schemas": defs,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
-                                "basic": {"type": "http", "scheme": "basic"},
-                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}},
-        },
-        "security": [{"bearer": []}, {"basic": []}, {"apiKey": []}, {}],
-        "paths": paths,
-    }
+    return ops
 
 
 def _curl(url: str, method: str, body: Any = None, silent: bool = False) -> str:

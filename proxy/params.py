@@ -113,6 +113,14 @@ def user_ref(args: Args) -> tuple[str, str]:
     return user_id or "", device_id or ""
 
 
+def processing_id(args: Args, required: bool = False) -> str | None:
+    """A mediarithmics processing (the consent purpose): a number of at most 32 digits."""
+    value = identifier(args, "processing_id", required=required)
+    if value is not None and not (value.isdigit() and value.isascii() and len(value) <= 32):
+        raise BadRequest("processing_id must be a number of at most 32 digits", code="invalid_parameter")
+    return value
+
+
 def json_object(args: Args, name: str) -> dict:
     """A JSON object passed as one query parameter (`context={"user_properties":{...}}`)."""
     raw = args.get(name)
@@ -140,7 +148,7 @@ def prefixed(args: Args, prefix: str) -> dict[str, str]:
     return found
 
 
-def scalar(text: str):
+def scalar(text: str) -> Any:
     """`true`/`false` and plain numbers as JSON values, other text as is."""
     if text in ("true", "false"):
         return text == "true"
@@ -148,6 +156,8 @@ def scalar(text: str):
 
 
 USER_POINT_SELECTORS = ("user_point_id", "user_agent_id", "email_hash")
+# Every parameter that may name a mediarithmics user point (the account pair goes together).
+USER_POINT_PARAMS = (*USER_POINT_SELECTORS, "compartment_id", "user_account_id")
 
 
 def user_point_selector(args: Args) -> dict[str, str]:

@@ -14,13 +14,16 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from .endpoints import Call, call
 from .errors import NotFound, RenderLimitExceeded, TemplateError
 from .render_limits import BoundedEnvironment, TemplateLimits
+
+if TYPE_CHECKING:
+    from .services import Services
 
 FORMATS = {"html": ".html", "text": ".txt"}
 _NAME = re.compile(r"^[a-z0-9_]{1,64}$")
@@ -134,7 +137,7 @@ def template_args(template: MessageTemplate, args: Mapping[str, str]) -> dict[st
 
 def render(
     library: TemplateLibrary,
-    services: Any,
+    services: Services,
     name: str,
     args: Mapping[str, str],
     formats: list[str],

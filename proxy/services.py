@@ -1,7 +1,7 @@
 """What a request handler may use: the settings, the answer cache and one client per upstream
-(each with its circuit breaker, rate limiter and retry budget), and operator fallbacks.
+(each built with its circuit breaker, rate limiter and retry budget), and operator fallbacks.
 
-Built once per app by `create_app`; a test app gets fresh ones.
+Built once per app by `create_app` (in each process); a test app gets fresh ones.
 """
 
 from __future__ import annotations
@@ -9,28 +9,59 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cache import AnswerCache, Lookup, MemoryStore, Timer, cache_key
+import urllib3
+
+from .cache import AnswerCache, Lookup, MemoryStore, Store, Timer, cache_key
 from .clients.amplitude import AmplitudeClient
 from .clients.analytics import AnalyticsClient
-from .clients.base import Answer, HttpClient, make_pool
+from .clients.base import Answer, HttpClient, Observe, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
 from .config import Settings, SettingsError
 from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
-from .guards import CircuitBreaker, RateLimiter, RetryBudget
+from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
+    from flask import Flask
+
+    from .box_cache import BoxStore
     from .delivery import Deliverer
     from .experiment_local import FlagStore
     from .exposures import ExposureTracker
     from .outbox import Outbox
+    from .redis_backend import RedisHealth
+
+EXTENSION = "ccproxy"  # the app.extensions key of an app's Services
 
 log = logging.getLogger("ccproxy")
 OUTBOX_OPEN_WAIT = 2.0  # seconds a request waits for the outbox's schema (start-up waits longer)
+
+
+def flight_deadline(settings: Settings) -> float:
+    """How long a box single-flight claim holds: the longest a live holder's upstream call
+    may take (every call is cut at connect + read timeout), so only a hung or dead
+    holder loses it."""
+    return settings.upstream_connect_timeout + settings.upstream_read_timeout + 0.5
+
+
+def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None) -> Guards:
+    """A new breaker, rate limiter and retry budget for one upstream (per process; the
+    limiter is shared by the deployment on Redis)."""
+    breaker = CircuitBreaker(name, settings.breaker_threshold, settings.breaker_reset, timer)
+    local = RateLimiter(name, settings.rate_limit(name), timer)
+    limiter: Limiter = local
+    if redis is not None:
+        from .redis_backend import RedisRateLimiter
+
+        # Shared: the whole deployment's limit in one bucket, not split per process.
+        deployment_limit = settings.rate_limit(name) * settings.workers
+        limiter = RedisRateLimiter(name, deployment_limit, redis, local)
+    return Guards(breaker, limiter, RetryBudget(timer=timer))
 
 
 def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
@@ -45,93 +76,92 @@ def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
     return {path: dict(content) for path, content in data.items() if isinstance(content, dict)}
 
 
+@dataclass(eq=False)
 class Services:
-    def __init__(self, settings: Settings, timer: Timer | None = None):
-        self.settings = settings
-        self.redis = None
-        memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
-        store: Any = memory
-        if settings.redis_url:
-            from .redis_backend import RedisHealth, RedisStore, redis
+    """Built by `Services.build` (once per app, in each process)."""
 
-            self.redis = RedisHealth(redis.Redis.from_url(
+    settings: Settings
+    timer: Timer
+    cache: AnswerCache
+    pool: urllib3.PoolManager
+    amplitude: AmplitudeClient
+    experiment: ExperimentClient
+    # Fetched in the background, never on the send path: a large deployment's configuration
+    # may take longer and weigh more than a per-recipient answer.
+    experiment_flags: FlagConfigClient
+    target: TargetClient
+    mediarithmics: MediarithmicsClient
+    fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    redis: RedisHealth | None = None
+    box: BoxStore | None = None  # the machine's shared answer cache (box_cache.py)
+    connections: Any = None  # the serve worker's connection guard (connections.py), for metrics
+    observe: Observe | None = None  # each upstream call, for the metrics
+    deliverer: Deliverer | None = None
+    _outbox: Outbox | None = None
+    _flag_store: FlagStore | None = None
+    _exposures: ExposureTracker | None = None
+
+    @classmethod
+    def build(cls, settings: Settings, timer: Timer | None = None,
+              observe: Observe | None = None) -> Services:
+        """The cache (in memory, or on Redis when CCPROXY_REDIS_URL is set), the upstream
+        pool, and each upstream's client with its guards."""
+        redis = None
+        memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
+        store: Store = memory
+        if settings.redis_url:
+            from .redis_backend import RedisHealth, RedisStore
+            from .redis_backend import redis as redis_module
+
+            redis = RedisHealth(redis_module.Redis.from_url(
                 settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
             ))
             # Entries shared between machines carry wall-clock times.
             timer = timer or time.time
             memory = MemoryStore(settings.cache_maxsize, timer)
-            store = RedisStore(self.redis, memory)
-        self.timer = timer = timer or time.monotonic
-        self.box = None
+            store = RedisStore(redis, memory)
+        clock: Timer = timer or time.monotonic
+        box = None
         if not settings.redis_url and settings.box_cache and settings.box_cache_path:
             from .box_cache import BoxStore
 
             # Entries carry time.monotonic(): one clock for every process of the machine.
-            self.box = store = BoxStore(settings.box_cache_path, memory, timer, settings.cache_maxsize,
-                                        lock_ttl=self._flight_deadline())
-        self.pool = make_pool(proxy=settings.upstream_proxy)
-        http = {
+            box = BoxStore(settings.box_cache_path, memory, clock, settings.cache_maxsize,
+                           lock_ttl=flight_deadline(settings))
+            store = box
+        pool = make_pool(proxy=settings.upstream_proxy)
+        http: dict[str, Any] = {
             "connect_timeout": settings.upstream_connect_timeout,
             "read_timeout": settings.upstream_read_timeout,
             "max_bytes": settings.upstream_max_bytes,
+            "observe": observe,
         }
-        self.cache = AnswerCache(
-            store,
-            timer,
-            settings.coalesce_wait,
-            grace=settings.cache_grace,
-            max_stale=settings.cache_max_stale,
+
+        def guards(name: str) -> Guards:
+            return upstream_guards(settings, name, clock, redis)
+
+        return cls(
+            settings=settings, timer=clock, pool=pool, redis=redis, box=box, observe=observe,
+            cache=AnswerCache(store, clock, settings.coalesce_wait, grace=settings.cache_grace,
+                              max_stale=settings.cache_max_stale),
+            fallbacks=load_fallbacks(settings.fallbacks_file),
+            amplitude=AmplitudeClient(pool, settings.amplitude_url, settings.amplitude_secret_key,
+                                      guards=guards(AmplitudeClient.name), **http),
+            experiment=ExperimentClient(pool, settings.experiment_base_url,
+                                        settings.experiment_deployment_key,
+                                        guards=guards(ExperimentClient.name), **http),
+            experiment_flags=FlagConfigClient(
+                pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
+                guards=guards(FlagConfigClient.name),
+                **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
+                   "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
+            ),
+            target=TargetClient(pool, settings.target_base_url, settings.target_client_code,
+                                settings.target_token, guards=guards(TargetClient.name), **http),
+            mediarithmics=MediarithmicsClient(
+                pool, settings.mediarithmics_url, settings.mediarithmics_token,
+                settings.mediarithmics_datamart_id, guards=guards(MediarithmicsClient.name), **http),
         )
-        self.fallbacks = load_fallbacks(settings.fallbacks_file)
-        self._outbox: Outbox | None = None
-        self.deliverer: Deliverer | None = None
-        self.amplitude = self._guarded(AmplitudeClient(
-            self.pool, settings.amplitude_url, settings.amplitude_secret_key, **http
-        ))
-        self.experiment = self._guarded(ExperimentClient(
-            self.pool, settings.experiment_base_url, settings.experiment_deployment_key, **http
-        ))
-        # Fetched in the background, never on the send path: a large deployment's configuration
-        # may take longer and weigh more than a per-recipient answer.
-        self.experiment_flags = self._guarded(FlagConfigClient(
-            self.pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
-            **{**http, "read_timeout": max(10.0, settings.upstream_read_timeout),
-               "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
-        ))
-        # Metrics are plugged into `clients` by the app; the flags client reports through them.
-        self.experiment_flags.observe = lambda *call: self.experiment.observe(*call)
-        self._flag_store: FlagStore | None = None
-        self._exposures: ExposureTracker | None = None
-        self.target = self._guarded(TargetClient(
-            self.pool, settings.target_base_url, settings.target_client_code,
-            settings.target_token, **http
-        ))
-        self.mediarithmics = self._guarded(MediarithmicsClient(
-            self.pool, settings.mediarithmics_url, settings.mediarithmics_token,
-            settings.mediarithmics_datamart_id, **http
-        ))
-
-    def _flight_deadline(self) -> float:
-        """How long a box single-flight claim holds: the longest a live holder's upstream call
-        may take (every call is cut at connect + read timeout), so only a hung or dead
-        holder loses it."""
-        s = self.settings
-        return s.upstream_connect_timeout + s.upstream_read_timeout + 0.5
-
-    def _guarded(self, client):
-        client.breaker = CircuitBreaker(
-            client.name, self.settings.breaker_threshold, self.settings.breaker_reset, self.timer
-        )
-        local = RateLimiter(client.name, self.settings.rate_limit(client.name), self.timer)
-        client.limiter = local
-        if self.redis is not None:
-            from .redis_backend import RedisRateLimiter
-
-            # Shared: the whole deployment's limit in one bucket, not split per process.
-            deployment_limit = self.settings.rate_limit(client.name) * self.settings.workers
-            client.limiter = RedisRateLimiter(client.name, deployment_limit, self.redis, local)
-        client.retry_budget = RetryBudget(timer=self.timer)
-        return client
 
     @property
     def clients(self) -> list[HttpClient]:
@@ -172,45 +202,43 @@ class Services:
             from .exposures import ExposureTracker
 
             # Off the send path, like the flags: an answer may take longer than a recipient's.
-            client = self._guarded(AnalyticsClient(
+            client = AnalyticsClient(
                 self.pool, s.analytics_base_url, s.amplitude_api_key,
+                guards=upstream_guards(s, AnalyticsClient.name, self.timer, self.redis),
                 connect_timeout=s.upstream_connect_timeout,
                 read_timeout=max(10.0, s.upstream_read_timeout), max_bytes=s.upstream_max_bytes,
-            ))
-            client.observe = lambda *call: self.experiment.observe(*call)
+                observe=self.observe,
+            )
             self._exposures = ExposureTracker(client, s.amplitude_api_key, self.redis, self.timer)
         return self._exposures
 
-    def ttl_of(self, kind: str) -> Callable[[Answer], float]:
-        """How long an answer of this kind stays fresh; not-found answers get the negative TTL."""
-        fresh, negative = self.settings.ttl(kind), self.settings.cache_ttl_negative
-        return lambda answer: negative if answer.missing else fresh
-
-    def cached(
-        self, kind: str, client: Any, operation: str, params: dict[str, str],
-        call: Callable[[], Answer], fallback: Callable[[], Any] | None = None,
-        when_limited: Callable[[], Any] | None = None,
-    ) -> Lookup:
-        """One upstream call through the cache, keyed without any secret in clear. When it
-        fails and nothing stale is left, `fallback()` (raw upstream-shaped data built from
-        the operator's content) stands in, if given; when it is rate limited (a 429, a
-        Retry-After pause, the proxy's own budget), `when_limited()` does, if given."""
-        key = cache_key(client.name, client.credential, operation, params)
+    def cached(self, query: Query, ttl: float, fallback: Mapping[str, Any] | None = None,
+               when_limited: bool = False) -> Lookup:
+        """One upstream read through the cache, keyed without any secret in clear; fresh for
+        `ttl` seconds (not-found answers: CCPROXY_CACHE_TTL_NEGATIVE). When it fails and
+        nothing stale is left, the operator's `fallback` content, as the client shapes it for
+        this read, stands in (when the read has one); when it is rate limited (a 429, a
+        Retry-After pause, the proxy's own budget) and `when_limited`, the client's empty
+        answer does."""
+        client = query.client
+        key = cache_key(client.name, client.credential, query.operation, query.params)
+        negative = self.settings.cache_ttl_negative
         try:
-            return self.cache.fetch(key, call, self.ttl_of(kind))
+            return self.cache.fetch(key, query.send, lambda answer: negative if answer.missing else ttl)
         except TransientError as exc:
-            if fallback is not None:
-                return Lookup(Answer(fallback()), "FALLBACK", 0.0, 0.0)
-            if when_limited is not None and isinstance(exc, UpstreamRateLimited):
-                return Lookup(Answer(when_limited()), "FALLBACK", 0.0, 0.0)
-            raise
+            data = None if fallback is None else client.fallback(query, fallback)
+            if data is None and when_limited and isinstance(exc, UpstreamRateLimited):
+                data = client.fallback(query, {})
+            if data is None:
+                raise
+            return Lookup(Answer(data), "FALLBACK", 0.0, 0.0)
 
     @property
-    def outbox(self):
+    def outbox(self) -> Outbox:
         """The durable outbox of writes (opened on first use; a request waits briefly for it)."""
         return self.open_outbox(OUTBOX_OPEN_WAIT)
 
-    def open_outbox(self, migrate_timeout: float):
+    def open_outbox(self, migrate_timeout: float) -> Outbox:
         """The outbox, opened (its schema migrated) now if it is not open yet. `ccproxy serve`
         opens it as each worker starts, waiting up to a minute for another worker's
         migration, so no request pays for it."""
@@ -254,14 +282,13 @@ class Services:
         CCPROXY_OUTBOX_WRITE_TIMEOUT (a write cut off by a short timeout may have landed, and
         would be sent again); its own breaker, the reads' rate limiter (one upstream budget)."""
         s = self.settings
-        client = self._guarded(MediarithmicsClient(
+        own = upstream_guards(s, MediarithmicsClient.name, self.timer, self.redis)
+        return MediarithmicsClient(
             self.pool, s.mediarithmics_url, s.mediarithmics_token, s.mediarithmics_datamart_id,
+            guards=Guards(own.breaker, self.mediarithmics.limiter, own.retry_budget),
             connect_timeout=s.upstream_connect_timeout, read_timeout=s.outbox_write_timeout,
-            max_bytes=s.upstream_max_bytes,
-        ))
-        client.limiter = self.mediarithmics.limiter
-        client.observe = self.mediarithmics.observe
-        return client
+            max_bytes=s.upstream_max_bytes, observe=self.observe,
+        )
 
     def stop_delivering(self) -> None:
         """Claim no more writes (shutting down); the deliveries in flight finish."""
@@ -282,3 +309,10 @@ class Services:
 
     def fallback_content(self, path: str) -> dict[str, Any] | None:
         return self.fallbacks.get(path)
+
+
+def of_app(app: Flask) -> Services:
+    """The services an app was built with."""
+    services = app.extensions[EXTENSION]
+    assert isinstance(services, Services)
+    return services

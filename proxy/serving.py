@@ -131,11 +131,13 @@ def _on_worker_start(worker: Any) -> None:
     and starts nothing); on SIGTERM stop claiming outbox writes at once, before gunicorn
     waits for open connections; the deliveries in flight then have the graceful period
     (`delivery_grace`) to finish and be recorded."""
+    from .services import of_app
+
     # Everything imported and built so far lives as long as the worker: out of every full
     # garbage collection from now on (each one pauses every request in flight in this worker).
     # No collection first: it would walk the whole heap while the worker is not yet accepting.
     gc.freeze()
-    services = worker.wsgi.extensions["ccproxy"]
+    services = of_app(worker.wsgi)
     if not worker.alive:  # told to stop while it was loading the app
         return
     services.start_delivery()
@@ -233,7 +235,7 @@ class WsgiServer(BaseApplication):
             if key in self.cfg.settings and value is not None:
                 self.cfg.set(key, value)
 
-    def load(self):
+    def load(self) -> Any:
         return self.load_app()
 
 
@@ -270,7 +272,7 @@ def serve(settings: Settings, listener: socket.socket, workers: int | None = Non
     if box_path:
         settings = settings.replace(box_cache_path=box_path)
 
-    def load_app():
+    def load_app() -> Any:
         from . import create_app
 
         return create_app(settings)

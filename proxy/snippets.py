@@ -31,7 +31,7 @@ _OUTPUT = re.compile(r"^\{\{(.*)\}\}$", re.S)
 @dataclass(frozen=True)
 class SnippetPolicy:
     """What the deployment decides: the email hash expression, the Braze credential (None
-    when the proxy takes no keys) and the TTL of each cache kind."""
+    when the proxy takes no keys) and the TTL of each data endpoint, by path."""
 
     email_hash_liquid: str
     credential: str | None
@@ -84,8 +84,7 @@ def _options(policy: SnippetPolicy, ttl: float, retry: bool = True) -> str:
 
 
 def _ttl(path: str, policy: SnippetPolicy) -> float:
-    kind = REGISTRY[path].kind if path in REGISTRY else ""
-    return policy.ttl(kind) if kind else float(BRAZE_MIN_CACHE)
+    return policy.ttl(path) if path in REGISTRY else float(BRAZE_MIN_CACHE)
 
 
 def braze_snippets(

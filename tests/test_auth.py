@@ -50,3 +50,17 @@ def test_helpers():
     assert parse_keys(" a, ,b ") == ["a", "b"]
     assert presented_key({"Authorization": "bearer x"}) == "x"
     assert key_is_valid("b", ["a", "b"]) and not key_is_valid("", ["a"]) and not key_is_valid("c", ["a"])
+
+
+def test_the_open_paths_are_the_views_marked_open(make_app):
+    """Derived from the routes (auth.open_to_all): probes, the pixel and consent pages only."""
+    app = make_app(api_keys=KEYS, start_delivery=False)
+    assert app.wsgi_app.open_paths == {"/healthz", "/readyz", "/v1/mediarithmics/pixel.gif",
+                                       "/v1/mediarithmics/consent"}
+    client = app.test_client()
+    assert client.get("/v1/mediarithmics/pixel.gif?email_hash=a&event=open").status_code == 200
+    assert client.get("/v1/mediarithmics/consent?email_hash=a").status_code == 403  # the page, unsigned
+    assert client.post("/v1/mediarithmics/consent?email_hash=a").status_code == 403
+    for closed in ("/v1/templates", "/v1/mediarithmics/consent-link?email_hash=a&processing_id=1",
+                   "/v1/mediarithmics/pixel-link?email_hash=a&event=open", "/metrics"):
+        assert client.get(closed).status_code == 401, closed

@@ -24,3 +24,11 @@ def test_mypy_finds_nothing_in_the_package():
     done = subprocess.run([tool("mypy"), "proxy", "--ignore-missing-imports", "--cache-dir",
                            str(ROOT / ".mypy_cache")], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_function_of_the_proxy_is_typed_and_the_shapers_need_no_ignores():
+    config = (ROOT / "pyproject.toml").read_text()
+    assert "disallow_untyped_defs = true" in config  # mypy, above, holds proxy/ to it
+    ignored = [str(path.relative_to(ROOT)) for path in (ROOT / "proxy" / "shape").glob("*.py")
+               if "type: ignore" in path.read_text()]
+    assert ignored == []

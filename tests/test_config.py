@@ -6,7 +6,7 @@ from proxy import config
 def test_defaults():
     s = config.load(environ={})
     assert s.amplitude_url == "https://profile-api.amplitude.com"
-    assert s.ttl("recommendations") == 300.0
+    assert s.cache_ttl_recommendations == 300.0
     assert s.experiment_base_url == "https://api.lab.amplitude.com"
 
 
@@ -16,7 +16,7 @@ def test_precedence_file_env_overrides(tmp_path):
     env = {"CCPROXY_CONFIG": str(path), "CCPROXY_CACHE_MAXSIZE": "20"}
     s = config.load(environ=env)
     assert s.cache_maxsize == 20  # env beats file
-    assert s.ttl("cohorts") == 7.0  # file beats default
+    assert s.cache_ttl_cohorts == 7.0  # file beats default
     assert s.amplitude_secret_key == "from-file"
     s = config.load(overrides={"cache_maxsize": 30}, environ=env)
     assert s.cache_maxsize == 30  # overrides beat env

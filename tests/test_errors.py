@@ -34,7 +34,7 @@ def test_the_old_names_still_import():
     from proxy.links import LinkError
     from proxy.liquid_preview import MessageAborted
     from proxy.rendering import TemplateError
-    from proxy.writes import PixelRefused
+    from proxy.writes.pixel import PixelRefused
 
     assert (Unauthorized, CircuitOpen, TemplateError, LinkError, SettingsError, MessageAborted,
             PixelRefused, _Retryable) == (

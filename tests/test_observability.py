@@ -53,9 +53,17 @@ def test_answers_are_not_content_sniffed(client):
 
 
 def test_every_route_has_a_low_cardinality_label(app):
-    from proxy.middleware import route_of
-
     envelope = app.wsgi_app
     for rule in app.url_map.iter_rules():
         concrete = rule.rule.replace("<name>", "recs_block").replace("<write_id>", "abc")
-        assert route_of(concrete, envelope.routes) != "unmatched", rule.rule
+        assert envelope.route_of(concrete) != "unmatched", rule.rule
+
+
+def test_route_labels_come_from_the_url_map_and_keep_their_published_names(app):
+    envelope = app.wsgi_app
+    assert envelope.route_of("/v1/render/recs_block") == "/v1/render/<name>"
+    # Not taken for /v1/render/<name>: the longer prefix wins.
+    assert envelope.route_of("/v1/preview/render/recs_block") == "/v1/preview/render/<name>"
+    assert envelope.route_of("/v1/mediarithmics/writes/abc") == "/v1/mediarithmics/writes/<id>"
+    assert envelope.route_of("/v1/amplitude/properties") == "/v1/amplitude/properties"
+    assert envelope.route_of("/v1/amplitude/properties/x") == "unmatched"

@@ -96,3 +96,18 @@ def test_every_setting_is_documented_in_the_readme():
     text = README.read_text()
     missing = [env_name(f.name) for f in fields(Settings) if env_name(f.name) not in text]
     assert not missing, f"settings without docs in the README: {missing}"
+
+
+def test_paths_come_from_the_url_map_and_every_route_needs_its_operation(make_app):
+    from proxy.openapi import openapi_path
+
+    app = make_app(start_delivery=False)
+    assert openapi_path("/v1/mediarithmics/writes/<write_id>") == "/v1/mediarithmics/writes/{write_id}"
+    assert openapi_path("/v1/x/<int:n>/<name>") == "/v1/x/{n}/{name}"
+
+    @app.get("/v1/undocumented")
+    def undocumented():
+        return "x"
+
+    with pytest.raises(ValueError, match="/v1/undocumented"):
+        document(app)

@@ -22,7 +22,9 @@ SECRETS = {
 def served(sandboxes, servers):
     env = {**SECRETS, "CCPROXY_LOG_LEVEL": "DEBUG",
            # Counts are asserted here, not speed: a loaded machine must not turn a wait into a 503.
-           "CCPROXY_REQUEST_DEADLINE": "20", "CCPROXY_COALESCE_WAIT": "20"}
+           "CCPROXY_REQUEST_DEADLINE": "20", "CCPROXY_COALESCE_WAIT": "20",
+           # Nor a slow upstream answer (0.3 s of latency, stretched by the load) into a timeout.
+           "CCPROXY_UPSTREAM_READ_TIMEOUT": "15"}
     env.update({"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()})
     server = servers.start(["serve", "--workers", "1"], env)
     session = requests.Session()

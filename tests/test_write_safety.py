@@ -16,7 +16,7 @@ from test_writes import LINK_SECRET, activity, store_of, wait_for_state
 
 from proxy import links
 from proxy.outbox import Outbox
-from proxy.writes import PIXEL
+from proxy.writes.pixel import PIXEL
 
 ACTIVITIES = "/v1/mediarithmics/activities"
 

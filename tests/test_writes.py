@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from proxy.writes import PIXEL
+from proxy.writes.pixel import PIXEL
 
 LINK_SECRET = "test-link-secret-0123456789"
 
@@ -178,7 +178,7 @@ def consent_link(client, selector="user_point_id=link-1", accept="false", **extr
 
 def current_choice(client, selector):
     services = client.application.extensions["ccproxy"]
-    return services.mediarithmics.choices(selector, "101").data[0]["$choice_acceptance_value"]
+    return services.mediarithmics.choices(selector, "101").send().data[0]["$choice_acceptance_value"]
 
 
 def test_consent_link_confirms_and_records_once_clicked(writer, sandboxes):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import urllib3
+
 from ..config import credential_id
 from .base import HttpClient
 
@@ -22,7 +24,7 @@ class AnalyticsClient(HttpClient):
     name = "amplitude-events"
     path = "/2/httpapi"
 
-    def __init__(self, pool, base_url: str, api_key: str, **http):
+    def __init__(self, pool: urllib3.PoolManager, base_url: str, api_key: str, **http: Any):
         super().__init__(pool, base_url, **http)
         self.credential = credential_id(api_key)
         self.required = (("CCPROXY_AMPLITUDE_API_KEY", api_key),)

@@ -30,11 +30,17 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..errors import Retryable as _Retryable
-from ..guards import CircuitBreaker, RateLimiter, RetryBudget, check_time_left, remaining
+from ..guards import CircuitBreaker, Guards, Limiter, RetryBudget, check_time_left, remaining
 from ..observability import current_request_id
 from .transport import bounded_pool, call_deadline
 
 USER_AGENT = f"connected-content-proxy/{__version__}"
+# What a client reports of each call: (upstream, outcome, seconds).
+Observe = Callable[[str, str, float], None]
+
+
+def _unobserved(upstream: str, outcome: str, seconds: float) -> None:
+    """No metrics (a client used alone, as `ccproxy check` does)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,18 @@ class Answer:
 
     data: Any
     missing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One read a client offers (an intent), not yet sent: `operation` and `params` say what
+    it asks (the cache key, with no secret in it), `send` asks it. The cache decides whether
+    it is sent at all."""
+
+    client: HttpClient
+    operation: str
+    params: dict[str, str]
+    send: Callable[[], Answer]
 
 
 def _compact_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -130,6 +148,7 @@ class HttpClient:
     """Base of the upstream clients: GET/PUT/POST JSON with typed failures."""
 
     name = "upstream"
+    credential = ""  # a tag of the credential (config.credential_id), never the secret
     # Settings that must be set before this client can be used (env names for the message).
     required: tuple[tuple[str, str], ...] = ()
 
@@ -138,22 +157,28 @@ class HttpClient:
         pool: urllib3.PoolManager,
         base_url: str,
         *,
+        guards: Guards,
         connect_timeout: float,
         read_timeout: float,
         max_bytes: int,
+        observe: Observe | None = None,
     ):
         self.pool = pool
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
-        # Replaced by Services with configured ones; these never refuse a call.
-        self.breaker = CircuitBreaker(self.name, threshold=10**9)
-        self.limiter: RateLimiter = RateLimiter(self.name, 0)
-        self.retry_budget = RetryBudget()
-        # (upstream, outcome, seconds) for each call; Services plugs the metrics in.
-        self.observe: Callable[[str, str, float], None] = lambda *_: None
+        self.breaker: CircuitBreaker = guards.breaker
+        self.limiter: Limiter = guards.limiter
+        self.retry_budget: RetryBudget = guards.retry_budget
+        # (upstream, outcome, seconds) for each call: the app's metrics.
+        self.observe: Observe = observe or _unobserved
         # Retry-After pauses this upstream asked of this process (metrics).
         self.pauses = 0
+
+    def fallback(self, query: Query, content: Mapping[str, Any]) -> Any:
+        """The operator's fallback content as this upstream would have answered `query`, so
+        the shapers read it like real data; None when this read has no fallback."""
+        return None
 
     def require(self) -> None:
         """Fail clearly (503, naming the setting) when a required setting is empty."""
@@ -218,7 +243,9 @@ class HttpClient:
         time.sleep(backoff)
         return True
 
-    def _attempt(self, method, path, params, headers, json_body, ok_statuses, left):
+    def _attempt(self, method: str, path: str, params: Mapping[str, str] | None,
+                 headers: Mapping[str, str] | None, json_body: Any, ok_statuses: tuple[int, ...],
+                 left: float) -> tuple[int, Any]:
         url = self.base_url + path
         if params:
             url += "?" + urlencode(params)
@@ -239,7 +266,8 @@ class HttpClient:
             self.raise_for_status(status, retry_after)
         return self._parse(status, content)
 
-    def _exchange(self, method, url, body, headers, timeout) -> tuple[int, bytes, str | None]:
+    def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+                  timeout: urllib3.Timeout) -> tuple[int, bytes, str | None]:
         """Send the request and read the answer (status, capped body, Retry-After)."""
         try:
             response = self.pool.request(method, url, body=body, headers=headers, timeout=timeout,

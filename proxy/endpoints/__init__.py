@@ -1,22 +1,30 @@
 """The public data endpoints: a registry of (path, handler), the only router for them, that
 the WSGI fast path, previews, templates and docs share.
 
-A handler takes the services and the query arguments and returns a `Result`;
-it never sees Flask, so the render layer can call the same handlers. proxy/dispatch.py turns
-its outcome into HTTP, the same way for every caller.
+A handler takes a `Context` (the services and its own registration) and the query
+arguments and returns a `Result`; it never sees Flask, so the render layer can call the same
+handlers. It asks its upstream through `Context.fetch(query)`, where the registration decides
+the cache TTL and the operator fallback content (by the endpoint's path), and the client
+(`query.client.fallback`) shapes that content as its upstream would answer.
+proxy/dispatch.py turns the outcome into HTTP, the same way for every caller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import dispatch
 from ..cache import Lookup
+from ..clients.base import Query
+from ..config import Settings
 from ..dispatch import Call
 
-__all__ = ["Call", "Endpoint", "REGISTRY", "Result", "call", "endpoint", "load_all"]
+if TYPE_CHECKING:
+    from ..services import Services
+
+__all__ = ["Call", "Context", "Endpoint", "REGISTRY", "Result", "call", "endpoint", "load_all"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +39,11 @@ class Result:
         return {**self.body, "stale": state == "STALE", "fallback": state == "FALLBACK"}
 
 
-Handler = Callable[[Any, Mapping[str, str]], Result]
+Handler = Callable[["Context", Mapping[str, str]], Result]
+
+
+def _no_ttl(settings: Settings) -> float:
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,31 @@ class Endpoint:
     required: tuple[str, ...] = field(default=())
     answer: Any = None  # the TypedDict of the flat answer: the template contract
     example: str = ""  # a query string that answers from the sandboxes
-    kind: str = ""  # the cache kind whose TTL governs the answer (Settings.ttl)
+    # The cache kind: the CCPROXY_CACHE_TTL_<KIND> setting that keeps the answer fresh.
+    ttl: Callable[[Settings], float] = _no_ttl
+
+    def run(self, services: Services, args: Mapping[str, str]) -> Result:
+        return self.handler(Context(services, self), args)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a handler works with: the app's services, and its own registration, whose cache
+    TTL and fallback content govern each fetch."""
+
+    services: Services
+    endpoint: Endpoint
+
+    @property
+    def ttl(self) -> float:
+        return self.endpoint.ttl(self.services.settings)
+
+    def fetch(self, query: Query, *, when_limited: bool = False) -> Lookup:
+        """One upstream read through the cache; the operator's fallback content for this
+        endpoint stands in when it fails and nothing stale is left (and, `when_limited`, the
+        client's empty answer when the upstream is rate limited)."""
+        return self.services.cached(query, self.ttl, self.services.fallback_content(self.endpoint.path),
+                                    when_limited)
 
 
 REGISTRY: dict[str, Endpoint] = {}
@@ -57,13 +93,14 @@ def endpoint(
     required: tuple[str, ...] = (),
     answer: Any = None,
     example: str = "",
-    kind: str = "",
+    ttl: Callable[[Settings], float] = _no_ttl,
 ) -> Callable[[Handler], Handler]:
-    """Register a handler under its public path (a contract: never rename). The OpenAPI
-    document is generated from these registrations, so it cannot drift from them."""
+    """Register a handler under its public path (a contract: never rename); `ttl` reads the
+    setting of its cache kind (`lambda s: s.cache_ttl_<kind>`). The OpenAPI document is
+    generated from these registrations, so it cannot drift from them."""
 
     def register(handler: Handler) -> Handler:
-        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example, kind)
+        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example, ttl)
         return handler
 
     return register
@@ -76,7 +113,12 @@ def load_all() -> dict[str, Endpoint]:
     return REGISTRY
 
 
-def call(services: Any, path: str, args: Mapping[str, str]) -> Call:
+def fresh_seconds(settings: Settings) -> Callable[[str], float]:
+    """Seconds the answers of the data endpoint at a path stay fresh."""
+    return lambda path: REGISTRY[path].ttl(settings)
+
+
+def call(services: Services, path: str, args: Mapping[str, str]) -> Call:
     """Run the data endpoint registered at `path` without HTTP (dispatch.call): its answer
     is the one HTTP would give; a bad request is raised, an upstream failure returned."""
     return dispatch.call(REGISTRY[path], services, args)

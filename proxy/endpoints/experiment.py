@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .. import params
 from ..cache import Lookup
 from ..clients.base import Answer
 from ..errors import BadRequest
 from ..shape import experiment as shape
-from . import Result, endpoint
+from . import Context, Result, endpoint
+
+if TYPE_CHECKING:
+    from ..experiment_local import Configuration
 
 PROPERTY_PREFIX = "user_properties."
 
 
-def evaluation_context(args) -> dict:
+def evaluation_context(args: Mapping[str, str]) -> dict[str, Any]:
     """`context` JSON merged with `user_properties.<name>=<value>` parameters."""
     context = params.json_object(args, "context")
     extra = {name: params.scalar(value) for name, value in params.prefixed(args, PROPERTY_PREFIX).items()}
@@ -32,42 +36,24 @@ def evaluation_context(args) -> dict:
     "Experiment variants and payloads for one user; requested flags without a variant read `off`.",
     ("user_id", "device_id", "flag_keys", "context", "track"),
     answer=shape.VariantsAnswer,
-    example="user_id=treatment-1&flag_keys=checkout-button,hero-banner&track=false", kind="variants",
+    example="user_id=treatment-1&flag_keys=checkout-button,hero-banner&track=false",
+    ttl=lambda s: s.cache_ttl_variants,
 )
-def variants(services, args) -> Result:
+def variants(ctx: Context, args: Mapping[str, str]) -> Result:
     user_id, device_id = params.user_ref(args)
     flags = params.id_list(args, "flag_keys")
     context = evaluation_context(args)
     track = params.boolean(args, "track", True)
-    store = services.flag_store
+    store = ctx.services.flag_store
     config = store.current() if store is not None else None
     if config is not None:
-        return local_variants(services, config, user_id, device_id, flags, context, track)
-    lookup = remote_vardata(services, user_id, device_id, flags, context, track)
+        return local_variants(ctx, config, user_id, device_id, flags, context, track)
+    lookup = ctx.fetch(ctx.services.experiment.variants(user_id, device_id, flags, context, track))
     return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
 
 
-def remote_vardata(services, user_id: str, device_id: str, flags: list[str], context: dict,
-                   track: bool) -> Lookup:
-    """One `/v1/vardata` answer through the cache (operator fallback when it fails)."""
-    query = {k: v for k, v in (("user_id", user_id), ("device_id", device_id)) if v}
-    if flags:
-        query["flag_keys"] = ",".join(sorted(flags))
-    if context:
-        # Canonical JSON so equal contexts share one cache entry.
-        query["context"] = json.dumps(context, sort_keys=True, separators=(",", ":"))
-    client = services.experiment
-    # Tracked and untracked evaluations are different calls: never one cache entry.
-    operation = "vardata" if track else "vardata-no-track"
-    content = services.fallback_content("/v1/experiment/variants")
-    return services.cached(
-        "variants", client, operation, query, lambda: client.vardata(query, track),
-        (lambda: fallback_vardata(content)) if content is not None else None,
-    )
-
-
-def local_variants(services, config, user_id: str, device_id: str, flags: list[str],
-                   context: dict, track: bool) -> Result:
+def local_variants(ctx: Context, config: Configuration, user_id: str, device_id: str,
+                   flags: list[str], context: dict[str, Any], track: bool) -> Result:
     """Local mode: the flags the configuration can decide, evaluated in process; the others in
     one remote call with no-track (Amplitude sends no assignment event either way). With
     `track` and an analytics key, one exposure event per answered flag (`tracked: true`)."""
@@ -76,12 +62,13 @@ def local_variants(services, config, user_id: str, device_id: str, flags: list[s
 
     decision = evaluate(config, engine_context(user_id, device_id, context), flags)
     vardata = dict(decision.vardata)
-    lookup = Lookup(Answer(vardata), "LOCAL", 0.0, services.settings.ttl("variants"))
+    lookup = Lookup(Answer(vardata), "LOCAL", 0.0, ctx.ttl)
     if decision.remote:
-        lookup = remote_vardata(services, user_id, device_id, decision.remote, context, False)
+        remote_query = ctx.services.experiment.variants(user_id, device_id, decision.remote, context, False)
+        lookup = ctx.fetch(remote_query)
         remote = lookup.value.data if isinstance(lookup.value.data, dict) else {}
         vardata.update({k: v for k, v in remote.items() if k in decision.remote})
-    tracker = services.exposures if track else None
+    tracker = ctx.services.exposures if track else None
     if tracker is not None:
         # The operator's fallback defaults are no exposure; what the engine decided is.
         seen = decision.vardata if lookup.state == "FALLBACK" else vardata
@@ -106,12 +93,3 @@ def exposures(user_id: str, device_id: str, vardata: dict, engine: dict) -> list
                               metadata if isinstance(metadata, dict) else None, now))
     return found
 
-
-def fallback_vardata(content: dict) -> dict:
-    """Operator defaults `variants = {flag = "variant"}`, `payloads = {flag = {...}}` as a
-    vardata answer."""
-    payloads = content.get("payloads", {})
-    return {
-        flag: {"key": str(key), **({"payload": payloads[flag]} if flag in payloads else {})}
-        for flag, key in content.get("variants", {}).items()
-    }

@@ -7,7 +7,7 @@ Liquid identifier and never puts null where a template expects a value.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from .common import (
     deep_identifier_keys,
@@ -59,6 +59,13 @@ class ComputationsAnswer(Identity, total=False):
     comp_found: bool  # with comp_id: whether Amplitude had that computation
 
 
+class CohortFields(TypedDict, total=False):
+    cohort_ids: list[str]
+    cohort_count: int
+    cohort_ids_joined: str
+    cohorts: dict[str, bool]
+
+
 class CohortsAnswer(Identity, total=False):
     cohort_ids: list[str]
     cohort_count: int
@@ -91,7 +98,7 @@ def recommendation(rec: dict[str, Any] | None, rec_id: str) -> Recommendation:
     """One recommendation, or an empty one (found false) when Amplitude has none."""
     rec = rec or {}
     items = rec.get("items") or []
-    shaped: dict[str, Any] = {
+    shaped = {
         "rec_id": rec_id,
         "child_rec_id": rec.get("child_rec_id") or rec_id,
         "found": bool(rec),
@@ -101,7 +108,9 @@ def recommendation(rec: dict[str, Any] | None, rec_id: str) -> Recommendation:
         "source": rec.get("recommendation_source") or "",
         "last_updated": iso_from_epoch_seconds(rec.get("last_updated")),
     }
-    return shaped  # type: ignore[return-value]
+    # A cast, not a literal: item_1 .. item_N are keys a TypedDict cannot name (the OpenAPI
+    # document gives them as pattern properties).
+    return cast(Recommendation, shaped)
 
 
 def recommendations(
@@ -111,20 +120,23 @@ def recommendations(
     by_id = {rec.get("rec_id"): rec for rec in (user_data or {}).get("recommendations") or []}
     per_id = {rec_id: recommendation(by_id.get(rec_id), rec_id) for rec_id in rec_ids}
     first = per_id[rec_ids[0]]
-    answer: dict[str, Any] = {**identity(user_data, user_id, device_id), **first}
-    # found: the user is known AND Amplitude had recs (null for users inactive > 90 days).
-    answer["found"] = user_data is not None and first["found"]
-    answer["recommendations"] = identifier_keys(per_id)
-    return answer  # type: ignore[return-value]
+    return {
+        **identity(user_data, user_id, device_id),
+        **first,
+        # found: the user is known AND Amplitude had recs (null for users inactive > 90 days).
+        "found": user_data is not None and first["found"],
+        "recommendations": identifier_keys(per_id),
+    }
 
 
 def properties(user_data: UserData | None, user_id: str = "", device_id: str = "") -> PropertiesAnswer:
     """`properties.<name>` with JSON types kept."""
     props = (user_data or {}).get("amp_props")
-    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
-    answer["found"] = props is not None
-    answer["properties"] = deep_identifier_keys(props or {})
-    return answer  # type: ignore[return-value]
+    return {
+        **identity(user_data, user_id, device_id),
+        "found": props is not None,
+        "properties": deep_identifier_keys(props or {}),
+    }
 
 
 def computations(
@@ -133,19 +145,21 @@ def computations(
     """Computations arrive in `amp_props` as strings (`"3"`); numbers become numbers."""
     props = (user_data or {}).get("amp_props")
     comps = {key: number_or_text(value) for key, value in (props or {}).items()}
-    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
-    answer["found"] = bool(comps)
-    answer["computations"] = identifier_keys(comps)
+    answer: ComputationsAnswer = {
+        **identity(user_data, user_id, device_id),
+        "found": bool(comps),
+        "computations": identifier_keys(comps),
+    }
     if comp_id is not None:
         # Amplitude answers one comp_id with the computation's own name as key
         # (comp_id=testCompId -> {"computed-prop-2": "3"}), so take the single value.
         # An unknown comp_id reads 0 (a number, like every computation) with comp_found false.
         answer["value"] = next(iter(comps.values())) if comps else 0
         answer["comp_found"] = bool(comps)
-    return answer  # type: ignore[return-value]
+    return answer
 
 
-def cohort_fields(cohort_ids: list[Any] | None) -> dict[str, Any]:
+def cohort_fields(cohort_ids: list[Any] | None) -> CohortFields:
     ids = [str(c) for c in cohort_ids or []]
     return {
         "cohort_ids": ids,
@@ -160,29 +174,30 @@ def cohorts(
 ) -> CohortsAnswer:
     """Cohort membership; `member` answers "is this user in cohort_id?"."""
     ids = (user_data or {}).get("cohort_ids")
-    answer: dict[str, Any] = {**identity(user_data, user_id, device_id)}
-    answer["found"] = ids is not None
-    answer.update(cohort_fields(ids))
+    fields = cohort_fields(ids)
+    answer: CohortsAnswer = {**identity(user_data, user_id, device_id), "found": ids is not None, **fields}
     if cohort_id is not None:
-        answer["member"] = cohort_id in answer["cohort_ids"]
-    return answer  # type: ignore[return-value]
+        answer["member"] = cohort_id in fields["cohort_ids"]
+    return answer
 
 
 def profile(
     user_data: UserData | None, rec_ids: list[str] | None = None, user_id: str = "", device_id: str = ""
 ) -> ProfileAnswer:
     """Everything from one upstream call: properties (amp_props as returned), cohorts, recs."""
-    answer: dict[str, Any] = {}
-    if rec_ids:
-        answer.update(recommendations(user_data, rec_ids, user_id, device_id))
-    answer.update(identity(user_data, user_id, device_id))
     props = (user_data or {}).get("amp_props") or {}
     # amp_props mixes properties with computations (`computed-prop-<n>`, sent as strings).
     comps = {k: number_or_text(v) for k, v in props.items() if str(k).startswith(COMPUTED_PREFIX)}
-    answer["properties"] = deep_identifier_keys({**props, **comps})
-    answer["computations"] = identifier_keys(comps)
-    answer.update(cohort_fields((user_data or {}).get("cohort_ids")))
-    return answer  # type: ignore[return-value]
+    answer: ProfileAnswer = {
+        **identity(user_data, user_id, device_id),
+        "properties": deep_identifier_keys({**props, **comps}),
+        "computations": identifier_keys(comps),
+        **cohort_fields((user_data or {}).get("cohort_ids")),
+    }
+    if rec_ids:
+        # The recommendation fields first; `found` is the identity's (the user is known).
+        return {**recommendations(user_data, rec_ids, user_id, device_id), **answer}
+    return answer
 
 
 __all__ = [

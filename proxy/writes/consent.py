@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, request
 
-from . import idempotency, links, params
-from .errors import ConsentStateUnknown, NotConfigured, ProxyError
-from .responses import json_response
-from .writes import (
-    SELECTOR_PARAMS,
-    _services,
-    base_url,
-    choice_path,
-    expiry,
-    processing_id_of,
-    store,
-)
+from .. import idempotency, links, params
+from ..auth import open_to_all
+from ..errors import ConsentStateUnknown, NotConfigured, ProxyError
+from ..responses import json_response
+from ..shape import mediarithmics as shape
+from .choices import choice_path, processing_id_of
+from .link_urls import base_url, expiry
+from .submit import services as _services
+from .submit import store
 
 bp = Blueprint("consent", __name__)
 CONSENT_PATH = "/v1/mediarithmics/consent"
@@ -36,14 +34,13 @@ CONSENT_PATH = "/v1/mediarithmics/consent"
 # are one write within this window; after it the same link records again, so an old
 # unsubscribe link still works after a later resubscribe.
 CONSENT_REPLAY_WINDOW = 600.0
-LINK_PARAMS = (*SELECTOR_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
+LINK_PARAMS = (*params.USER_POINT_PARAMS, "processing_id", "accept", "v", links.EXPIRES, links.SIGNATURE)
 
 
 def current_choice_version(selector: Mapping[str, str], processing: str) -> str:
     """The choice's last change (`$choice_ts`), read fresh: confirming a link checks it."""
-    answer = _services().mediarithmics.choices(dict(selector), processing)
-    stamps = [c.get("$choice_ts") or 0 for c in answer.data or [] if isinstance(c, dict)]
-    return str(max(stamps) if stamps else 0)
+    answer = _services().mediarithmics.choices(selector, processing).send()
+    return _version(shape.choices(answer.data, processing)["choices_list"])
 
 
 def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
@@ -51,13 +48,18 @@ def issued_choice_version(selector: Mapping[str, str], processing: str) -> str:
     read per link must not cost an upstream call each (a change within the cache TTL only
     makes the link ask the recipient to use a newer email). An answer that is not the
     upstream's (an error, an operator fallback) raises ConsentStateUnknown."""
-    from .endpoints import call
+    from ..endpoints import call
 
     done = call(_services(), "/v1/mediarithmics/choices", {**selector, "processing_id": processing})
     if done.status != 200 or done.body.get("fallback"):
         raise ConsentStateUnknown("the current choice could not be read, so no subscribe link "
                                   "was signed; retry shortly")
-    stamps = [c.get("choice_ts") or 0 for c in done.body.get("choices_list", []) if isinstance(c, dict)]
+    return _version(done.body.get("choices_list", []))
+
+
+def _version(choices_list: Iterable[Any]) -> str:
+    """A choice's version: its latest `choice_ts` in the shaped answer (0: never chosen)."""
+    stamps = [c.get("choice_ts") or 0 for c in choices_list if isinstance(c, dict)]
     return str(max(stamps) if stamps else 0)
 
 
@@ -74,7 +76,7 @@ def consent_url(selector: Mapping[str, str], processing: str, accept: bool,
 
 
 @bp.get("/v1/mediarithmics/consent-link")
-def consent_link():
+def consent_link() -> Response:
     args = request.args
     selector = params.user_point_selector(args)
     processing = processing_id_of(args)
@@ -100,12 +102,13 @@ def _verified_link(args: Mapping[str, str]) -> tuple[dict[str, str], str, bool, 
     unknown = set(args) - set(LINK_PARAMS)
     if unknown:
         raise links.LinkError("This link is not valid.")
-    selector = {k: args[k] for k in SELECTOR_PARAMS if k in args}
+    selector = {k: args[k] for k in params.USER_POINT_PARAMS if k in args}
     return selector, args.get("processing_id", ""), args.get("accept") == "true", args.get("v")
 
 
 @bp.get(CONSENT_PATH)
-def consent_page():
+@open_to_all
+def consent_page() -> Response:
     """What a recipient sees on clicking: a confirmation, so link scanners change nothing."""
     try:
         _selector, _processing, accept, _version = _verified_link(request.args)
@@ -118,7 +121,8 @@ def consent_page():
 
 
 @bp.post(CONSENT_PATH)
-def consent_confirm():
+@open_to_all
+def consent_confirm() -> Response:
     """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
     try:
         selector, processing, accept, version = _verified_link(request.args)
@@ -140,7 +144,7 @@ def consent_confirm():
     try:
         idem = idempotency.link_key(CONSENT_PATH, urlencode(sorted(request.args.items())),
                                     CONSENT_REPLAY_WINDOW)
-        store("choice", "PUT", choice_path(selector, processing), {}, choice, idem=idem)
+        store("choice", _services().mediarithmics.put_choice(selector, processing, choice), idem=idem)
     except ProxyError:
         return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503, 60)
     done = "You are subscribed." if accept else "You are unsubscribed. You will not receive these emails any more."
