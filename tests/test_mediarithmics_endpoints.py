@@ -55,3 +55,14 @@ def test_selector_values_are_encoded(client, sandboxes):
 def test_wrong_token_is_502_and_not_echoed(make_app):
     r = make_app(mediarithmics_token="leaky-token").test_client().get("/v1/mediarithmics/profile?user_point_id=a")
     assert r.status_code == 502 and b"leaky-token" not in r.data
+
+
+@pytest.mark.parametrize("value", ["/", "a/b", "%2F", "../.."])
+def test_an_id_with_slashes_stays_one_segment_upstream(client, value):
+    """The sandbox routes on the raw path as the API does: an encoded slash never splits the
+    selector, so the answer is the user point's (found or not), not a redirect turned into a 502."""
+    from urllib.parse import quote
+
+    r = client.get(f"/v1/mediarithmics/profile?user_agent_id={quote(value, safe='')}")
+    assert r.status_code == 200, r.get_json()
+    assert isinstance(r.get_json()["found"], bool)

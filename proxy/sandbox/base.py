@@ -18,12 +18,14 @@ Images a sandbox serves for previews (`/images/...`) are not calls either.
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from flask import Flask, Response, jsonify, request
 
@@ -96,10 +98,25 @@ def _broken_stream():
     raise ConnectionResetError("sandbox: injected connection reset")
 
 
+def _route_on_raw_path(wsgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """Route as the real APIs do: an id's encoded slash (`%2F`) stays inside its path segment.
+    Werkzeug decodes it before routing, so `user_agent_id=%2F` became a path of its own (a 308)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        raw = (environ.get("RAW_URI") or environ.get("REQUEST_URI") or "").split("?", 1)[0]
+        if re.search("%2f", raw, re.IGNORECASE):
+            decoded = "%2F".join(unquote(part) for part in re.split("%2f", raw, flags=re.IGNORECASE))
+            environ["PATH_INFO"] = decoded.encode().decode("latin-1")  # WSGI strings are latin-1
+        return wsgi_app(environ, start_response)
+
+    return app
+
+
 def sandbox_app(name: str, state: SandboxState) -> Flask:
     """A Flask app with the shared control endpoints and per-call behaviour hooks."""
     app = Flask(f"sandbox_{name}")
     app.config["SANDBOX"] = state
+    app.wsgi_app = _route_on_raw_path(app.wsgi_app)  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the documented key order
 
     @app.get("/__sandbox/stats")
