@@ -16,7 +16,6 @@ import typing
 from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
 
 from . import __version__
-from .endpoints import REGISTRY, load_all
 from .params import PARAM_SCHEMAS, USER_POINT_PARAMS, USER_POINT_SELECTORS
 from .shape.amplitude import Recommendation
 
@@ -160,10 +159,11 @@ def document(app: Flask | None = None) -> dict[str, Any]:
         from .app import create_app
 
         app = create_app(config.load(environ={}))
-    load_all()
+    from .services import of_app
+
     defs: dict[str, Any] = {"Error": ERROR}
     paths: dict[str, Any] = {}
-    for endpoint in REGISTRY.values():
+    for endpoint in of_app(app).endpoints.values():
         ref = schema_of(endpoint.answer, defs)
         name = ref["$ref"].rsplit("/", 1)[1]
         defs[name]["properties"].update(PROVENANCE)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .box_cache import BoxStore
     from .delivery import Deliverer
+    from .endpoints import Registry
     from .experiment_local import FlagStore
     from .exposures import ExposureTracker
     from .outbox import Outbox
@@ -91,6 +92,7 @@ class Services:
     experiment_flags: FlagConfigClient
     target: TargetClient
     mediarithmics: MediarithmicsClient
+    endpoints: Registry  # this app's data endpoints (endpoints.build_registry)
     fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     redis: RedisHealth | None = None
     box: BoxStore | None = None  # the machine's shared answer cache (box_cache.py)
@@ -103,9 +105,12 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, timer: Timer | None = None,
-              observe: Observe | None = None) -> Services:
+              observe: Observe | None = None, endpoints: Registry | None = None) -> Services:
         """The cache (in memory, or on Redis when CCPROXY_REDIS_URL is set), the upstream
-        pool, and each upstream's client with its guards."""
+        pool, each upstream's client with its guards, and the data endpoints (a new
+        registry of them all unless given)."""
+        from .endpoints import build_registry
+
         redis = None
         memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
         store: Store = memory
@@ -145,6 +150,7 @@ class Services:
             cache=AnswerCache(store, clock, settings.coalesce_wait, grace=settings.cache_grace,
                               max_stale=settings.cache_max_stale),
             fallbacks=load_fallbacks(settings.fallbacks_file),
+            endpoints=build_registry() if endpoints is None else endpoints,
             amplitude=AmplitudeClient(pool, settings.amplitude_url, settings.amplitude_secret_key,
                                       guards=guards(AmplitudeClient.name), **http),
             experiment=ExperimentClient(pool, settings.experiment_base_url,
