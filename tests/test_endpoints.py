@@ -124,3 +124,15 @@ def test_in_process_calls_use_the_apps_own_registry(two_apps):
     assert call(of_app(first), "/v1/test/echo", {"say": "x"}).body["said"] == "x"
     with pytest.raises(KeyError):
         call(of_app(second), "/v1/test/echo", {"say": "x"})
+
+
+def test_every_endpoint_module_is_collected():
+    import pkgutil
+
+    import proxy.endpoints as package
+    from proxy.endpoints import endpoint_modules, registrations
+
+    modules = endpoint_modules()
+    assert {m.__name__.rsplit(".", 1)[1] for m in modules} == {
+        info.name for info in pkgutil.iter_modules(package.__path__)}
+    assert all(registrations(m) for m in modules)  # each defines endpoints
