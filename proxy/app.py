@@ -16,7 +16,7 @@ from werkzeug.routing import Rule
 from . import auth, config, observability
 from .cache import Timer
 from .dispatch import http_answer, log_failure
-from .endpoints import load_all
+from .endpoints import Registry
 from .errors import BadRequest, BodyTooLarge, InternalError, MethodNotAllowed, NotFound, ProxyError
 from .middleware import RequestEnvelope
 from .readiness import readiness
@@ -27,20 +27,22 @@ log = logging.getLogger("ccproxy")
 
 
 def create_app(
-    settings: config.Settings | Mapping[str, Any] | None = None, *, timer: Timer | None = None
+    settings: config.Settings | Mapping[str, Any] | None = None, *, timer: Timer | None = None,
+    endpoints: Registry | None = None,
 ) -> Flask:
-    """Build an app; `settings` is a Settings or a mapping of overrides on env/file settings."""
+    """Build an app; `settings` is a Settings or a mapping of overrides on env/file settings;
+    `endpoints` its data endpoints (by default a new registry of every public one)."""
     if not isinstance(settings, config.Settings):
         settings = config.load(overrides=settings)
     app = Flask(__name__, static_folder=None)  # no static files: the preview page is one HTML file
     metrics = observability.Metrics()
-    services = Services.build(settings, timer, observe=metrics.observe_upstream)
+    services = Services.build(settings, timer, observe=metrics.observe_upstream, endpoints=endpoints)
     metrics.watch(services)
     app.extensions[EXTENSION] = services
     observability.configure_logging(settings.log_level)
 
-    # The data endpoints have no Flask views: the registry routes them (middleware.py).
-    endpoints = dict(load_all())
+    # The data endpoints have no Flask views: the app's registry routes them (middleware.py).
+    endpoints = services.endpoints
     from .messages import TEMPLATES
     from .messages import bp as messages_bp
     from .rendering import TemplateLibrary, default_templates_dir

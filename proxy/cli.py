@@ -100,7 +100,7 @@ def _warm(args: argparse.Namespace) -> int:
     if args.flag_keys:
         params["flag_keys"] = args.flag_keys
     # Leave a tenth of the upstream's budget to live traffic.
-    rate = args.rate or 0.9 * (getattr(settings, f"rate_limit_{upstream}") or 600)
+    rate = args.rate or 0.9 * (settings.deployment_rate_limit(upstream) or 600)
     keys = auth.parse_keys(settings.api_keys)
     api_key = args.api_key or (keys[0] if keys else "")
     users = Path(args.users)

@@ -13,10 +13,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .errors import SettingsError  # raised here; kept importable as config.SettingsError
+
+# The upstreams with a rate limit setting (`rate_limit_<name>`, by the client's name): a name
+# outside these is a type error (mypy), not a limit silently read as "none".
+RateLimited = Literal["amplitude", "experiment", "target", "mediarithmics"]
 
 ENV_PREFIX = "CCPROXY_"
 
@@ -188,10 +192,19 @@ class Settings:
     # The Braze Connected Content credential snippets name in `:basic_auth` (when keys are on).
     braze_credential: str = "ccproxy"
 
-    def rate_limit(self, upstream: str) -> float:
+    def deployment_rate_limit(self, upstream: RateLimited) -> float:
+        """Calls per minute the whole deployment may make to `upstream` (0: no limit)."""
+        limits: dict[RateLimited, float] = {
+            "amplitude": self.rate_limit_amplitude,
+            "experiment": self.rate_limit_experiment,
+            "target": self.rate_limit_target,
+            "mediarithmics": self.rate_limit_mediarithmics,
+        }
+        return float(limits[upstream])
+
+    def rate_limit(self, upstream: RateLimited) -> float:
         """Calls per minute this process may make (the deployment's limit split over workers)."""
-        # Upstreams without a setting (the Flags API, a few calls a minute) are not limited.
-        return float(getattr(self, f"rate_limit_{upstream}", 0.0)) / max(1, self.workers)
+        return self.deployment_rate_limit(upstream) / max(1, self.workers)
 
     @property
     def experiment_base_url(self) -> str:

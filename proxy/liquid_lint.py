@@ -44,7 +44,7 @@ from liquid.builtin.expressions.logical import (
 from liquid.builtin.expressions.primitive import FloatLiteral, IntegerLiteral, StringLiteral
 from liquid.context import RenderContext
 
-from .endpoints import REGISTRY, load_all
+from .endpoints import Endpoint, build_registry
 from .liquid_preview import (
     AbortMessageNode,
     ConnectedContentNode,
@@ -87,13 +87,16 @@ class Saved:
 
 
 def lint(source: str, fetched: Mapping[str, list[Any]] | None = None,
-         own_hosts: Iterable[str] = ()) -> list[dict[str, Any]]:
+         own_hosts: Iterable[str] = (), endpoints: Mapping[str, Endpoint] | None = None
+         ) -> list[dict[str, Any]]:
     """Warnings for a Braze message. `fetched`: proxy path -> the JSON answers it gave the
-    previewed users (open maps are checked against them); `own_hosts`: hosts that are this proxy."""
-    load_all()
+    previewed users (open maps are checked against them); `own_hosts`: hosts that are this
+    proxy; `endpoints`: the data endpoints by path (by default every public one: the render
+    process has no app)."""
     liquid = braze_to_liquid(_CONTENT_BLOCK_TAG.sub('{{ "" }}', source))
     template = PreviewEnvironment().from_string(liquid)
-    linter = _Linter(liquid, fetched or {}, {h.lower() for h in own_hosts}, RenderContext(template))
+    linter = _Linter(liquid, fetched or {}, {h.lower() for h in own_hosts}, RenderContext(template),
+                     build_registry() if endpoints is None else endpoints)
     linter.connected_content(template.nodes)
     analysis = template.analyze(include_partials=False)  # Braze has no partials
     for variables in analysis.variables.values():
@@ -140,8 +143,9 @@ def _unwrap(tp: Any) -> Any:
 
 class _Linter:
     def __init__(self, source: str, fetched: Mapping[str, list[Any]], own_hosts: set[str],
-                 static: RenderContext):
+                 static: RenderContext, endpoints: Mapping[str, Endpoint]):
         self.source = source
+        self.endpoints = endpoints
         self.static = static
         self.fetched = fetched
         self.own_hosts = own_hosts
@@ -176,7 +180,7 @@ class _Linter:
                           f"({', '.join(sorted(self.own_hosts))}): the preview cannot show its data, "
                           "and its answer is not the proxy's flat JSON")
                 continue
-            endpoint = REGISTRY.get(path)
+            endpoint = self.endpoints.get(path)
             save = options.get("save")
             if endpoint is not None and not save:
                 self.warn(index, "connected_content_no_save",

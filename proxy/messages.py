@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, request
 
 from . import params
-from .endpoints import REGISTRY, call, fresh_seconds
+from .endpoints import call
 from .errors import BadRequest, ProxyError
 from .guards import start_deadline
 from .liquid_preview import Fetched
@@ -120,10 +120,11 @@ def preview_template(name: str) -> Response:
 
 
 def snippet_policy() -> SnippetPolicy:
-    settings = _services().settings
+    services = _services()
+    settings = services.settings
     return SnippetPolicy(settings.email_hash_liquid,
                          settings.braze_credential if settings.api_keys else None,
-                         fresh_seconds(settings))
+                         services.endpoints.fresh_seconds(settings))
 
 
 @bp.post("/v1/preview/liquid")
@@ -155,7 +156,7 @@ def preview_liquid() -> Response:
 
     def _resolve(path: str, args: dict[str, str]) -> Fetched:
         try:
-            if path in REGISTRY:
+            if path in services.endpoints:
                 done = call(services, path, args)
                 return Fetched(done.status, done.body, done.cache)
             if path.startswith("/v1/render/"):

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document, generated from the endpoint registry (paths, parameters,
+"""The OpenAPI 3.1 document of an app, generated from its endpoint registry (paths, parameters,
 summaries), the parameter schemas in `params.py` and the TypedDicts of the flat answers,
 so it cannot drift from the code; and the README's endpoint reference, generated from it.
 
@@ -13,10 +13,10 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
 
 from . import __version__
-from .endpoints import REGISTRY, load_all
 from .params import PARAM_SCHEMAS, USER_POINT_PARAMS, USER_POINT_SELECTORS
 from .shape.amplitude import Recommendation
 
@@ -151,19 +151,15 @@ def _plain(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def document(app: Flask | None = None) -> dict[str, Any]:
-    """The whole OpenAPI 3.1 document of `app` (a default one when None): the data endpoints
-    from the registry, every other path from the app's URL map, each documented by the
-    operations of its view (`operations`)."""
-    if app is None:
-        from . import config
-        from .app import create_app
+def document(app: Flask) -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document of `app`: the data endpoints from its registry, every
+    other path from its URL map, each documented by the operations of its view
+    (`operations`)."""
+    from .services import of_app
 
-        app = create_app(config.load(environ={}))
-    load_all()
     defs: dict[str, Any] = {"Error": ERROR}
     paths: dict[str, Any] = {}
-    for endpoint in REGISTRY.values():
+    for endpoint in of_app(app).endpoints.values():
         ref = schema_of(endpoint.answer, defs)
         name = ref["$ref"].rsplit("/", 1)[1]
         defs[name]["properties"].update(PROVENANCE)
@@ -412,9 +408,8 @@ def example_command(path: str, method: str, op: dict[str, Any], base: str) -> st
     return _curl(url, method, body)
 
 
-def markdown_reference(base: str = "http://localhost:8080") -> str:
-    """The README's endpoint table, one runnable curl example each, from the document."""
-    doc = document()
+def markdown_reference(doc: Mapping[str, Any], base: str = "http://localhost:8080") -> str:
+    """The README's endpoint table, one runnable curl example each, from an app's document."""
     lines = ["| endpoint | summary | example |", "|---|---|---|"]
     for path, item in doc["paths"].items():
         for method, op in item.items():
@@ -424,8 +419,23 @@ def markdown_reference(base: str = "http://localhost:8080") -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    if "--markdown" in sys.argv:
-        sys.stdout.write(markdown_reference())
+def main(argv: list[str]) -> None:
+    """The document of an app built on the default settings (not the environment's: the
+    published contract does not depend on a deployment), as JSON or the README's table."""
+    from . import config
+    from .app import create_app
+    from .services import of_app
+
+    app = create_app(config.load(environ={}))
+    try:
+        doc = document(app)
+    finally:
+        of_app(app).close()
+    if "--markdown" in argv:
+        sys.stdout.write(markdown_reference(doc))
     else:
-        json.dump(document(), sys.stdout, indent=2)
+        json.dump(doc, sys.stdout, indent=2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

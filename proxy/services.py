@@ -22,7 +22,7 @@ from .clients.base import Answer, HttpClient, Observe, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
-from .config import Settings, SettingsError
+from .config import RateLimited, Settings, SettingsError
 from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
 from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .box_cache import BoxStore
     from .delivery import Deliverer
+    from .endpoints import Registry
     from .experiment_local import FlagStore
     from .exposures import ExposureTracker
     from .outbox import Outbox
@@ -49,17 +50,19 @@ def flight_deadline(settings: Settings) -> float:
     return settings.upstream_connect_timeout + settings.upstream_read_timeout + 0.5
 
 
-def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None) -> Guards:
+def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None,
+                    limit: RateLimited | None = None) -> Guards:
     """A new breaker, rate limiter and retry budget for one upstream (per process; the
-    limiter is shared by the deployment on Redis)."""
+    limiter is shared by the deployment on Redis). `limit`: whose rate limit setting holds
+    (None: not limited, as the Flags API and the analytics events, a few calls a minute)."""
     breaker = CircuitBreaker(name, settings.breaker_threshold, settings.breaker_reset, timer)
-    local = RateLimiter(name, settings.rate_limit(name), timer)
+    local = RateLimiter(name, settings.rate_limit(limit) if limit else 0.0, timer)
     limiter: Limiter = local
     if redis is not None:
         from .redis_backend import RedisRateLimiter
 
         # Shared: the whole deployment's limit in one bucket, not split per process.
-        deployment_limit = settings.rate_limit(name) * settings.workers
+        deployment_limit = settings.rate_limit(limit) * settings.workers if limit else 0.0
         limiter = RedisRateLimiter(name, deployment_limit, redis, local)
     return Guards(breaker, limiter, RetryBudget(timer=timer))
 
@@ -91,6 +94,7 @@ class Services:
     experiment_flags: FlagConfigClient
     target: TargetClient
     mediarithmics: MediarithmicsClient
+    endpoints: Registry  # this app's data endpoints (endpoints.build_registry)
     fallbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     redis: RedisHealth | None = None
     box: BoxStore | None = None  # the machine's shared answer cache (box_cache.py)
@@ -103,9 +107,12 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, timer: Timer | None = None,
-              observe: Observe | None = None) -> Services:
+              observe: Observe | None = None, endpoints: Registry | None = None) -> Services:
         """The cache (in memory, or on Redis when CCPROXY_REDIS_URL is set), the upstream
-        pool, and each upstream's client with its guards."""
+        pool, each upstream's client with its guards, and the data endpoints (a new
+        registry of them all unless given)."""
+        from .endpoints import build_registry
+
         redis = None
         memory = MemoryStore(settings.cache_maxsize, timer or time.monotonic)
         store: Store = memory
@@ -137,19 +144,20 @@ class Services:
             "observe": observe,
         }
 
-        def guards(name: str) -> Guards:
-            return upstream_guards(settings, name, clock, redis)
+        def guards(name: str, limit: RateLimited | None = None) -> Guards:
+            return upstream_guards(settings, name, clock, redis, limit)
 
         return cls(
             settings=settings, timer=clock, pool=pool, redis=redis, box=box, observe=observe,
             cache=AnswerCache(store, clock, settings.coalesce_wait, grace=settings.cache_grace,
                               max_stale=settings.cache_max_stale),
             fallbacks=load_fallbacks(settings.fallbacks_file),
+            endpoints=build_registry() if endpoints is None else endpoints,
             amplitude=AmplitudeClient(pool, settings.amplitude_url, settings.amplitude_secret_key,
-                                      guards=guards(AmplitudeClient.name), **http),
+                                      guards=guards(AmplitudeClient.name, "amplitude"), **http),
             experiment=ExperimentClient(pool, settings.experiment_base_url,
                                         settings.experiment_deployment_key,
-                                        guards=guards(ExperimentClient.name), **http),
+                                        guards=guards(ExperimentClient.name, "experiment"), **http),
             experiment_flags=FlagConfigClient(
                 pool, settings.experiment_flags_base_url, settings.experiment_deployment_key,
                 guards=guards(FlagConfigClient.name),
@@ -157,10 +165,10 @@ class Services:
                    "max_bytes": max(16_000_000, settings.upstream_max_bytes)},
             ),
             target=TargetClient(pool, settings.target_base_url, settings.target_client_code,
-                                settings.target_token, guards=guards(TargetClient.name), **http),
+                                settings.target_token, guards=guards(TargetClient.name, "target"), **http),
             mediarithmics=MediarithmicsClient(
                 pool, settings.mediarithmics_url, settings.mediarithmics_token,
-                settings.mediarithmics_datamart_id, guards=guards(MediarithmicsClient.name), **http),
+                settings.mediarithmics_datamart_id, guards=guards(MediarithmicsClient.name, "mediarithmics"), **http),
         )
 
     @property
@@ -282,7 +290,7 @@ class Services:
         CCPROXY_OUTBOX_WRITE_TIMEOUT (a write cut off by a short timeout may have landed, and
         would be sent again); its own breaker, the reads' rate limiter (one upstream budget)."""
         s = self.settings
-        own = upstream_guards(s, MediarithmicsClient.name, self.timer, self.redis)
+        own = upstream_guards(s, MediarithmicsClient.name, self.timer, self.redis, "mediarithmics")
         return MediarithmicsClient(
             self.pool, s.mediarithmics_url, s.mediarithmics_token, s.mediarithmics_datamart_id,
             guards=Guards(own.breaker, self.mediarithmics.limiter, own.retry_budget),

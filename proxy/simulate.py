@@ -210,14 +210,14 @@ def read_recipients(path: Path | None, count: int, prefix: str = "sim") -> list[
 def template_liquid(names: list[str], base: str, api_key: str) -> str:
     """The Braze Liquid of catalogue templates, as the preview page's snippets give it."""
     from . import config
-    from .endpoints import fresh_seconds
+    from .endpoints import build_registry
     from .rendering import TemplateLibrary, default_templates_dir, template_args
     from .snippets import USER_KEYS, SnippetPolicy, braze_snippets
 
     settings = config.load()
     library = TemplateLibrary(default_templates_dir())
     policy = SnippetPolicy(settings.email_hash_liquid, settings.braze_credential if api_key else None,
-                           fresh_seconds(settings))
+                           build_registry().fresh_seconds(settings))
     parts = []
     for name in names:
         if name not in library.templates:

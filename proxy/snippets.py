@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-from .endpoints import REGISTRY
 from .rendering import MessageTemplate
 
 # Query parameters that identify the recipient: each must come from a Braze attribute.
@@ -31,11 +30,12 @@ _OUTPUT = re.compile(r"^\{\{(.*)\}\}$", re.S)
 @dataclass(frozen=True)
 class SnippetPolicy:
     """What the deployment decides: the email hash expression, the Braze credential (None
-    when the proxy takes no keys) and the TTL of each data endpoint, by path."""
+    when the proxy takes no keys) and the TTL of each data endpoint, by path (None: no
+    data endpoint there)."""
 
     email_hash_liquid: str
     credential: str | None
-    ttl: Callable[[str], float]
+    ttl: Callable[[str], float | None]
 
 
 def identifier_expression(template: MessageTemplate, name: str, policy: SnippetPolicy) -> str:
@@ -84,7 +84,8 @@ def _options(policy: SnippetPolicy, ttl: float, retry: bool = True) -> str:
 
 
 def _ttl(path: str, policy: SnippetPolicy) -> float:
-    return policy.ttl(path) if path in REGISTRY else float(BRAZE_MIN_CACHE)
+    ttl = policy.ttl(path)
+    return float(BRAZE_MIN_CACHE) if ttl is None else ttl
 
 
 def braze_snippets(

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-ENDPOINTS = {
+from .config import RateLimited
+
+ENDPOINTS: dict[str, tuple[str, RateLimited]] = {
     "recommendations": ("/v1/amplitude/recommendations", "amplitude"),
     "properties": ("/v1/amplitude/properties", "amplitude"),
     "computations": ("/v1/amplitude/computations", "amplitude"),

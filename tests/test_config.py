@@ -48,3 +48,54 @@ def test_secrets_not_in_repr_and_masked():
     assert config.mask("supersecretvalue") == "********ue"
     assert "supersecretvalue" not in config.credential_id("supersecretvalue")
     assert "amplitude_secret_key" in config.secret_names()
+
+
+def test_each_rate_limit_setting_is_read_for_its_upstream_by_name_not_by_string():
+    import dataclasses
+    import typing
+
+    fields = {f.name.removeprefix("rate_limit_") for f in dataclasses.fields(config.Settings)
+              if f.name.startswith("rate_limit_")}
+    assert set(typing.get_args(config.RateLimited)) == fields  # every setting, nothing else
+    values = {name: 60.0 * (i + 1) for i, name in enumerate(sorted(fields))}
+    settings = config.load(overrides={"workers": 3, **{f"rate_limit_{n}": v for n, v in values.items()}},
+                           environ={})
+    for name, per_minute in values.items():
+        assert settings.deployment_rate_limit(name) == per_minute
+        assert settings.rate_limit(name) == per_minute / 3
+
+
+def test_each_client_is_built_with_its_own_rate_limit(tmp_path):
+    from proxy.services import Services
+
+    settings = config.load(overrides={"rate_limit_amplitude": 60, "rate_limit_experiment": 120,
+                                      "rate_limit_target": 180, "rate_limit_mediarithmics": 240,
+                                      "workers": 2, "outbox_path": str(tmp_path / "o.sqlite3")},
+                           environ={})
+    services = Services.build(settings)
+    try:
+        limits = {client.name: client.limiter.per_minute
+                  for client in [*services.clients, services.experiment_flags]}
+        assert limits == {"amplitude": 30, "experiment": 60, "target": 90, "mediarithmics": 120,
+                          "experiment-flags": 0}
+        assert services.delivery_client().limiter is services.mediarithmics.limiter
+    finally:
+        services.close()
+
+
+def test_a_mistyped_upstream_is_a_type_error(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = tmp_path / "probe.py"
+    probe.write_text("from proxy.config import Settings\n\n"
+                     "Settings().rate_limit('amplitude')\n"
+                     "Settings().rate_limit('amplitud')\n")
+    done = subprocess.run([sys.executable, "-m", "mypy", str(probe), "--ignore-missing-imports",
+                           "--follow-imports=silent", "--cache-dir", str(root / ".mypy_cache")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "probe.py:4:" in errors[0] and "amplitud" in errors[0], done.stdout

@@ -10,11 +10,12 @@ from urllib.parse import parse_qsl
 import pytest
 
 from proxy import dispatch
-from proxy.endpoints import REGISTRY, call, load_all
+from proxy.endpoints import build_registry, call
 from proxy.errors import BadRequest, InternalError, ProxyError
 from proxy.responses import json_bytes
 
-ENDPOINTS = sorted(load_all())
+REGISTRY = build_registry()
+ENDPOINTS = sorted(REGISTRY)
 # The envelope's own headers (added to every answer); everything else must match.
 ENVELOPE = {"X-Request-Id", "X-Content-Type-Options"}
 UPSTREAM = {"amplitude": "amplitude", "experiment": "experiment", "mediarithmics": "mediarithmics",

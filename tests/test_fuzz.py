@@ -24,7 +24,8 @@ from proxy.openapi import document
 
 EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 OPERATIONS = [
-    f"{method.upper()} {path}" for path, item in document()["paths"].items() for method in item
+    f"{method.upper()} {path}"
+    for path, item in document(create_app(config.load(environ={})))["paths"].items() for method in item
 ]
 
 

@@ -9,15 +9,23 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
-from proxy.endpoints import load_all
+from proxy import config
+from proxy.app import create_app
+from proxy.endpoints import build_registry
 from proxy.openapi import document, markdown_reference
+from proxy.services import of_app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return document()
+    """The document of an app on the default settings (`python -m proxy.openapi`'s)."""
+    app = create_app(config.load(environ={}))
+    try:
+        yield document(app)
+    finally:
+        of_app(app).close()
 
 
 def validator_for(doc, schema):
@@ -41,7 +49,7 @@ def test_every_route_is_documented(app, doc):
             assert method.lower() in doc["paths"][path], f"{method} {rule.rule} is not documented"
 
 
-@pytest.mark.parametrize("path", sorted(load_all()))
+@pytest.mark.parametrize("path", sorted(build_registry()))
 def test_every_example_answer_matches_its_schema(client, doc, path):
     operation = doc["paths"][path]["get"]
     r = client.get(f"{path}?{operation['x-example']}")
@@ -81,11 +89,11 @@ def test_parameter_constraints_come_from_the_validators(doc):
     assert params["rec_type"]["schema"]["enum"] == ["model", "random"]
 
 
-def test_readme_reference_is_generated_from_the_document():
+def test_readme_reference_is_generated_from_the_document(doc):
     text = README.read_text()
     start = text.index("<!-- reference:start -->") + len("<!-- reference:start -->\n")
     end = text.index("<!-- reference:end -->")
-    assert text[start:end] == markdown_reference(), "run: python -m proxy.openapi --markdown"
+    assert text[start:end] == markdown_reference(doc), "run: python -m proxy.openapi --markdown"
 
 
 def test_every_setting_is_documented_in_the_readme():
@@ -111,3 +119,41 @@ def test_paths_come_from_the_url_map_and_every_route_needs_its_operation(make_ap
 
     with pytest.raises(ValueError, match="/v1/undocumented"):
         document(app)
+
+
+def test_the_document_is_the_given_apps(tmp_path, doc):
+    from collections.abc import Mapping
+    from typing import TypedDict
+
+    from proxy.endpoints import Context, Result, endpoint
+
+    class EchoAnswer(TypedDict):
+        ok: bool
+        found: bool
+        said: str
+
+    @endpoint("/v1/test/echo", "A test-only endpoint.", ("user_id",), answer=EchoAnswer)
+    def echo(ctx: Context, args: Mapping[str, str]) -> Result:
+        return Result({"ok": True, "found": True, "said": ""})
+
+    app = create_app(config.load(overrides={"outbox_path": str(tmp_path / "o.sqlite3")}, environ={}),
+                     endpoints=build_registry([echo]))
+    try:
+        own = document(app)
+    finally:
+        of_app(app).close()
+    assert own["paths"]["/v1/test/echo"]["get"]["summary"] == "A test-only endpoint."
+    assert "EchoAnswer" in own["components"]["schemas"]
+    assert "/v1/test/echo" not in doc["paths"]
+    assert {path: item for path, item in own["paths"].items() if path != "/v1/test/echo"} == doc["paths"]
+
+
+def test_the_command_prints_the_default_apps_document(capsys, doc):
+    import json
+
+    from proxy import openapi
+
+    openapi.main([])
+    assert json.loads(capsys.readouterr().out) == doc
+    openapi.main(["--markdown"])
+    assert capsys.readouterr().out == markdown_reference(doc)

@@ -1,5 +1,10 @@
-"""The public data endpoints: a registry of (path, handler), the only router for them, that
-the WSGI fast path, previews, templates and docs share.
+"""The public data endpoints: each app's `Registry` of (path, handler), the only router for
+them, that the WSGI fast path, previews, templates and docs share.
+
+`@endpoint` makes a handler into an `Endpoint` and registers it nowhere: importing an
+endpoint module changes no global state. `build_registry` collects the `Endpoint`s each
+endpoint module defines; `create_app` builds one for its app (on its `Services`), so two
+apps in one process never share or leak registrations.
 
 A handler takes a `Context` (the services and its own registration) and the query
 arguments and returns a `Result`; it never sees Flask, so the render layer can call the same
@@ -11,8 +16,9 @@ proxy/dispatch.py turns the outcome into HTTP, the same way for every caller.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .. import dispatch
@@ -24,7 +30,7 @@ from ..dispatch import Call
 if TYPE_CHECKING:
     from ..services import Services
 
-__all__ = ["Call", "Context", "Endpoint", "REGISTRY", "Result", "call", "endpoint", "load_all"]
+__all__ = ["Call", "Context", "Endpoint", "Registry", "Result", "build_registry", "call", "endpoint"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +88,6 @@ class Context:
                                     when_limited)
 
 
-REGISTRY: dict[str, Endpoint] = {}
-
-
 def endpoint(
     path: str,
     summary: str,
@@ -94,31 +97,67 @@ def endpoint(
     answer: Any = None,
     example: str = "",
     ttl: Callable[[Settings], float] = _no_ttl,
-) -> Callable[[Handler], Handler]:
-    """Register a handler under its public path (a contract: never rename); `ttl` reads the
-    setting of its cache kind (`lambda s: s.cache_ttl_<kind>`). The OpenAPI document is
-    generated from these registrations, so it cannot drift from them."""
+) -> Callable[[Handler], Endpoint]:
+    """The registration of a handler under its public path (a contract: never rename); `ttl`
+    reads the setting of its cache kind (`lambda s: s.cache_ttl_<kind>`). The OpenAPI
+    document is generated from the registrations, so it cannot drift from them."""
 
-    def register(handler: Handler) -> Handler:
-        REGISTRY[path] = Endpoint(path, handler, summary, params, required, answer, example, ttl)
-        return handler
+    def register(handler: Handler) -> Endpoint:
+        return Endpoint(path, handler, summary, params, required, answer, example, ttl)
 
     return register
 
 
-def load_all() -> dict[str, Endpoint]:
-    """Import every endpoint module so the registry is complete."""
-    from . import amplitude, experiment, mediarithmics, target  # noqa: F401
+class Registry(Mapping[str, Endpoint]):
+    """One app's data endpoints by path, in registration order (the OpenAPI document's
+    order). Read-only once built: what an app routes cannot change under it."""
 
-    return REGISTRY
+    def __init__(self, endpoints: Iterable[Endpoint] = ()) -> None:
+        self._by_path: dict[str, Endpoint] = {}
+        for registered in endpoints:
+            if registered.path in self._by_path:
+                raise ValueError(f"two endpoints registered at {registered.path}")
+            self._by_path[registered.path] = registered
+
+    def __getitem__(self, path: str) -> Endpoint:
+        return self._by_path[path]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_path)
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def fresh_seconds(self, settings: Settings) -> Callable[[str], float | None]:
+        """Seconds the answers of the data endpoint at a path stay fresh (None: no data
+        endpoint there)."""
+
+        def ttl(path: str) -> float | None:
+            registered = self._by_path.get(path)
+            return None if registered is None else registered.ttl(settings)
+
+        return ttl
 
 
-def fresh_seconds(settings: Settings) -> Callable[[str], float]:
-    """Seconds the answers of the data endpoint at a path stay fresh."""
-    return lambda path: REGISTRY[path].ttl(settings)
+def registrations(module: ModuleType) -> list[Endpoint]:
+    """The endpoints a module defines (not those it imports), in definition order."""
+    return [value for value in vars(module).values()
+            if isinstance(value, Endpoint) and value.handler.__module__ == module.__name__]
+
+
+def endpoint_modules() -> tuple[ModuleType, ...]:
+    from . import amplitude, experiment, mediarithmics, target
+
+    return amplitude, experiment, mediarithmics, target
+
+
+def build_registry(extra: Iterable[Endpoint] = ()) -> Registry:
+    """A new registry of every public data endpoint (and `extra` ones)."""
+    return Registry([*(e for module in endpoint_modules() for e in registrations(module)), *extra])
 
 
 def call(services: Services, path: str, args: Mapping[str, str]) -> Call:
-    """Run the data endpoint registered at `path` without HTTP (dispatch.call): its answer
-    is the one HTTP would give; a bad request is raised, an upstream failure returned."""
-    return dispatch.call(REGISTRY[path], services, args)
+    """Run the data endpoint the services' app registered at `path` without HTTP
+    (dispatch.call): its answer is the one HTTP would give; a bad request is raised, an
+    upstream failure returned."""
+    return dispatch.call(services.endpoints[path], services, args)
