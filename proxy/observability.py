@@ -103,6 +103,12 @@ class Metrics:
             "Answers Braze aborts or retries (5xx, 408, 429, slower than 2 s), by route and reason",
             ["route", "reason"], registry=registry,
         )
+        # Data endpoints called inside another request (templates, previews, consent links):
+        # apart from ccproxy_requests_total, which counts only what a client (Braze) asked.
+        self.inprocess_calls = Counter(
+            "ccproxy_inprocess_calls", "Data endpoint calls made in process by another route, "
+            "by endpoint, status and cache state", ["route", "status", "cache"], registry=registry,
+        )
         self.degraded = Counter(
             "ccproxy_degraded_answers_total",
             "Answers served from a stale cache entry or the operator's fallback, by route and kind",
@@ -191,6 +197,7 @@ class Metrics:
         """Report `services`' state too: in-memory counts and states copied at scrape time
         (and once a second in each worker under `ccproxy serve`), the outbox file read."""
         self.services = services
+        services.observe_call = self.observe_inprocess
         self.scrape_registry.register(_BoxCollector(services))
         if self.multiprocess_dir:
             threading.Thread(target=self._sync_forever, name="ccproxy-metrics", daemon=True).start()
@@ -210,6 +217,9 @@ class Metrics:
         kind = _ANSWERS_COUNTED.get(cache)
         if kind is not None:
             self.degraded.labels(route, kind).inc()
+
+    def observe_inprocess(self, route: str, status: int, cache: str) -> None:
+        self.inprocess_calls.labels(route, str(status), cache).inc()
 
     def observe_upstream(self, upstream: str, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(upstream, outcome).inc()

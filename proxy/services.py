@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,7 @@ class Services:
     box: BoxStore | None = None  # the machine's shared answer cache (box_cache.py)
     connections: Any = None  # the serve worker's connection guard (connections.py), for metrics
     observe: Observe | None = None  # each upstream call, for the metrics
+    observe_call: Callable[[str, int, str], None] | None = None  # each in-process call (Metrics.watch)
     deliverer: Deliverer | None = None
     _outbox: Outbox | None = None
     _flag_store: FlagStore | None = None

@@ -47,6 +47,27 @@ def test_json_access_log_without_values_or_secrets(make_app, capsys):
     logging.getLogger("ccproxy").handlers.clear()
 
 
+def test_an_in_process_call_is_counted_and_logged_apart_from_braze_requests(make_app, capsys):
+    """A render's data call: its own metric and access-log line naming the route it served,
+    never a ccproxy_requests_total sample (Braze did not ask for it)."""
+    client = make_app(log_level="INFO").test_client()
+    assert client.get("/v1/render/recs_block?user_id=private-user-7&format=text").status_code == 200
+    client.get("/v1/render/recs_block?user_id=private-user-7&format=text")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    calls = [line for line in lines if line["logger"] == "ccproxy.access" and line["msg"] == "in-process call"]
+    assert [(c["route"], c["within"], c["cache"]) for c in calls] == [
+        ("/v1/amplitude/recommendations", "/v1/render/recs_block", "MISS"),
+        ("/v1/amplitude/recommendations", "/v1/render/recs_block", "HIT")]
+    assert calls[0]["status"] == 200 and "user_id" in calls[0]["params"]
+    assert "private-user-7" not in json.dumps(calls)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert ('ccproxy_inprocess_calls_total{cache="MISS",route="/v1/amplitude/recommendations",status="200"} 1.0'
+            in text)
+    assert 'ccproxy_requests_total{route="/v1/render/<name>",status="200"} 2.0' in text
+    assert 'ccproxy_requests_total{route="/v1/amplitude/recommendations"' not in text
+    logging.getLogger("ccproxy").handlers.clear()
+
+
 def test_answers_are_not_content_sniffed(client):
     for url in ("/healthz", RECS + "sniff", "/preview", "/v1/nope"):
         assert client.get(url).headers["X-Content-Type-Options"] == "nosniff"
