@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,9 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import free_port  # noqa: E402
+
 MARKER = "<!-- other bench scripts: kept by run.py -->"
 SECTION = "## Standard send: `ccproxy simulate-send` (issue 18)"
 TEMPLATES = ("recs_block", "hero_banner", "loyalty_badge", "consent_footer")
@@ -34,12 +36,6 @@ WRITE = ("{% connected_content BASE/v1/mediarithmics/activities?idempotency_key=
          "{{${user_id} | url_param_escape}} :method post :content_type application/json :body "
          '{"$type":"EMAIL","$ts":1735689600000,"$email_hash":"{{${email_address} | sha2}}",'
          '"campaign":"standard"} :retry :save sent %}\n')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(args: argparse.Namespace, work: Path) -> tuple[dict, str, str]:
