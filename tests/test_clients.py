@@ -4,9 +4,13 @@ each upstream's one fallback builder, read by the same shapers as real answers."
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import pytest
 
-from proxy.clients.base import Answer
+from proxy.clients.base import USER_AGENT, Answer, HttpClient, make_pool
+from proxy.guards import CircuitBreaker, Guards, RateLimiter, RetryBudget
 from proxy.shape import amplitude as amplitude_shape
 from proxy.shape import experiment as experiment_shape
 from proxy.shape import mediarithmics as mediarithmics_shape
@@ -140,3 +144,60 @@ def test_the_registration_path_names_the_fallback_content(make_app, sandboxes, t
     # The change log's client builds no fallback: content under its path changes nothing.
     history = client.get("/v1/mediarithmics/choices/history?email_hash=fb-2&processing_id=101")
     assert history.status_code == 503 and history.get_json()["ok"] is False
+
+
+# The wire: what an upstream (or an egress proxy) receives from a client ------------------
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers `{}` to any GET and records its request line, headers and connection."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[dict] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append({"target": self.path, "headers": dict(self.headers), "peer": self.client_address})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.daemon_threads = True
+    _Recorder.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Recorder.seen
+    server.shutdown()
+    server.server_close()
+
+
+def _client(pool, base_url: str) -> HttpClient:
+    guards = Guards(CircuitBreaker("t", 5, 30.0), RateLimiter("t", 0.0), RetryBudget())
+    return HttpClient(pool, base_url, guards=guards, connect_timeout=5.0, read_timeout=10.0, max_bytes=1 << 20)
+
+
+def test_a_call_keeps_the_base_path_and_names_the_proxy(recorder):
+    url, seen = recorder
+    client = _client(make_pool(), url + "/prefix/v1/")
+    assert client.request("GET", "/thing/a%2Fb", params={"q": "x y", "n": "1"}) == (200, {})
+    assert seen[0]["target"] == "/prefix/v1/thing/a%2Fb?q=x+y&n=1"
+    # The pool's default User-Agent applied only to calls without headers of their own.
+    assert seen[0]["headers"]["User-Agent"] == USER_AGENT
+    client.request("GET", "/thing", headers={"Authorization": "k"})
+    assert seen[1]["headers"]["User-Agent"] == USER_AGENT and seen[1]["headers"]["Authorization"] == "k"
+    assert seen[0]["peer"] == seen[1]["peer"]  # one kept-alive connection from the origin's pool
+
+
+def test_through_an_egress_proxy_the_target_is_the_whole_url(recorder):
+    url, seen = recorder
+    client = _client(make_pool(proxy=url), "http://upstream.invalid/v1")
+    assert client.request("GET", "/profiles/7", params={"client": "c"}) == (200, {})
+    assert seen[0]["target"] == "http://upstream.invalid/v1/profiles/7?client=c"
+    assert seen[0]["headers"]["User-Agent"] == USER_AGENT

@@ -32,7 +32,7 @@ from ..errors import (
 from ..errors import Retryable as _Retryable
 from ..guards import CircuitBreaker, Guards, Limiter, RetryBudget, check_time_left, remaining
 from ..observability import current_request_id
-from .transport import bounded_pool, call_deadline
+from .transport import Origin, bounded_pool, call_deadline
 
 USER_AGENT = f"connected-content-proxy/{__version__}"
 # What a client reports of each call: (upstream, outcome, seconds).
@@ -165,6 +165,7 @@ class HttpClient:
     ):
         self.pool = pool
         self.base_url = base_url.rstrip("/")
+        self.origin = Origin(pool, self.base_url)
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
         self.breaker: CircuitBreaker = guards.breaker
@@ -246,10 +247,9 @@ class HttpClient:
     def _attempt(self, method: str, path: str, params: Mapping[str, str] | None,
                  headers: Mapping[str, str] | None, json_body: Any, ok_statuses: tuple[int, ...],
                  left: float) -> tuple[int, Any]:
-        url = self.base_url + path
-        if params:
-            url += "?" + urlencode(params)
-        headers = dict(headers or {})
+        target = path + "?" + urlencode(params) if params else path
+        # Our name in the upstream's logs (a pool's default headers apply only to calls without any).
+        headers = {"User-Agent": USER_AGENT, **(headers or {})}
         request_id = current_request_id()
         if request_id:
             headers["X-Request-Id"] = request_id  # lets the upstream's logs be matched with ours
@@ -261,17 +261,18 @@ class HttpClient:
         budget = min(left, self.timeout[0] + self.timeout[1])
         timeout = urllib3.Timeout(connect=min(self.timeout[0], budget), read=min(self.timeout[1], budget))
         with call_deadline(budget):
-            status, content, retry_after = self._exchange(method, url, body, headers, timeout)
+            status, content, retry_after = self._exchange(method, target, body, headers, timeout)
         if status not in ok_statuses:
             self.raise_for_status(status, retry_after)
         return self._parse(status, content)
 
-    def _exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+    def _exchange(self, method: str, target: str, body: bytes | None, headers: dict[str, str],
                   timeout: urllib3.Timeout) -> tuple[int, bytes, str | None]:
-        """Send the request and read the answer (status, capped body, Retry-After)."""
+        """Send the request for `target` (path and query below the base URL) and read the
+        answer (status, capped body, Retry-After)."""
         try:
-            response = self.pool.request(method, url, body=body, headers=headers, timeout=timeout,
-                                         preload_content=False, redirect=False, retries=False)
+            response = self.origin.urlopen(method, target, body=body, headers=headers, timeout=timeout,
+                                           preload_content=False, redirect=False, retries=False)
         except urllib3.exceptions.NewConnectionError:
             # Refused or unresolvable (urllib3 files this under timeouts, for history's sake).
             raise _Retryable(UpstreamUnavailable(self.name, f"{self.name} could not be reached")) from None
