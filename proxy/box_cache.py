@@ -50,12 +50,17 @@ BUSY_TRIES = 8  # a writer holds the database for microseconds: a few short yiel
 PURGE_EVERY = 1.0  # seconds between purges of expired rows (per process)
 PURGE_BATCH = 500  # rows per purge statement: one statement must stay short (gevent)
 
+# `fresh`: when the entry stops being a hit (`expires` adds the stale window). Writing an
+# entry ends every claim on its key (the trigger): whoever waits for the key now finds it,
+# and a miss costs one statement for its lookup, one for its claim and one for its entry.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
-  key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL) WITHOUT ROWID;
+  key TEXT PRIMARY KEY, value TEXT NOT NULL, fresh REAL NOT NULL, expires REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_expires ON entries (expires);
 CREATE TABLE IF NOT EXISTS flights (
   key TEXT PRIMARY KEY, token TEXT NOT NULL, pid INTEGER NOT NULL, until REAL NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS entry_ends_claims AFTER INSERT ON entries
+  BEGIN DELETE FROM flights WHERE key = NEW.key; END;
 """
 
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
@@ -159,23 +164,11 @@ class BoxStore:
             return
         self.local.put(key, entry)
         token = self._held.pop(key, None)
-        value, expires = self._encode(entry), entry.stored_at + entry.ttl + entry.keep
-
-        def write(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("INSERT OR REPLACE INTO entries (key, value, expires) VALUES (?, ?, ?)",
-                             (key, value, expires))
-                if token is not None:  # the claim ends in the same transaction: one write, not two
-                    conn.execute("DELETE FROM flights WHERE key = ? AND token = ?", (key, token))
-                conn.execute("COMMIT")
-                return True
-            except BaseException:
-                if conn.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
-                    conn.execute("ROLLBACK")
-                raise
-
-        if not self._write(write, False) and token is not None:
+        row = (key, self._encode(entry), entry.stored_at + entry.ttl, entry.stored_at + entry.ttl + entry.keep)
+        # One statement, so one transaction: the entry, and (trigger) the end of the key's claims.
+        written = self._write(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO entries (key, value, fresh, expires) VALUES (?, ?, ?, ?)", row), None)
+        if written is None and token is not None:
             self._held[key] = token  # not released with the entry: `unlock` tries again
         self._purge_now_and_then()
 
@@ -192,16 +185,19 @@ class BoxStore:
         now, pid = self.timer(), os.getpid()
 
         def claim(conn: sqlite3.Connection) -> bool:
+            # No claim while a fresh entry exists: one the last holder stored between our
+            # memory miss and now needs no second call.
             taken = conn.execute(
-                "INSERT INTO flights (key, token, pid, until) VALUES (?, ?, ?, ?) "
+                "INSERT INTO flights (key, token, pid, until) SELECT ?, ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM entries WHERE key = ? AND fresh > ?) "
                 "ON CONFLICT (key) DO UPDATE SET token = excluded.token, pid = excluded.pid, "
                 "until = excluded.until WHERE flights.until <= ?",
-                (key, token, pid, now + self.lock_ttl, now)).rowcount == 1
+                (key, token, pid, now + self.lock_ttl, key, now, now)).rowcount == 1
             if taken:
                 return True
             row = conn.execute("SELECT pid FROM flights WHERE key = ?", (key,)).fetchone()
             if row is None or _alive(row[0]):
-                return False
+                return False  # a fresh entry, or a live holder
             # Its holder died (a crashed worker): take the claim over now, not at its deadline.
             return conn.execute("UPDATE flights SET token = ?, pid = ?, until = ? WHERE key = ? AND pid = ?",
                                 (token, pid, now + self.lock_ttl, key, row[0])).rowcount == 1
@@ -212,11 +208,6 @@ class BoxStore:
         if not taken:
             return None
         self._held[key] = token
-        # Stored by the last holder between our memory miss and our claim: no second call.
-        shared = self._read(key)
-        if shared is not None and now - shared.stored_at < shared.ttl:
-            self.unlock(key, token)
-            return None
         return token
 
     def unlock(self, key: str, token: str) -> None:

@@ -257,3 +257,25 @@ def test_a_worker_that_never_used_an_unusable_store_still_reports_it(tmp_path):
     assert store.usable  # nothing tried yet
     assert store.probe() is False
     assert store.last_error and store.degraded
+
+
+def test_a_miss_costs_three_statements_and_a_stored_entry_ends_the_claims(tmp_path):
+    """Lookup, claim, entry: one statement each (bench/RESULTS.md, cheaper misses); writing the
+    entry ends the key's claim in the same statement, so a waiting worker finds the entry and
+    no claim is left behind."""
+    from conftest import FakeClock
+
+    clock = FakeClock()
+    (a, b), (first, _second) = two_workers(tmp_path, clock)
+    a._next_purge = float("inf")  # the once-a-second purge is not part of a miss
+    traced: list[str] = []
+    a._connection().set_trace_callback(traced.append)
+    assert first.fetch("k", lambda: answer({"v": 1}), lambda _v: 60).state == "MISS"
+    # SQLite traces a statement again as each trigger of it starts: count each statement once.
+    statements = [s for i, s in enumerate(traced) if i == 0 or s != traced[i - 1]]
+    assert [s.split()[0] for s in statements] == ["SELECT", "INSERT", "INSERT"]
+    with __import__("sqlite3").connect(a.path) as conn:
+        assert conn.execute("SELECT count(*) FROM flights").fetchone()[0] == 0
+    assert b.try_lock("k") is None  # a fresh entry: no claim, no second upstream call
+    clock.advance(61)
+    assert b.try_lock("k") is not None  # expired: the next caller may claim it
