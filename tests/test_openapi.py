@@ -157,3 +157,18 @@ def test_the_command_prints_the_default_apps_document(capsys, doc):
     assert json.loads(capsys.readouterr().out) == doc
     openapi.main(["--markdown"])
     assert capsys.readouterr().out == markdown_reference(doc)
+
+
+def test_the_document_is_built_once_per_app(app, monkeypatch):
+    """Each build walks every route and schema (milliseconds): a caller asking again and again
+    must not make the worker rebuild it each time."""
+    from proxy import openapi
+
+    builds = []
+    real = openapi.document
+    monkeypatch.setattr(openapi, "document", lambda a: builds.append(a) or real(a))
+    client = app.test_client()
+    answers = [client.get("/openapi.json") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert answers[0].data == answers[2].data and answers[0].mimetype == "application/json"
+    assert len(builds) == 1
