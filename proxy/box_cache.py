@@ -61,6 +61,8 @@ CREATE TABLE IF NOT EXISTS flights (
   key TEXT PRIMARY KEY, token TEXT NOT NULL, pid INTEGER NOT NULL, until REAL NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS entry_ends_claims AFTER INSERT ON entries
   BEGIN DELETE FROM flights WHERE key = NEW.key; END;
+CREATE TABLE IF NOT EXISTS limits (
+  upstream TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL, paused_until REAL NOT NULL) WITHOUT ROWID;
 """
 
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
@@ -235,6 +237,19 @@ class BoxStore:
     def state(self) -> dict[str, Any]:
         return {"path": self.path, "usable": self.usable, "last_error": self.last_error,
                 "degraded": dict(self.degraded)}
+
+    # The box file for other per-box state (box_limiter.py) -------------------------------
+
+    def run_write(self, action: Callable[[sqlite3.Connection], T], default: T) -> T:
+        """`action` (one short statement, or one short transaction) on the box file, as the
+        cache's own writes run; `default` when the box cannot be written now."""
+        return self._write(action, default)
+
+    def run_read(self, action: Callable[[sqlite3.Connection], T], default: T) -> T:
+        """A read on the box file; `default` when it cannot be read now."""
+        if time.monotonic() < self._reads_off_until:
+            return default
+        return self._run(action, default, writing=False)
 
     # SQLite, briefly ---------------------------------------------------------------------
 

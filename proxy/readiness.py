@@ -6,8 +6,9 @@ README). A reason is *blocking* when this process cannot answer cached data GETs
 then is the answer 503, so one failing upstream, a Redis outage or an unwritable outbox
 never takes every instance out of a load balancer. Everything else is `degraded: true`
 with HTTP 200, and 503 only with `?strict=true`. A check that fails unexpectedly is itself
-a reason (`check_failed`), never a 500. Every check looks at this process (breakers,
-limiters and the memory cache are per process; the box cache, Redis and the outbox are shared).
+a reason (`check_failed`), never a 500. Every check looks at this process (breakers
+and the memory cache are per process; the rate limiters per box, per process with the box cache
+off; the box cache, Redis and the outbox are shared).
 
 To add a check: write `def check_x(services, report) -> list[Reason]` and append it to CHECKS.
 """

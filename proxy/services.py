@@ -51,19 +51,26 @@ def flight_deadline(settings: Settings) -> float:
 
 
 def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHealth | None,
-                    limit: RateLimited | None = None) -> Guards:
-    """A new breaker, rate limiter and retry budget for one upstream (per process; the
-    limiter is shared by the deployment on Redis). `limit`: whose rate limit setting holds
-    (None: not limited, as the Flags API and the analytics events, a few calls a minute)."""
+                    limit: RateLimited | None = None, box: BoxStore | None = None) -> Guards:
+    """A new breaker, rate limiter and retry budget for one upstream (per process). The
+    limiter and its Retry-After pauses are shared by the deployment on Redis, else by the
+    machine's workers through the box cache's file (`box`), else per process (each worker
+    1/N of the limit). `limit`: whose rate limit setting holds (None: not limited, as the
+    Flags API and the analytics events, a few calls a minute)."""
     breaker = CircuitBreaker(name, settings.breaker_threshold, settings.breaker_reset, timer)
     local = RateLimiter(name, settings.rate_limit(limit) if limit else 0.0, timer)
     limiter: Limiter = local
+    # The limit of every process sharing the limiter: the deployment's on Redis; on one box,
+    # `ccproxy serve` sets `workers` to its own worker count, so it is the box's.
+    shared_limit = settings.rate_limit(limit) * settings.workers if limit else 0.0
     if redis is not None:
         from .redis_backend import RedisRateLimiter
 
-        # Shared: the whole deployment's limit in one bucket, not split per process.
-        deployment_limit = settings.rate_limit(limit) * settings.workers if limit else 0.0
-        limiter = RedisRateLimiter(name, deployment_limit, redis, local)
+        limiter = RedisRateLimiter(name, shared_limit, redis, local)
+    elif box is not None:
+        from .box_limiter import BoxRateLimiter
+
+        limiter = BoxRateLimiter(name, shared_limit, box, local)
     return Guards(breaker, limiter, RetryBudget(timer=timer))
 
 
@@ -146,7 +153,7 @@ class Services:
         }
 
         def guards(name: str, limit: RateLimited | None = None) -> Guards:
-            return upstream_guards(settings, name, clock, redis, limit)
+            return upstream_guards(settings, name, clock, redis, limit, box)
 
         return cls(
             settings=settings, timer=clock, pool=pool, redis=redis, box=box, observe=observe,
@@ -213,7 +220,7 @@ class Services:
             # Off the send path, like the flags: an answer may take longer than a recipient's.
             client = AnalyticsClient(
                 self.pool, s.analytics_base_url, s.amplitude_api_key,
-                guards=upstream_guards(s, AnalyticsClient.name, self.timer, self.redis),
+                guards=upstream_guards(s, AnalyticsClient.name, self.timer, self.redis, box=self.box),
                 connect_timeout=s.upstream_connect_timeout,
                 read_timeout=max(10.0, s.upstream_read_timeout), max_bytes=s.upstream_max_bytes,
                 observe=self.observe,
