@@ -24,7 +24,6 @@ from pathlib import Path
 import requests
 from run import (
     AMPLITUDE_KEY,
-    OTHER_BENCHES,
     PY,
     ROOT,
     Processes,
@@ -35,6 +34,7 @@ from run import (
     sandbox_calls,
     set_latency,
     wait_up,
+    write_section,
     wrk,
 )
 
@@ -243,17 +243,7 @@ def report(results: dict, args, out: Path, elapsed: float) -> None:
         f"at most with {w} workers (before: {local:,.0f} per worker that fetched it, {w * local:,.0f} "
         f"at most, and as many upstream calls).", "",
     ]
-    path = out / "RESULTS.md"
-    text = path.read_text() if path.exists() else OTHER_BENCHES + "\n"
-    if OTHER_BENCHES not in text:
-        text += "\n" + OTHER_BENCHES + "\n"
-    head, tail = text.split(OTHER_BENCHES, 1)
-    if SECTION in tail:  # replace our earlier section, up to the next one
-        before, rest = tail.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = before + (rest[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(head + OTHER_BENCHES + "\n" + "\n".join(section)
-                    + ("\n" + tail.lstrip("\n") if tail.strip() else ""))
+    write_section(out / "RESULTS.md", SECTION, "\n".join(section))
     print("\n".join(section))
 
 

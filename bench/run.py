@@ -345,5 +345,21 @@ def report(results: dict, args, out: Path, elapsed: float) -> None:
 OTHER_BENCHES = "<!-- other bench scripts: kept by run.py -->"
 
 
+def write_section(path: Path, title: str, section: str) -> None:
+    """Put another bench script's `section` (which starts with its `title` line) into
+    RESULTS.md below run.py's own part: in place of its earlier one, else first there."""
+    text = path.read_text() if path.exists() else ""
+    if OTHER_BENCHES not in text:
+        text += "\n" + OTHER_BENCHES + "\n"
+    if title in text:
+        begin = text.index(title)
+        rest = text.find("\n## ", begin + len(title))
+        text = text[:begin] + section + ("\n" + text[rest + 1:] if rest >= 0 else "")
+    else:
+        head, tail = text.split(OTHER_BENCHES, 1)
+        text = head + OTHER_BENCHES + "\n" + section + tail
+    path.write_text(text)
+
+
 if __name__ == "__main__":
     main()

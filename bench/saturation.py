@@ -42,7 +42,7 @@ import requests
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import OTHER_BENCHES, PY, ROOT, Processes, free_port, wait_up, wrk  # noqa: E402
+from run import PY, ROOT, Processes, free_port, wait_up, write_section, wrk  # noqa: E402
 
 SECTION = "## Fair serving, open-loop latency, cheaper misses (issue 15)"
 WARM_USERS = 1000
@@ -295,18 +295,7 @@ def report(results: dict, args) -> None:
     section = "\n".join(lines)
     out = Path(args.out)
     (out / "saturation.json").write_text(json.dumps(results, indent=1) + "\n")
-    path = out / "RESULTS.md"
-    text = path.read_text() if path.exists() else ""
-    if OTHER_BENCHES not in text:
-        text += "\n" + OTHER_BENCHES + "\n"
-    if SECTION in text:
-        begin = text.index(SECTION)
-        rest = text.find("\n## ", begin + len(SECTION))
-        text = text[:begin] + section + ("\n" + text[rest + 1:] if rest >= 0 else "")
-    else:
-        head, tail = text.split(OTHER_BENCHES, 1)
-        text = head + OTHER_BENCHES + "\n" + section + tail
-    path.write_text(text)
+    write_section(out / "RESULTS.md", SECTION, section)
     print(section)
 
 

@@ -1,0 +1,138 @@
+"""What a cache miss costs against a cache hit, in the workers' own CPU (issue 15, cheaper misses).
+
+    .venv/bin/python bench/miss_cost.py [--compare DIR] [--rounds 3] [--seconds 6] [--workers 2]
+
+Requests per second on a shared 2-core machine move with whatever else runs; the CPU the
+proxy's workers spend per answer (utime + stime from /proc, over a wrk run) moves far less,
+and it is what sets the throughput once the machine is full. So: `ccproxy serve` on an nginx
+upstream answering fixed JSON after 20 ms (bench/saturation.py's), wrk at 256 connections on
+cache hits (users already cached) and on misses (a new user per request), in alternating
+rounds, and per answer: CPU microseconds of all workers, requests/s, p99. `--compare DIR` runs
+another checkout's proxy (e.g. `git archive <rev> | tar -x -C DIR`) in the same rounds, so
+the before/after ratios come from one run. Writes its section of bench/RESULTS.md and prints it.
+Needs wrk, nginx and libnginx-mod-http-echo (bench/run.sh installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import PY, ROOT, Processes, free_port, wait_up, write_section, wrk  # noqa: E402
+from saturation import PROXY_ENV, WARM_USERS, load_avg, start_nginx, tools_missing  # noqa: E402
+
+SECTION = "## Cheaper misses: CPU per answer (issue 15)"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
+
+
+def workers_of(master: int, count: int, seconds: float = 60) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        if len(pids) >= count:
+            return [int(p) for p in pids]
+        time.sleep(0.2)
+    raise SystemExit(f"{count} workers of {master} did not start")
+
+
+def measured(url: str, pids: list[int], script: str, seconds: int) -> dict:
+    before = sum(cpu_seconds(p) for p in pids)
+    run = wrk(url, script, 256, seconds)
+    used = sum(cpu_seconds(p) for p in pids) - before
+    return {**run, "cpu_us": used / max(1, run["requests"]) * 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compare", type=Path, default=None, help="another checkout's root, run beside this one")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args()
+    missing = tools_missing()
+    if missing:
+        raise SystemExit(f"missing: {', '.join(missing)} (bench/run.sh installs them)")
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="ccproxy-miss-"))
+    sources = {"this checkout": ROOT, **({f"{args.compare.name} (compared)": args.compare.resolve()}
+                                         if args.compare else {})}
+    started = time.monotonic()
+    load = {"start": load_avg()}
+    runs: dict[str, dict[str, list[dict]]] = {name: {"hit": [], "miss": []} for name in sources}
+    try:
+        upstream = start_nginx(procs, tmp, 0.02)
+        servers = {}
+        for name, source in sources.items():
+            port = free_port()
+            master = procs.start([PY, "-m", "proxy.cli", "serve", "--no-auth", "--port", str(port),
+                                  "--workers", str(args.workers)], {**PROXY_ENV, "CCPROXY_AMPLITUDE_URL": upstream},
+                                 cwd=source)
+            url = f"http://127.0.0.1:{port}"
+            wait_up(url + "/healthz")
+            servers[name] = (url, workers_of(master.pid, args.workers))
+            with requests.Session() as session:
+                for i in range(1, WARM_USERS + 1):
+                    session.get(f"{url}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
+                                timeout=10).raise_for_status()
+            wrk(url, "hit.lua", 32, 3)  # every worker's memory warm, as in a send
+        for _ in range(args.rounds):
+            for kind in ("hit", "miss"):
+                for name, (url, pids) in servers.items():
+                    runs[name][kind].append(measured(url, pids, f"{kind}.lua", args.seconds))
+    finally:
+        procs.stop()
+    load["end"] = load_avg()
+    report(runs, load, args, round(time.monotonic() - started))
+
+
+def report(runs: dict, load: dict, args, seconds: int) -> None:
+    def med(name: str, kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name][kind])
+
+    lines = [SECTION, "",
+             f"Command: `.venv/bin/python bench/miss_cost.py{' --compare ' + str(args.compare) if args.compare else ''} "
+             f"--rounds {args.rounds} --seconds {args.seconds} --workers {args.workers}` ({seconds} s). "
+             f"`ccproxy serve`, {args.workers} workers, box cache on (the default); upstream: nginx + echo module, "
+             "20 ms; wrk 2 threads, 256 connections; medians of alternating rounds. CPU per answer = the "
+             "workers' utime + stime over the run / answers (what sets throughput once the machine is full; "
+             f"steadier than req/s on a shared machine). {load['start']} at the start, {load['end']} at the end.", "",
+             "| proxy | hit: CPU per answer | miss: CPU per answer | miss / hit CPU | hit req/s | miss req/s | "
+             "miss / hit req/s | miss p99 | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in runs:
+        hit_cpu, miss_cpu = med(name, "hit", "cpu_us"), med(name, "miss", "cpu_us")
+        hit_rps, miss_rps = med(name, "hit", "rps"), med(name, "miss", "rps")
+        errors = sum(r["errors"] + r["non_2xx"] for kind in ("hit", "miss") for r in runs[name][kind])
+        lines.append(f"| {name} | {hit_cpu:.0f} us | {miss_cpu:.0f} us | {miss_cpu / hit_cpu:.2f}x | "
+                     f"{hit_rps:.0f} | {miss_rps:.0f} | **{miss_rps / hit_rps:.2f}x** | "
+                     f"{med(name, 'miss', 'p99_ms'):.0f} ms | {errors} |")
+    if len(runs) == 2:
+        this, other = list(runs)
+        lines += ["", f"Miss CPU per answer, this checkout vs {other}: "
+                  f"**{med(this, 'miss', 'cpu_us') / med(other, 'miss', 'cpu_us'):.2f}x**; hit: "
+                  f"{med(this, 'hit', 'cpu_us') / med(other, 'hit', 'cpu_us'):.2f}x."]
+    lines += ["", "Each run (CPU us per answer, req/s): " + "; ".join(
+        f"{name} {kind}: " + ", ".join(f"{r['cpu_us']:.0f}/{r['rps']:.0f}" for r in runs[name][kind])
+        for name in runs for kind in ("hit", "miss")) + ".", ""]
+    section = "\n".join(lines)
+    write_section(Path(args.out) / "RESULTS.md", SECTION, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
