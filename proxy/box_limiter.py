@@ -29,10 +29,12 @@ from .guards import RateLimiter, paused_error
 
 # Take one token from the upstream's bucket, refilled for the time since its last use, unless
 # it is paused or holds less than one; the first call creates the bucket full, less its token.
+# `updated` never moves back: a process that read the clock just before another one took a
+# token must not be credited that interval a second time.
 _TAKE = """
 INSERT INTO limits (upstream, tokens, updated, paused_until) VALUES (:upstream, :capacity - 1, :now, 0)
 ON CONFLICT (upstream) DO UPDATE SET
-  tokens = min(:capacity, tokens + max(0, :now - updated) * :refill) - 1, updated = :now
+  tokens = min(:capacity, tokens + max(0, :now - updated) * :refill) - 1, updated = max(updated, :now)
 WHERE paused_until <= :now AND min(:capacity, tokens + max(0, :now - updated) * :refill) >= 1
 """
 # Lengthen a pause, never shorten it (two 429s with different Retry-After: the later end wins).
@@ -74,23 +76,34 @@ class BoxRateLimiter:
             if paused_until is not None and paused_until > now:
                 self._refuse_paused(paused_until - now)
             return
-        params = {"upstream": self.upstream, "now": now, "capacity": self.capacity, "refill": self.refill}
 
         def take(conn: sqlite3.Connection) -> tuple[bool, float, float]:
-            """(taken, tokens left, paused until)."""
+            """(taken, tokens left, paused until), at the time of this try (a busy file is tried
+            again after a yield)."""
+            now = self.box.timer()
+            params = {"upstream": self.upstream, "now": now, "capacity": self.capacity, "refill": self.refill}
             if conn.execute(_TAKE, params).rowcount == 1:
                 return True, 0.0, 0.0
-            tokens, updated, paused_until = conn.execute(
-                "SELECT tokens, updated, paused_until FROM limits WHERE upstream = ?", (self.upstream,)).fetchone()
+            row = conn.execute("SELECT tokens, updated, paused_until FROM limits WHERE upstream = ?",
+                               (self.upstream,)).fetchone()
+            if row is None:  # gone between the two statements (nothing deletes rows): refuse briefly
+                return False, 0.0, 0.0
+            tokens, updated, paused_until = row
             return False, min(self.capacity, tokens + max(0.0, now - updated) * self.refill), paused_until
 
         outcome = self.box.run_write(take, None)
-        if outcome is None:  # the box cannot be written: this process's share decides, as before
-            self.local.acquire()
-            return
+        if outcome is None:
+            if not self.box.usable:  # the file cannot be written: this process's share, as before
+                self.local.acquire()
+                return
+            # Busy past its retries (contention, not failure): the local share would come on top
+            # of the box's budget, so refuse this call; the next one asks the box again.
+            raise UpstreamRateLimited(self.upstream, f"the proxy's {self.upstream} call budget is busy; "
+                                      "try again later", retry_after=1)
         taken, tokens, paused_until = outcome
         if taken:
             return
+        now = self.box.timer()
         if paused_until > now:
             self._refuse_paused(paused_until - now)
         wait = (1 - tokens) / self.refill if self.refill > 0 else 60

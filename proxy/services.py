@@ -61,8 +61,8 @@ def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHea
     local = RateLimiter(name, settings.rate_limit(limit) if limit else 0.0, timer)
     limiter: Limiter = local
     # The limit of every process sharing the limiter: the deployment's on Redis; on one box,
-    # `ccproxy serve` sets `workers` to its own worker count, so it is the box's.
-    shared_limit = settings.rate_limit(limit) * settings.workers if limit else 0.0
+    # `ccproxy serve` sets `workers` to its own worker count, so it is the box's (the setting).
+    shared_limit = settings.deployment_rate_limit(limit) if limit else 0.0
     if redis is not None:
         from .redis_backend import RedisRateLimiter
 

@@ -95,3 +95,46 @@ def test_two_workers_share_one_budget_live(sandboxes, tmp_path):
     assert sum(a.json()["found"] for a in answers) == 10  # the burst: 60 a minute / 6
     assert sum(bool(a.json().get("fallback")) for a in answers) == 10  # "none for now", not a 503
     assert upstream_calls(sandboxes, "amplitude") == 10
+
+
+def test_a_worker_whose_clock_reading_is_late_gets_no_extra_calls(tmp_path):
+    """A worker reads the clock, then waits (a busy file, a yield) while another takes a token
+    later: its write must not move the bucket's time back and credit that interval twice."""
+    clock = FakeClock()
+    path = str(tmp_path / "box.sqlite3")
+    prepare(path)
+
+    def limiter(lag: float) -> BoxRateLimiter:
+        def late() -> float:
+            return clock() - lag
+        return BoxRateLimiter("amplitude", 60, BoxStore(path, MemoryStore(10, late), late),
+                              RateLimiter("amplitude", 30, late))
+
+    on_time, late = limiter(0.0), limiter(0.5)
+    calls = []
+    for _ in range(600):  # 60 s in steps of 0.1 s
+        for worker in (on_time, late):
+            calls += [clock()] * taken(worker, 1)
+        clock.advance(0.1)
+    assert max(sum(1 for t in calls if start <= t < start + 60) for start in calls) <= 60
+
+
+def test_a_busy_box_refuses_rather_than_adding_the_local_share(tmp_path, monkeypatch):
+    """Busy past its retries is contention, not a broken file: this worker's 1/N share would
+    come on top of the box's budget."""
+    from proxy import box_cache
+
+    clock = FakeClock()
+    a, b = workers(tmp_path, clock, per_minute=60)
+    monkeypatch.setattr(box_cache, "BUSY_TRIES", 1)
+    holder = __import__("sqlite3").connect(a.box.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process is writing
+    try:
+        with pytest.raises(UpstreamRateLimited) as refused:
+            a.acquire()
+        assert refused.value.retry_after == 1 and a.box.usable
+        assert a.local.tokens == a.local.capacity  # the local share was not spent either
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert taken(a, 1) == 1
