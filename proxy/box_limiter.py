@@ -14,8 +14,9 @@ is one token bucket, and a pause one row, in the box cache's SQLite file (`box_c
   while the box file cannot be written, this worker's own 1/N share, as before;
 - **per deployment**: Redis (`redis_backend.RedisRateLimiter`) replaces this.
 
-A call costs one statement (take a token, or see why not: a second one, only when refused),
-on a cache miss only: a hit makes no upstream call.
+An upstream call costs one statement (take a token, or see why not: a second one, only when
+refused; an upstream without a limit: one read, for a pause), so a cache miss pays it and a
+hit, which makes no upstream call, does not.
 """
 
 from __future__ import annotations
@@ -70,9 +71,8 @@ class BoxRateLimiter:
     def _acquire(self) -> None:
         if self.local.paused_for() > 0:
             self.local.acquire()  # raises the pause's error, with no SQLite call
-        now = self.box.timer()
         if self.per_minute <= 0:  # no limit: only a pause another worker saw can refuse
-            paused_until = self._box_paused_until()
+            paused_until, now = self._box_paused_until(), self.box.timer()
             if paused_until is not None and paused_until > now:
                 self._refuse_paused(paused_until - now)
             return

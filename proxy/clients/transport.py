@@ -106,7 +106,6 @@ def bounded_pool(manager: urllib3.PoolManager) -> urllib3.PoolManager:
     return manager
 
 
-
 class Origin:
     """One upstream's base URL, resolved once to its connection pool in the shared manager.
 
