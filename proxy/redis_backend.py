@@ -86,11 +86,13 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, health: RedisHealth, fallback: MemoryStore, lock_ttl: float = 2.0):
+    def __init__(self, health: RedisHealth, fallback: MemoryStore, lock_ttl: float = 2.0,
+                 timer: Callable[[], float] = time.time):
         self.health = health
         self.client = health.client
         self.fallback = fallback
         self.lock_ttl = lock_ttl
+        self.timer = timer  # the entries' clock (wall-clock: shared by every instance)
 
     def get(self, key: str) -> Entry | None:
         raw = self.health.run(lambda: self.client.get(PREFIX + key), default=False)
@@ -115,7 +117,15 @@ class RedisStore:
         )
         if got == "down":
             return token
-        return token if got else None
+        if not got:
+            return None
+        # Stored by the last holder between our miss and our lock (its whole upstream call can
+        # fit in that gap on a busy machine): no second call; the caller reads the entry.
+        entry = self.get(key)
+        if entry is not None and self.timer() - entry.stored_at < entry.ttl:
+            self.unlock(key, token)
+            return None
+        return token
 
     def unlock(self, key: str, token: str) -> None:
         # Delete only our own lock (it may have expired and been taken by another process).

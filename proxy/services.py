@@ -134,7 +134,7 @@ class Services:
             # Entries shared between machines carry wall-clock times.
             timer = timer or time.time
             memory = MemoryStore(settings.cache_maxsize, timer)
-            store = RedisStore(redis, memory)
+            store = RedisStore(redis, memory, timer=timer)
         clock: Timer = timer or time.monotonic
         box = None
         if not settings.redis_url and settings.box_cache and settings.box_cache_path:

@@ -109,3 +109,21 @@ def _pings(client) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def test_no_lock_once_the_last_holder_stored_the_answer(redis_server):
+    """A worker that missed just before another stored the entry and let go of the lock (a
+    busy machine can deschedule it for a whole upstream call) must not call again."""
+    from proxy.cache import Entry, MemoryStore
+    from proxy.clients.base import Answer
+    from proxy.redis_backend import RedisHealth, RedisStore
+
+    redis_server["client"].flushdb()
+    store = RedisStore(RedisHealth(redis.Redis.from_url(redis_server["url"])), MemoryStore(10))
+    assert store.get("k") is None  # this worker's miss
+    holder = store.try_lock("k")  # the other worker leads, stores, lets go
+    assert holder is not None
+    store.put("k", Entry(Answer({"v": 1}), __import__("time").time(), 60, 0))
+    store.unlock("k", holder)
+    assert store.try_lock("k") is None  # fresh: read it, no second upstream call
+    assert redis_server["client"].get("ccproxy:lock:k") is None  # and no lock left behind
