@@ -194,12 +194,17 @@ class AnswerCache:
     def _lead(self, key: str, load: Callable[[], Any], ttl_of: TtlOf) -> Lookup:
         # A shared store (the box cache, Redis) extends coalescing across processes with a claim.
         try_lock = getattr(self.store, "try_lock", None)
+        if try_lock is None:
+            # Stored by a load that ended between our lookup and our flight (a busy machine can
+            # fit a whole upstream call in that gap): serve it. A claim checks this itself.
+            entry = self.store.get(key)
+            if entry is not None and self.timer() - entry.stored_at < entry.ttl:
+                return self._coalesced(entry)
         token = try_lock(key) if try_lock else ""
         if token is None and try_lock is not None:
             shared, token = self._await_shared(key, try_lock)
             if shared is not None:
-                age = self.timer() - shared.stored_at
-                return Lookup(shared.value, "COALESCED", age, shared.ttl - age)
+                return self._coalesced(shared)
             # The other process failed, died or is slow: call the upstream ourselves.
         try:
             value = load()
@@ -209,6 +214,11 @@ class AnswerCache:
         finally:
             if token:
                 self.store.unlock(key, token)  # type: ignore[attr-defined]
+
+    def _coalesced(self, entry: Entry) -> Lookup:
+        """Another load's fresh entry, served to this caller."""
+        age = self.timer() - entry.stored_at
+        return Lookup(entry.value, "COALESCED", age, entry.ttl - age)
 
     def _await_shared(self, key: str, try_lock: Callable[[str], str | None],
                       poll: float = 0.01) -> tuple[Entry | None, str | None]:

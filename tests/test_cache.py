@@ -93,3 +93,25 @@ def test_cache_key_sorted_and_secret_free():
     tricky = cache_key("a", "c", "op", {"user_id": "x&rec_id=y", "rec_id": "z"})
     assert tricky == "a:c:op?rec_id=z&user_id=x%26rec_id%3Dy"
     assert tricky != cache_key("a", "c", "op", {"user_id": "x", "rec_id": "y&rec_id=z"})
+
+
+def test_a_miss_just_before_another_load_finished_loads_nothing_again():
+    """Thread B looks up and misses; thread A loads the key and is done (its flight gone)
+    before B asks for a flight: B must serve A's answer, not call the upstream again."""
+    clock = FakeClock()
+    store = MemoryStore(100, clock)
+    cache = AnswerCache(store, clock, coalesce_wait=2.0)
+    calls = []
+    looked_up = store.get
+    lookups = []
+
+    def miss_then_let_a_finish(key):
+        entry = looked_up(key)
+        lookups.append(key)
+        if len(lookups) == 1:  # B's lookup; A runs its whole load before B goes on
+            assert cache.fetch(key, lambda: calls.append("A") or "a", lambda _v: 60).state == "MISS"
+        return entry
+
+    store.get = miss_then_let_a_finish
+    b = cache.fetch("k", lambda: calls.append("B") or "b", lambda _v: 60)
+    assert calls == ["A"] and b.value == "a" and b.state == "COALESCED"
