@@ -16,6 +16,7 @@ Needs wrk, nginx and libnginx-mod-http-echo (bench/run.sh installs them).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,20 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, ROOT, Processes, free_port, wait_up, write_section, wrk  # noqa: E402
-from saturation import PROXY_ENV, WARM_USERS, load_avg, start_nginx, tools_missing  # noqa: E402
+from run import PY, ROOT, Processes, cpu_seconds, free_port, wait_up, warm_keys, write_section, wrk  # noqa: E402
+from saturation import PROXY_ENV, load_avg, require_tools, start_nginx  # noqa: E402
 
 SECTION = "## Cheaper misses: CPU per answer (issue 15)"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
 
 
 def workers_of(master: int, count: int, seconds: float = 60) -> list[int]:
@@ -64,9 +58,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args()
-    missing = tools_missing()
-    if missing:
-        raise SystemExit(f"missing: {', '.join(missing)} (bench/run.sh installs them)")
+    require_tools()
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-miss-"))
     sources = {"this checkout": ROOT, **({f"{args.compare.name} (compared)": args.compare.resolve()}
@@ -85,10 +77,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}"
             wait_up(url + "/healthz")
             servers[name] = (url, workers_of(master.pid, args.workers))
-            with requests.Session() as session:
-                for i in range(1, WARM_USERS + 1):
-                    session.get(f"{url}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
-                                timeout=10).raise_for_status()
+            warm_keys(url, timeout=10)
             wrk(url, "hit.lua", 32, 3)  # every worker's memory warm, as in a send
         for _ in range(args.rounds):
             for kind in ("hit", "miss"):
@@ -96,6 +85,7 @@ def main() -> None:
                     runs[name][kind].append(measured(url, pids, f"{kind}.lua", args.seconds))
     finally:
         procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     load["end"] = load_avg()
     report(runs, load, args, round(time.monotonic() - started))
 

@@ -19,13 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import AMPLITUDE_KEY, PY, ROOT, Processes, free_port, wait_up  # noqa: E402
+from run import AMPLITUDE_KEY, PY, ROOT, Processes, cpu_seconds, free_port, wait_up  # noqa: E402
 from saturation import start_nginx  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 10 ms
 
 
 def main() -> None:

@@ -260,10 +260,7 @@ def main() -> None:
         results["bare"] = wrk(bare + "/v1/amplitude/recommendations?user_id=u&rec_id=testRecId",
                               "fixed.lua", 64, args.seconds)
         # Hit path: warm WARM_USERS keys, then request them at random.
-        with requests.Session() as session:
-            for i in range(1, WARM_USERS + 1):
-                session.get(f"{proxy}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
-                            timeout=5).raise_for_status()
+        warm_keys(proxy)
         results["hit"] = wrk(proxy, "hit.lua", 64, args.seconds)
         # Miss path at 1 connection: the proxy against the upstream alone.
         results["upstream_1c"] = wrk(sandbox, "upstream.lua", 1, max(4, args.seconds // 2),
@@ -343,6 +340,21 @@ def report(results: dict, args, out: Path, elapsed: float) -> None:
 
 
 OTHER_BENCHES = "<!-- other bench scripts: kept by run.py -->"
+
+
+def warm_keys(proxy: str, timeout: float = 5) -> None:
+    """Cache the WARM_USERS recommendation keys that bench/hit.lua asks for (in whichever
+    worker takes each request: a few seconds of hit.lua then warms every worker)."""
+    with requests.Session() as session:
+        for i in range(1, WARM_USERS + 1):
+            session.get(f"{proxy}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
+                        timeout=timeout).raise_for_status()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (utime + stime from /proc, in clock ticks of 10 ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
 
 
 def write_section(path: Path, title: str, section: str) -> None:

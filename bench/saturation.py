@@ -37,15 +37,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import requests
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, ROOT, Processes, free_port, wait_up, write_section, wrk  # noqa: E402
+from run import PY, ROOT, Processes, free_port, wait_up, warm_keys, write_section, wrk  # noqa: E402
 
 SECTION = "## Fair serving, open-loop latency, cheaper misses (issue 15)"
-WARM_USERS = 1000
 ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 # Fixed JSON in the shape of Amplitude's user profile answer; only the ids are echoed back.
 ANSWER = ('{"userData":{"recommendations":[{"rec_id":"$arg_rec_id","child_rec_id":"$arg_rec_id",'
@@ -96,11 +93,14 @@ def start_nginx(procs: Processes, directory: Path, latency: float) -> str:
     return url
 
 
-def tools_missing() -> list[str]:
+def require_tools(*extra: str) -> None:
+    """Stop, naming them, when wrk, nginx, its echo module or an `extra` path is missing."""
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if not Path(ECHO_MODULE).exists():
         missing.append("libnginx-mod-http-echo")
-    return missing
+    missing += [Path(path).name for path in extra if not Path(path).exists()]
+    if missing:
+        raise SystemExit(f"missing: {', '.join(missing)} (bench/run.sh installs them)")
 
 
 def per_connection(path: Path) -> dict:
@@ -137,9 +137,7 @@ def main() -> None:
     parser.add_argument("--open-seconds", type=float, default=8)
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args()
-    missing = tools_missing()
-    if missing:
-        raise SystemExit(f"missing: {', '.join(missing)} (bench/run.sh installs them)")
+    require_tools()
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
     started = time.monotonic()
@@ -170,10 +168,7 @@ def main() -> None:
         # Every cache warm in every worker: the keys once, then 4 s of random hits on 32
         # connections (each key about ten times per worker).
         for name in (*counts, "proxy_granian"):
-            with requests.Session() as session:
-                for i in range(1, WARM_USERS + 1):
-                    session.get(f"{url[name]}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
-                                timeout=5).raise_for_status()
+            warm_keys(url[name])
             wrk(url[name], "hit.lua", 32, 4)
 
         closed: dict[str, dict[int, list[dict]]] = {n: {32: [], 256: []} for n in (*NAMES, "miss_fair", "nginx")}

@@ -30,9 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-from run import HERE, PY, Processes, free_port, wait_up, write_section, wrk
-from saturation import BARE_PATH, PROXY_ENV, WARM_USERS, load_avg, start_nginx, tools_missing
+from run import HERE, PY, Processes, free_port, wait_up, warm_keys, write_section, wrk
+from saturation import BARE_PATH, PROXY_ENV, load_avg, require_tools, start_nginx
 
 SECTION = "## Serving options: cache-hit throughput against the Braze burst (issue 15)"
 GRANIAN = str(Path(PY).parent / "granian")
@@ -51,9 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", default="8,32,64,128,256", help="granian WSGI blocking threads to try")
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args()
-    missing = tools_missing() + ([] if Path(GRANIAN).exists() else ["granian (the bench extra)"])
-    if missing:
-        raise SystemExit(f"missing: {', '.join(missing)} (bench/run.sh installs them)")
+    require_tools(GRANIAN)
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-serving-"))
     started = time.monotonic()
@@ -79,10 +76,7 @@ def main() -> None:
             wait_up(url + "/healthz", 60)
         for name, url in base.items():
             if name != "bare":
-                with requests.Session() as session:
-                    for i in range(1, WARM_USERS + 1):
-                        session.get(f"{url}/v1/amplitude/recommendations?rec_id=testRecId&user_id=warm{i}",
-                                    timeout=10).raise_for_status()
+                warm_keys(url, timeout=10)
                 wrk(url, "hit.lua", 32, 3)  # every worker's memory warm
         for _ in range(args.rounds):
             for name, url in base.items():
