@@ -164,8 +164,7 @@ class HttpClient:
         observe: Observe | None = None,
     ):
         self.pool = pool
-        self.base_url = base_url.rstrip("/")
-        self.origin = Origin(pool, self.base_url)
+        self.origin = Origin(pool, base_url)
         self.timeout = (connect_timeout, read_timeout)
         self.max_bytes = max_bytes
         self.breaker: CircuitBreaker = guards.breaker
@@ -175,6 +174,11 @@ class HttpClient:
         self.observe: Observe = observe or _unobserved
         # Retry-After pauses this upstream asked of this process (metrics).
         self.pauses = 0
+
+    @property
+    def base_url(self) -> str:
+        """The upstream's base URL, without a trailing slash."""
+        return self.origin.base_url
 
     def fallback(self, query: Query, content: Mapping[str, Any]) -> Any:
         """The operator's fallback content as this upstream would have answered `query`, so
