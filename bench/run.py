@@ -370,6 +370,7 @@ def write_section(path: Path, title: str, section: str) -> None:
     else:
         head, tail = text.split(OTHER_BENCHES, 1)
         text = head + OTHER_BENCHES + "\n" + section + tail
+    path.parent.mkdir(parents=True, exist_ok=True)  # --out may name a new directory
     path.write_text(text)
 
 

@@ -9,7 +9,8 @@ by default: memory, not disk) behind each worker's memory store:
   call at all, so the hit path costs what it did.
 - **per box**: the SQLite file. A worker that misses in memory reads it (and keeps a copy);
   entries carry `time.monotonic()` times, one clock for every process of the machine, so a
-  copy expires in every worker at the same moment. One row per key in `flights` is the
+  copy expires in every worker at the same moment (a file whose times come from another
+  boot is emptied when opened: `_of_this_boot`). One row per key in `flights` is the
   single-flight claim across processes: the worker holding it calls the upstream, the others
   poll for the entry (`AnswerCache._await_shared`). A claim names its process and has a
   deadline: a claim of a dead process, or past its deadline, is taken over.
@@ -63,7 +64,12 @@ CREATE TRIGGER IF NOT EXISTS entry_ends_claims AFTER INSERT ON entries
   BEGIN DELETE FROM flights WHERE key = NEW.key; END;
 CREATE TABLE IF NOT EXISTS limits (
   upstream TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL, paused_until REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clock (
+  id INTEGER PRIMARY KEY CHECK (id = 1), monotonic REAL NOT NULL, wall REAL NOT NULL);
 """
+# Seconds two readings of (time.monotonic(), time.time()) may disagree by and still be one boot:
+# NTP slews the wall clock by far less; a step beyond it only empties the cache once.
+SAME_BOOT_SLACK = 60.0
 
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 
@@ -97,10 +103,41 @@ def prepare(path: str) -> None:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            _of_this_boot(conn)
         finally:
             conn.close()
     finally:
         os.umask(old)
+
+
+def _same_boot(monotonic: float, wall: float) -> bool:
+    return abs((time.time() - wall) - (time.monotonic() - monotonic)) <= SAME_BOOT_SLACK
+
+
+def _of_this_boot(conn: sqlite3.Connection) -> None:
+    """Empty a file whose times come from another boot's clock.
+
+    Rows carry `time.monotonic()` times, which restart at each boot. `ccproxy serve` starts its
+    file afresh, but a path you name and use without it (your own server, `create_app`) can
+    outlive a reboot: its entries would then look fresh for as long as the last boot had run,
+    and an upstream's pause would last as long. The file records one reading of both clocks;
+    one that does not match this process's clocks (or none: a new file, or one written before
+    the record existed) empties the entries, claims and limits, once, under a write lock."""
+    row = conn.execute("SELECT monotonic, wall FROM clock").fetchone()
+    if row is not None and _same_boot(*row):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT monotonic, wall FROM clock").fetchone()
+        if row is None or not _same_boot(*row):  # not already done by another process
+            for table in ("entries", "flights", "limits"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("INSERT OR REPLACE INTO clock VALUES (1, ?, ?)", (time.monotonic(), time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def remove(path: str) -> None:
@@ -298,6 +335,7 @@ class BoxStore:
                 if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+                _of_this_boot(conn)
             except BaseException:
                 conn.close()
                 raise

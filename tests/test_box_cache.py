@@ -279,3 +279,43 @@ def test_a_miss_costs_three_statements_and_a_stored_entry_ends_the_claims(tmp_pa
     assert b.try_lock("k") is None  # a fresh entry: no claim, no second upstream call
     clock.advance(61)
     assert b.try_lock("k") is not None  # expired: the next caller may claim it
+
+
+def test_a_file_kept_from_another_boot_is_emptied_and_one_from_this_boot_is_kept(tmp_path):
+    """Entries and pauses carry monotonic times, which restart at each boot: a named file that
+    outlived a reboot would otherwise serve its entries as fresh for as long as the last boot
+    ran, and keep an upstream paused as long."""
+    import sqlite3
+
+    from conftest import FakeClock
+
+    from proxy.box_cache import BoxStore
+    from proxy.box_limiter import BoxRateLimiter
+    from proxy.cache import AnswerCache, MemoryStore
+    from proxy.guards import RateLimiter
+
+    clock = FakeClock()
+
+    def box_paused(store: BoxStore) -> bool:
+        return BoxRateLimiter("amplitude", 60, store, RateLimiter("amplitude", 30, clock)).state["paused"]
+
+    (a, _b), (first, _second) = two_workers(tmp_path, clock)
+    assert first.fetch("k", lambda: answer({"v": 1}), lambda _v: 3600).state == "MISS"
+    BoxRateLimiter("amplitude", 60, a, RateLimiter("amplitude", 30, clock)).pause(3600)
+
+    def restarted() -> tuple[BoxStore, AnswerCache]:  # a new process on the same file
+        store = BoxStore(a.path, MemoryStore(100, clock), clock)
+        return store, AnswerCache(store, clock, coalesce_wait=0.5, grace=0, max_stale=600)
+
+    store, cache = restarted()  # same boot: the file is trusted
+    assert cache.fetch("k", lambda: answer({"v": 2}), lambda _v: 3600).value.data == {"v": 1}
+    assert box_paused(store)
+
+    with sqlite3.connect(a.path) as conn:  # as if the clock had been read a day into another boot
+        assert conn.execute("UPDATE clock SET monotonic = monotonic + 86400").rowcount == 1
+    store, cache = restarted()
+    fetched = cache.fetch("k", lambda: answer({"v": 3}), lambda _v: 3600)
+    assert (fetched.state, fetched.value.data) == ("MISS", {"v": 3})
+    assert not box_paused(store)
+    with sqlite3.connect(a.path) as conn:
+        assert conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 1  # the new entry only
