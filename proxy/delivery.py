@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import UpstreamError, UpstreamRateLimited
+from .errors import CircuitOpen, UpstreamError, UpstreamRateLimited
 from .outbox import LEASE_SECONDS, Outbox, Write
 
 log = logging.getLogger("ccproxy.outbox")
@@ -162,6 +162,8 @@ class Deliverer:
                 self.outbox.postponed(write, float(limited.retry_after or 1))
             else:
                 self.outbox.failed(write, limited.message)
+        except CircuitOpen as open_circuit:  # nothing was sent: not an attempt either
+            self.outbox.postponed(write, float(open_circuit.retry_after or 1))
         except UpstreamError as error:
             status = error.upstream_status
             if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):

@@ -566,8 +566,12 @@ class Outbox:
                      " delivered_at=?, lease_owner=NULL, lease_until=NULL, last_error=NULL", (time.time(),))
 
     def failed(self, write: Write, error: str) -> None:
+        """A temporary failure: try again after a backoff. Past `max_attempts` a write becomes
+        a dead letter, except consent: a recipient was told "unsubscribed", so a choice write
+        keeps its place at the longest backoff for as long as the failures are temporary
+        (and stays in the lane's age, which the outbox alerts watch)."""
         attempts = write.attempts + 1
-        if attempts >= self.max_attempts:
+        if attempts >= self.max_attempts and write.lane != LANES["choice"]:
             self.dead(write, f"gave up after {attempts} attempts: {error}")
             return
         self._finish(write.id, "UPDATE writes SET state='failed', attempts=?, next_attempt_at=?,"

@@ -40,11 +40,10 @@ def test_a_duplicate_of_an_accepted_write_is_a_duplicate_even_when_the_outbox_is
 
 def test_retry_never_sends_a_dead_subscribe_after_a_later_unsubscribe(make_app, sandboxes, tmp_path):
     path = str(tmp_path / "consent.sqlite3")
-    client = make_app(outbox_path=path, outbox_max_attempts=1, outbox_max_backoff=0.2,
-                      outbox_retention=0.5).test_client()
+    client = make_app(outbox_path=path, outbox_max_backoff=0.2, outbox_retention=0.5).test_client()
     user = f"consent-{uuid.uuid4().hex[:8]}"
     choice = f"/v1/mediarithmics/choices?user_point_id={user}&processing_id=101"
-    sandboxes.state("mediarithmics").set_fault("error", count=1)  # the subscribe dies
+    sandboxes.state("mediarithmics").set_fault("refuse", count=1)  # the subscribe is refused: dead
     subscribe = client.put(choice, json={"$choice_acceptance_value": True}).get_json()["id"]
     assert wait_for_state(client, subscribe, ("dead",))["state"] == "dead"
     unsubscribe = client.put(choice, json={"$choice_acceptance_value": False}).get_json()["id"]
@@ -143,3 +142,51 @@ def stored_answer(client, key, marker):
     assert client.get(f"/v1/mediarithmics/writes/{r.get_json()['id']}").status_code == 200, \
         f"{r.get_json()} names a write that was never stored"
     return r
+
+
+def test_a_consent_write_outlives_max_attempts_of_temporary_failures(make_app, sandboxes):
+    """A recipient was told "unsubscribed": a 5xx outage longer than the attempts allow never
+    turns the choice into a dead letter (an activity beside it does), and it is delivered
+    once mediarithmics answers again."""
+    mediarithmics = sandboxes.state("mediarithmics")
+    mediarithmics.set_fault("error")
+    client = make_app(outbox_max_attempts=2, outbox_max_backoff=0.05, breaker_threshold=1000).test_client()
+    user = f"outage-{uuid.uuid4().hex[:8]}"
+    choice = client.put(f"/v1/mediarithmics/choices?user_point_id={user}&processing_id=101",
+                        json={"$choice_acceptance_value": False}).get_json()["id"]
+    other = client.post(ACTIVITIES, json=activity("outage")).get_json()["id"]
+    assert wait_for_state(client, other, ("dead",))["attempts"] == 2
+    wait_until(lambda: client.get(f"/v1/mediarithmics/writes/{choice}").get_json()["attempts"] >= 4, 60,
+               "the choice retried past the attempts")
+    assert client.get(f"/v1/mediarithmics/writes/{choice}").get_json()["state"] == "failed"
+    mediarithmics.set_fault("none")
+    assert wait_for_state(client, choice)["state"] == "delivered"
+    assert store_of(sandboxes).choices[f"user_point_id={user}"]["101"]["$choice_acceptance_value"] is False
+
+
+def test_an_open_circuit_is_not_an_attempt(make_app, sandboxes):
+    """Attempts count calls made: while the circuit is open nothing is sent, so a write is
+    postponed, not brought closer to a dead letter."""
+    mediarithmics = sandboxes.state("mediarithmics")
+    mediarithmics.set_fault("error")
+    client = make_app(outbox_max_attempts=3, outbox_max_backoff=0.05, breaker_threshold=1,
+                      breaker_reset=1.0).test_client()
+    write = client.post(ACTIVITIES, json=activity("circuit")).get_json()["id"]
+    wait_until(lambda: client.get(f"/v1/mediarithmics/writes/{write}").get_json()["attempts"] >= 1, 60,
+               "a first attempt")
+    time.sleep(3)  # dozens of claims at this backoff, most while the circuit is open
+    row = client.get(f"/v1/mediarithmics/writes/{write}").get_json()
+    assert row["attempts"] == mediarithmics.calls <= 3  # one attempt per call, one call per probe
+    assert row["state"] in ("failed", "dead")
+
+
+def test_a_write_answered_2xx_with_a_body_that_is_not_json_is_delivered_once(make_app, sandboxes):
+    """Some gateways answer a write `200 OK` in plain text: it was applied, so it is delivered,
+    not sent again until it dies."""
+    sandboxes.state("mediarithmics").set_fault("applied_not_json", count=1)
+    client = make_app(outbox_max_backoff=0.05).test_client()
+    marker = uuid.uuid4().hex
+    write = client.post(ACTIVITIES, json=activity(marker)).get_json()["id"]
+    done = wait_for_state(client, write, ("delivered", "dead"))
+    assert (done["state"], done["attempts"]) == ("delivered", 1)
+    assert [a.get("marker") for a in store_of(sandboxes).activities].count(marker) == 1

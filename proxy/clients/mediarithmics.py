@@ -114,10 +114,18 @@ class MediarithmicsClient(HttpClient):
 
     def write(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
         """Send one write (from the outbox). A 4xx raises with the upstream's own message."""
-        status, answer = self.request(
-            method, path, params=query or None, headers=self._headers, json_body=body,
-            ok_statuses=(200, 201, 202, 204, 400, 404, 409, 422),
-        )
+        try:
+            status, answer = self.request(
+                method, path, params=query or None, headers=self._headers, json_body=body,
+                ok_statuses=(200, 201, 202, 204, 400, 404, 409, 422),
+            )
+        except UpstreamBadAnswer as odd:
+            if odd.upstream_status is not None and 200 <= odd.upstream_status < 300:
+                # Applied: a write's outcome is its status. Sending it again for an unreadable
+                # body (a gateway's "OK") would apply it again.
+                self.breaker.success()
+                return None
+            raise
         if status >= 400:
             message = answer.get("error") if isinstance(answer, dict) else None
             raise UpstreamError(

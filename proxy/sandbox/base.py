@@ -10,7 +10,9 @@ Control endpoints live under `/__sandbox/` (never part of the real APIs):
   `Retry-After: seconds`), `reset`, `malformed`, `oversized`, `deep` (JSON nested 1,000
   levels), `trickle_headers` (status line and headers one byte every `seconds`), `slow_body`
   (headers at once, then the body in 8-byte pieces `seconds` apart), `trickle` (headers at
-  once, then the body one byte every `seconds`), `none`.
+  once, then the body one byte every `seconds`), `refuse` (400, as for an invalid write),
+  `applied_not_json` (the call is handled, a write applied, then answered `200 OK` as plain
+  text, as some gateways do), `none`.
 - `POST /__sandbox/reset` clears counters and faults.
 Images a sandbox serves for previews (`/images/...`) are not calls either.
 """
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 
 from .server import RateWindow
 
@@ -35,7 +37,7 @@ from .server import RateWindow
 # API calls: never counted, delayed or faulted.
 UNCOUNTED = ("/__sandbox/", "/images/")
 FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized",
-               "unavailable", "deep", "trickle_headers", "slow_body", "trickle")
+               "unavailable", "deep", "trickle_headers", "slow_body", "trickle", "refuse", "applied_not_json")
 # The body the dribbling faults send: valid JSON, 64 bytes, so a client that waited long
 # enough would get a usable answer (the point is that it must not wait).
 _DRIBBLED = b'{"pad": "' + b"x" * 53 + b'"}'
@@ -152,7 +154,7 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
     def behave() -> Any:
         if request.path.startswith(UNCOUNTED):
             return None
-        fault = state.record(request.path)
+        fault = g.fault = state.record(request.path)
         state.last_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI", "")
         state.last_request_id = request.headers.get("X-Request-Id", "")
         if state.latency:
@@ -182,6 +184,8 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
                             mimetype="application/json")
         elif fault == "reset":
             return Response(_broken_stream(), 200, mimetype="application/json")
+        elif fault == "refuse":
+            return Response('{"error":"refused by the sandbox"}', 400, mimetype="application/json")
         elif fault == "malformed":
             return Response('{"userData": {"recommendations": [', 200, mimetype="application/json")
         elif fault == "oversized":
@@ -193,6 +197,8 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
 
     @app.after_request
     def count_status(response: Response) -> Response:
+        if g.get("fault") == "applied_not_json" and response.status_code < 300:
+            response = Response(b"OK", 200, mimetype="text/plain")
         if not request.path.startswith(UNCOUNTED):
             with state.lock:
                 state.statuses[str(response.status_code)] += 1
