@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any, TypedDict, cast
 
 from .common import (
+    as_dict,
+    as_list,
+    as_text,
     deep_identifier_keys,
     identifier_keys,
     iso_from_epoch_seconds,
@@ -89,23 +92,23 @@ def identity(user_data: UserData | None, user_id: str, device_id: str) -> Identi
     return {
         "ok": True,
         "found": user_data is not None,
-        "user_id": data.get("user_id") or user_id or "",
-        "device_id": data.get("device_id") or device_id or "",
+        "user_id": as_text(data.get("user_id")) or user_id or "",
+        "device_id": as_text(data.get("device_id")) or device_id or "",
     }
 
 
 def recommendation(rec: dict[str, Any] | None, rec_id: str) -> Recommendation:
     """One recommendation, or an empty one (found false) when Amplitude has none."""
     rec = rec or {}
-    items = rec.get("items") or []
+    items = as_list(rec.get("items"))
     shaped = {
         "rec_id": rec_id,
-        "child_rec_id": rec.get("child_rec_id") or rec_id,
+        "child_rec_id": as_text(rec.get("child_rec_id")) or rec_id,
         "found": bool(rec),
         "items": items,
         **list_fields(items),
         "is_control": bool(rec.get("is_control", False)),
-        "source": rec.get("recommendation_source") or "",
+        "source": as_text(rec.get("recommendation_source")),
         "last_updated": iso_from_epoch_seconds(rec.get("last_updated")),
     }
     # A cast, not a literal: item_1 .. item_N are keys a TypedDict cannot name (the OpenAPI
@@ -117,7 +120,8 @@ def recommendations(
     user_data: UserData | None, rec_ids: list[str], user_id: str = "", device_id: str = ""
 ) -> RecommendationsAnswer:
     """Top level describes the first rec id; `recommendations.<rec_id>` holds each."""
-    by_id = {rec.get("rec_id"): rec for rec in (user_data or {}).get("recommendations") or []}
+    by_id = {rec.get("rec_id"): rec for rec in as_list((user_data or {}).get("recommendations"))
+             if isinstance(rec, dict) and isinstance(rec.get("rec_id"), str)}
     per_id = {rec_id: recommendation(by_id.get(rec_id), rec_id) for rec_id in rec_ids}
     first = per_id[rec_ids[0]]
     return {
@@ -134,8 +138,8 @@ def properties(user_data: UserData | None, user_id: str = "", device_id: str = "
     props = (user_data or {}).get("amp_props")
     return {
         **identity(user_data, user_id, device_id),
-        "found": props is not None,
-        "properties": deep_identifier_keys(props or {}),
+        "found": isinstance(props, dict),
+        "properties": deep_identifier_keys(as_dict(props)),
     }
 
 
@@ -143,8 +147,7 @@ def computations(
     user_data: UserData | None, comp_id: str | None = None, user_id: str = "", device_id: str = ""
 ) -> ComputationsAnswer:
     """Computations arrive in `amp_props` as strings (`"3"`); numbers become numbers."""
-    props = (user_data or {}).get("amp_props")
-    comps = {key: number_or_text(value) for key, value in (props or {}).items()}
+    comps = {key: number_or_text(value) for key, value in as_dict((user_data or {}).get("amp_props")).items()}
     answer: ComputationsAnswer = {
         **identity(user_data, user_id, device_id),
         "found": bool(comps),
@@ -160,7 +163,7 @@ def computations(
 
 
 def cohort_fields(cohort_ids: list[Any] | None) -> CohortFields:
-    ids = [str(c) for c in cohort_ids or []]
+    ids = [as_text(c) for c in as_list(cohort_ids) if as_text(c)]
     return {
         "cohort_ids": ids,
         "cohort_count": len(ids),
@@ -175,7 +178,7 @@ def cohorts(
     """Cohort membership; `member` answers "is this user in cohort_id?"."""
     ids = (user_data or {}).get("cohort_ids")
     fields = cohort_fields(ids)
-    answer: CohortsAnswer = {**identity(user_data, user_id, device_id), "found": ids is not None, **fields}
+    answer: CohortsAnswer = {**identity(user_data, user_id, device_id), "found": isinstance(ids, list), **fields}
     if cohort_id is not None:
         answer["member"] = cohort_id in fields["cohort_ids"]
     return answer
@@ -185,7 +188,7 @@ def profile(
     user_data: UserData | None, rec_ids: list[str] | None = None, user_id: str = "", device_id: str = ""
 ) -> ProfileAnswer:
     """Everything from one upstream call: properties (amp_props as returned), cohorts, recs."""
-    props = (user_data or {}).get("amp_props") or {}
+    props = as_dict((user_data or {}).get("amp_props"))
     # amp_props mixes properties with computations (`computed-prop-<n>`, sent as strings).
     comps = {k: number_or_text(v) for k, v in props.items() if str(k).startswith(COMPUTED_PREFIX)}
     answer: ProfileAnswer = {

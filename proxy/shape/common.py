@@ -20,6 +20,25 @@ _NUMBER = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$")
 MAX_SIGNIFICANT_DIGITS = 15
 
 
+def as_dict(value: Any) -> dict[str, Any]:
+    """An upstream field documented as an object; anything else (a lying upstream) reads empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    """An upstream field documented as an array; anything else reads empty."""
+    return value if isinstance(value, list) else []
+
+
+def as_text(value: Any) -> str:
+    """An upstream id or label: a string, or a number written out; anything else reads empty."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
 def to_identifier(key: str) -> str:
     """`computed-prop-2` -> `computed_prop_2`; runs of other characters become `_`."""
     ident = _NOT_IDENT.sub("_", str(key))
@@ -44,17 +63,22 @@ def identifier_keys(mapping: dict[str, Any]) -> dict[str, Any]:
             out[key] = mapping[key]
         else:
             renamed.append((str(key), key))
+    suffixes: dict[str, int] = {}
     for text, key in sorted(renamed):
-        out[_free_name(out, to_identifier(text))] = mapping[key]
+        out[_free_name(out, to_identifier(text), suffixes)] = mapping[key]
     return out
 
 
-def _free_name(taken: dict[str, Any], name: str) -> str:
+def _free_name(taken: dict[str, Any], name: str, suffixes: dict[str, int]) -> str:
+    """`name`, else the first free `name_2`, `name_3`...; `suffixes` remembers where the
+    search for each name stopped (names are only added), so thousands of keys colliding on
+    one name cost linear time, not a probe from `_2` each (an upstream chooses the keys)."""
     if name not in taken:
         return name
-    n = 2
+    n = suffixes.get(name, 2)
     while f"{name}_{n}" in taken:
         n += 1
+    suffixes[name] = n + 1
     return f"{name}_{n}"
 
 
@@ -87,8 +111,9 @@ def flatten(value: dict[str, Any], drop_prefix: str = "") -> dict[str, Any]:
 
     walk("", (), value)
     flat: dict[str, Any] = {}
+    suffixes: dict[str, int] = {}
     for name, _path, child in sorted(pairs, key=lambda pair: (pair[0], pair[1])):
-        flat[_free_name(flat, name)] = child
+        flat[_free_name(flat, name, suffixes)] = child
     return flat
 
 

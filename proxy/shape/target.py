@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from .common import identifier_keys, iso_from_text, numbers
+from .common import as_dict, as_text, identifier_keys, iso_from_text, numbers
 
 
 class TargetProfileAnswer(TypedDict):
@@ -24,8 +24,8 @@ class TargetProfileAnswer(TypedDict):
 def profile(raw: dict[str, Any] | None, tntid: str = "", third_party_id: str = "") -> TargetProfileAnswer:
     """The visitor's attributes; a missing profile is `found: false` with the asked id echoed."""
     raw = raw or {}
-    visitor = raw.get("visitorId") or {}
-    attributes = raw.get("profileAttributes") or {}
+    visitor = as_dict(raw.get("visitorId"))
+    attributes = as_dict(raw.get("profileAttributes"))
     values = {
         name: (attr.get("value", "") if isinstance(attr, dict) else attr)
         for name, attr in attributes.items()
@@ -34,8 +34,8 @@ def profile(raw: dict[str, Any] | None, tntid: str = "", third_party_id: str = "
     return {
         "ok": True,
         "found": bool(raw),
-        "tnt_id": str(visitor.get("tntId") or tntid or ""),
-        "third_party_id": str(visitor.get("thirdPartyId") or third_party_id or ""),
+        "tnt_id": as_text(visitor.get("tntId")) or tntid or "",
+        "third_party_id": as_text(visitor.get("thirdPartyId")) or third_party_id or "",
         "modified_at": iso_from_text(raw.get("modifiedAt")),
         "profile": profile,
         "attribute_count": len(values),
