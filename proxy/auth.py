@@ -5,7 +5,6 @@ several keys may be valid at once so they can be rotated."""
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
@@ -46,7 +45,7 @@ def presented_key(headers: Headers) -> str | None:
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 once decoded
             return None
         return decoded.partition(":")[2]
     return None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from . import auth, dispatch, observability
-from .errors import MethodNotAllowed, ProxyError
+from .errors import InternalError, MethodNotAllowed, ProxyError
 from .guards import end_deadline, start_deadline
 from .responses import JSON_TYPE, json_bytes
 
@@ -147,7 +147,12 @@ def _send(respond: Callable, outcome: Any, method: str) -> list[bytes]:
     """Send dispatch's answer for `outcome`; HEAD gets the same status and headers (its
     Content-Length included) and no body."""
     status, headers, body = dispatch.http_answer(outcome)
-    payload = json_bytes(body)
+    try:
+        payload = json_bytes(body)
+    except (TypeError, ValueError):  # an answer JSON cannot carry: a JSON 500, never a traceback page
+        dispatch.log.exception("answer not encodable as JSON")
+        status, headers, body = dispatch.http_answer(InternalError())
+        payload = json_bytes(body)
     respond(dispatch.status_line(status), [("Content-Type", JSON_TYPE),
                                            ("Content-Length", str(len(payload))), *headers.items()])
     return [] if method == "HEAD" else [payload]

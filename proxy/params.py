@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import BadRequest
+from .json_depth import MAX_DEPTH, nesting_exceeds
 from .shape.common import number_or_text
 
 MAX_ID_LENGTH = 256
@@ -128,10 +129,15 @@ def json_object(args: Args, name: str) -> dict:
         return {}
     if len(raw) > 8192:
         raise BadRequest(f"{name} is longer than 8192 characters", code="invalid_parameter")
+    too_deep = BadRequest(f"{name} nests deeper than {MAX_DEPTH} levels", code="invalid_json")
     try:
         value = json.loads(raw)
     except ValueError:
         raise BadRequest(f"{name} is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # 8,192 characters can nest past the parser's own recursion limit
+        raise too_deep from None
+    if nesting_exceeds(value, MAX_DEPTH):
+        raise too_deep
     if not isinstance(value, dict):
         raise BadRequest(f"{name} must be a JSON object", code="invalid_json")
     return value

@@ -82,10 +82,10 @@ def make_app(sandboxes, clock, tmp_path):
 
     built = []
 
-    def build(*, start_delivery: bool = True, **overrides):
+    def build(*, start_delivery: bool = True, endpoints=None, **overrides):
         overrides.setdefault("outbox_path", str(tmp_path / f"outbox-{len(built)}.sqlite3"))
         settings = config.load(overrides={**sandboxes.proxy_settings(), **overrides}, environ={})
-        app = create_app(settings, timer=clock)
+        app = create_app(settings, timer=clock, endpoints=endpoints)
         app.config["TESTING"] = True
         if start_delivery:
             app.extensions["ccproxy"].start_delivery()

@@ -1,5 +1,7 @@
 """End to end: the proxy app calls the sandbox Amplitude server over loopback HTTP."""
 
+import re
+
 import pytest
 from conftest import all_keys, upstream_calls
 
@@ -214,3 +216,43 @@ def test_non_json_constants_from_upstream_are_refused():
 
     with pytest.raises(ValueError):
         _DECODER.decode('{"userData": {"amp_props": {"x": NaN}}}')
+
+
+@pytest.mark.parametrize("fault", ["out_of_range", "lone_surrogate"])
+def test_an_answer_json_cannot_carry_is_never_cached(make_app, sandboxes, fault):
+    """`1e400` and a lone `\\ud800` are valid JSON text that no JSON answer can carry: refused
+    as a bad answer (stale or 503), never cached to fail every request for its TTL."""
+    client = make_app(cache_max_stale=0).test_client()
+    sandboxes.state("amplitude").set_fault(fault, count=1)
+    first = client.get(f"{RECS}?user_id=unencodable&rec_id=a")
+    assert first.status_code == 503 and first.get_json()["error"]["code"] == "upstream_bad_answer"
+    second = client.get(f"{RECS}?user_id=unencodable&rec_id=a")
+    assert second.status_code == 200 and second.headers["X-Cache"] == "MISS"
+    assert upstream_calls(sandboxes) == 2
+
+
+@pytest.mark.parametrize("toml, place", [
+    ('["/v1/amplitude/recommendations"]\nitems = ["a", inf]\n', "/v1/amplitude/recommendations.items[1]"),
+    ('["/v1/adobe-target/profile"]\nprofile = { since = 2024-01-01 }\n', "/v1/adobe-target/profile.profile.since"),
+])
+def test_fallback_content_json_cannot_carry_is_refused_at_start(make_app, tmp_path, toml, place):
+    from proxy.config import SettingsError
+
+    path = tmp_path / "fallbacks.toml"
+    path.write_text(toml)
+    with pytest.raises(SettingsError, match=re.escape(place)):
+        make_app(fallbacks_file=str(path))
+
+
+def test_an_answer_the_encoder_refuses_is_a_json_500(make_app):
+    """Whatever a handler returns, the envelope answers JSON in the stable error shape."""
+    from proxy.endpoints import Result, build_registry, endpoint
+
+    @endpoint("/v1/test/unencodable", "a handler whose answer JSON cannot carry")
+    def unencodable(_ctx, _args):
+        return Result({"ok": True, "when": object()})
+
+    client = make_app(endpoints=build_registry([unencodable])).test_client()
+    r = client.get("/v1/test/unencodable")
+    assert r.status_code == 500 and r.get_json()["error"]["code"] == "internal_error"
+    assert "Traceback" not in r.get_data(as_text=True)

@@ -82,3 +82,21 @@ def test_an_old_subscribe_link_cannot_undo_an_unsubscribe_still_queued(make_app,
         assert refused.status_code == 403 and b"changed" in refused.data
     finally:
         store.write_latency = 0.0
+
+
+def test_a_context_nested_too_deep_is_a_400_naming_it(make_app):
+    client = make_app().test_client()
+    base = "/v1/experiment/variants?flag_keys=hero-banner&user_id=deep-ctx&context="
+    for context in ("[" * 4000 + "]" * 4000,  # past the parser's own recursion limit
+                    '{"a":' * 70 + "1" + "}" * 70):  # parsed, but deeper than any real context
+        r = client.get(base + context)
+        assert r.status_code == 400, r.status_code
+        assert r.get_json()["error"]["code"] == "invalid_json" and "deeper" in r.get_json()["error"]["message"]
+    assert client.get(base + '{"user_properties":{"a":{"b":1}}}').status_code == 200
+
+
+def test_a_basic_credential_that_is_not_ascii_is_a_401(make_app):
+    client = make_app(api_keys="k1").test_client()
+    for value in ("Basic éééé", "Basic ####", "Basic " + "w6k=" * 3):
+        r = client.get("/v1/amplitude/properties?user_id=u1", headers={"Authorization": value})
+        assert r.status_code == 401 and r.get_json()["ok"] is False, value

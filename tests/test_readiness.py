@@ -76,7 +76,7 @@ def test_a_failing_check_is_a_reason_never_a_500(client, monkeypatch):
     ("target", "/v1/adobe-target/profile?third_party_id=deep-1"),
     ("mediarithmics", "/v1/mediarithmics/profile?user_point_id=deep-1"),
 ])
-@pytest.mark.parametrize("fault", ["deep", "malformed", "oversized"])
+@pytest.mark.parametrize("fault", ["deep", "malformed", "oversized", "out_of_range", "lone_surrogate"])
 def test_unusable_answers_are_503_bad_answer(make_app, sandboxes, upstream, path, fault):
     client = make_app(cache_max_stale=0).test_client()
     sandboxes.state(upstream).set_fault(fault)

@@ -127,3 +127,34 @@ def test_no_lock_once_the_last_holder_stored_the_answer(redis_server):
     store.unlock("k", holder)
     assert store.try_lock("k") is None  # fresh: read it, no second upstream call
     assert redis_server["client"].get("ccproxy:lock:k") is None  # and no lock left behind
+
+
+def test_instances_whose_clocks_are_apart_share_one_budget(redis_server, monkeypatch):
+    """Two instances 100 s apart on the wall clock, calling in turn: the bucket keeps Redis's
+    own time, so no instance is credited the other's skew (it let 3,099 calls through a
+    600/min limit at 100 ms apart)."""
+    import time
+    import types
+
+    from proxy import redis_backend
+    from proxy.errors import UpstreamRateLimited
+    from proxy.guards import RateLimiter
+    from proxy.redis_backend import RedisHealth, RedisRateLimiter
+
+    redis_server["client"].flushdb()
+    turn = iter(range(10**6))
+    skewed = types.SimpleNamespace(time=lambda: time.time() + (100 if next(turn) % 2 else -100),
+                                   monotonic=time.monotonic)
+    monkeypatch.setattr(redis_backend, "time", skewed)
+    instances = [RedisRateLimiter("amplitude", 60, RedisHealth(redis.Redis.from_url(redis_server["url"])),
+                                  RateLimiter("amplitude", 30)) for _ in range(2)]
+    started, allowed = time.monotonic(), 0
+    for i in range(200):
+        try:
+            instances[i % 2].acquire()
+            allowed += 1
+        except UpstreamRateLimited:
+            pass
+    elapsed = time.monotonic() - started
+    limiter = instances[0]
+    assert allowed <= limiter.capacity + limiter.refill * elapsed + 1, (allowed, elapsed)

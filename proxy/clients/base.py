@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..errors import Retryable as _Retryable
 from ..guards import CircuitBreaker, Guards, Limiter, RetryBudget, check_time_left, remaining
+from ..json_depth import MAX_DEPTH, nesting_exceeds
 from ..observability import current_request_id
 from .transport import Origin, bounded_pool, call_deadline
 
@@ -83,26 +84,30 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# Vendor answers nest a handful of levels; far deeper is broken or hostile, and would
-# overflow Python's recursion in the shapers and encoders (a 500) if let through.
-MAX_DEPTH = 64
+def _finite(text: str) -> float:
+    # `1e400` is valid JSON that Python reads as infinity: as unusable as NaN, and our own
+    # encoder would refuse the answer on every request for as long as it stayed cached.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of a double's range")
+    return value
 
 
-def nesting_exceeds(value: Any, limit: int) -> bool:
-    """Whether a parsed JSON value nests objects/arrays more than `limit` levels (no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if type(node) is dict else node if type(node) is list else ()
-        for child in children:
-            if type(child) is dict or type(child) is list:
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
+def _lone_surrogates(content: bytes, parsed: Any) -> bool:
+    """Whether a string escapes half a UTF-16 pair (`\\ud800` alone): valid JSON text, but not
+    encodable as UTF-8, so our answers could not carry it. Only looked for when a surrogate
+    escape appears at all (emoji escapes come in pairs and pass)."""
+    if b"\\ud" not in content and b"\\uD" not in content:
+        return False
+    try:
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
     return False
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_compact_object, parse_constant=_no_constants)
+_DECODER = json.JSONDecoder(object_pairs_hook=_compact_object, parse_constant=_no_constants,
+                            parse_float=_finite)
 
 
 def make_pool(pool_size: int = 64, proxy: str = "") -> urllib3.PoolManager:
@@ -319,6 +324,10 @@ class HttpClient:
         if nesting_exceeds(parsed, MAX_DEPTH):
             self.breaker.failure()
             raise self._too_deep(status)
+        if _lone_surrogates(content, parsed):
+            self.breaker.failure()
+            raise UpstreamBadAnswer(self.name, f"{self.name} answered with text that is not Unicode",
+                                    upstream_status=status)
         self.breaker.success()
         return status, parsed
 

@@ -8,7 +8,8 @@ Control endpoints live under `/__sandbox/` (never part of the real APIs):
   calls (all when null) misbehave. Modes: `slow`/`hang` (no answer for `seconds`), `error` (500),
   `ratelimit` (429, `Retry-After: seconds`, 30 by default), `unavailable` (503 with
   `Retry-After: seconds`), `reset`, `malformed`, `oversized`, `deep` (JSON nested 1,000
-  levels), `trickle_headers` (status line and headers one byte every `seconds`), `slow_body`
+  levels), `out_of_range` (a number past a double's range), `lone_surrogate` (a string
+  escaping half a UTF-16 pair: not encodable as UTF-8), `trickle_headers` (status line and headers one byte every `seconds`), `slow_body`
   (headers at once, then the body in 8-byte pieces `seconds` apart), `trickle` (headers at
   once, then the body one byte every `seconds`), `refuse` (400, as for an invalid write),
   `applied_not_json` (the call is handled, a write applied, then answered `200 OK` as plain
@@ -37,7 +38,8 @@ from .server import RateWindow
 # API calls: never counted, delayed or faulted.
 UNCOUNTED = ("/__sandbox/", "/images/")
 FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized",
-               "unavailable", "deep", "trickle_headers", "slow_body", "trickle", "refuse", "applied_not_json")
+               "unavailable", "deep", "trickle_headers", "slow_body", "trickle", "refuse", "applied_not_json",
+               "out_of_range", "lone_surrogate")
 # The body the dribbling faults send: valid JSON, 64 bytes, so a client that waited long
 # enough would get a usable answer (the point is that it must not wait).
 _DRIBBLED = b'{"pad": "' + b"x" * 53 + b'"}'
@@ -188,6 +190,10 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
             return Response('{"error":"refused by the sandbox"}', 400, mimetype="application/json")
         elif fault == "malformed":
             return Response('{"userData": {"recommendations": [', 200, mimetype="application/json")
+        elif fault == "out_of_range":
+            return Response(b'{"userData": {"x": 1e400}, "x": -1e999}', 200, mimetype="application/json")
+        elif fault == "lone_surrogate":
+            return Response(b'{"userData": {"x": "\\ud800"}, "x": "\\ud800"}', 200, mimetype="application/json")
         elif fault == "oversized":
             return Response(b'{"pad": "' + b"x" * 3_000_000 + b'"}', 200, mimetype="application/json")
         wait = state.rate.retry_after()
