@@ -22,11 +22,15 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from .errors import CircuitOpen, UpstreamError, UpstreamRateLimited
 from .outbox import LEASE_SECONDS, Outbox, Write
 
 log = logging.getLogger("ccproxy.outbox")
+# Seconds between tries to record an outcome the outbox file refused (doubling up to the max).
+RECORD_RETRY_FIRST = 0.5
+RECORD_RETRY_MAX = 30.0
 
 
 class Deliverer:
@@ -145,33 +149,49 @@ class Deliverer:
 
     def _deliver_then_free(self, write: Write) -> None:
         try:
-            self._deliver(write)
-        except sqlite3.Error as exc:  # the outcome could not be recorded: the lease runs out
-            log.error("outbox outcome of %s not recorded: %s", write.id, exc)
+            self._record(write, self._deliver(write))
         finally:
             with self._slots:
                 self._sending.discard(write.id)
                 self._in_flight -= 1
                 self._slots.notify_all()
 
-    def _deliver(self, write: Write) -> None:
+    def _deliver(self, write: Write) -> Callable[[], None]:
+        """Send one write; how to record what happened (its arguments bound now: an except
+        clause's name is gone once the clause ends)."""
         try:
             self.send(write)
         except UpstreamRateLimited as limited:
             if limited.upstream_status is None:  # our own budget: not an attempt
-                self.outbox.postponed(write, float(limited.retry_after or 1))
-            else:
-                self.outbox.failed(write, limited.message)
+                return partial(self.outbox.postponed, write, float(limited.retry_after or 1))
+            return partial(self.outbox.failed, write, limited.message)
         except CircuitOpen as open_circuit:  # nothing was sent: not an attempt either
-            self.outbox.postponed(write, float(open_circuit.retry_after or 1))
+            return partial(self.outbox.postponed, write, float(open_circuit.retry_after or 1))
         except UpstreamError as error:
             status = error.upstream_status
             if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):
-                self.outbox.dead(write, error.message)
-            else:
-                self.outbox.failed(write, error.message)
+                return partial(self.outbox.dead, write, error.message)
+            return partial(self.outbox.failed, write, error.message)
         except Exception as exc:  # never let one write stop the worker
             log.exception("outbox delivery crashed")
-            self.outbox.failed(write, f"{type(exc).__name__}")
-        else:
-            self.outbox.delivered(write)
+            return partial(self.outbox.failed, write, type(exc).__name__)
+        return partial(self.outbox.delivered, write)
+
+    def _record(self, write: Write, record: Callable[[], None]) -> None:
+        """Record an outcome until it sticks (a full or locked file). Meanwhile the write stays
+        in `_sending`, so this process never sends it again; a delivery not recorded as such
+        would be, once its lease lapsed. Given up only when the process stops: after the
+        restart the write is sent again (at least once, as after a crash)."""
+        wait = RECORD_RETRY_FIRST
+        while True:
+            try:
+                record()
+                return
+            except sqlite3.Error as exc:
+                if self._stop.is_set():
+                    log.error("outbox outcome of %s not recorded at shutdown (%s): it is sent again "
+                              "after its lease lapses", write.id, exc)
+                    return
+                log.error("outbox outcome of %s not recorded (%s); trying again in %.1f s", write.id, exc, wait)
+            self._stop.wait(wait)
+            wait = min(wait * 2, RECORD_RETRY_MAX)

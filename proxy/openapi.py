@@ -260,7 +260,9 @@ def operations() -> dict[str, dict[str, Any]]:
                 "content": {"application/json": {"schema": {
                     "type": "object", "required": ["ok", "id", "kind", "state", "status_url"],
                     "properties": {"ok": {"const": True}, "id": {"type": "string"}, "kind": {"type": "string"},
-                                   "state": {"const": "queued"}, "status_url": {"type": "string"},
+                                   "state": {"enum": ["queued", "delivered", "failed", "dead"], "description":
+                                             "queued for a new write; a duplicate's is the earlier write's"},
+                                   "status_url": {"type": "string"},
                                    "duplicate": {"type": "boolean", "description":
                                                  "true: the idempotency key named an earlier write (this is its id)"}}}}}}
     idempotency = [

@@ -18,8 +18,9 @@ what is per process is said where it matters.
   lease is only taken over when its holder is gone: the lease names the holder's host, PID
   namespace, pid and process start time, and a claim checks that process (`holder_alive`).
   A write being sent by a live process is never started a second time, however slow. After
-  a crash the holder is gone, the lease runs out and the write is delivered again with its
-  id and key (at least once). A holder on another host or PID namespace (a shared file
+  a crash the holder is gone: its write is taken over at once, whatever its lease says (a
+  wall clock stepped back would make it look hours long), and delivered again with its id
+  and key (at least once). A holder on another host or PID namespace (a shared file
   system) cannot be checked: there the lease alone decides.
 - **Bounds**: delivered rows are purged after the retention (never while their idempotency
   key lives); opens and activities are refused at intake past `max_rows` undelivered rows;
@@ -128,6 +129,7 @@ class Added:
 
     id: str
     duplicate: bool = False
+    state: str = "queued"  # a duplicate's: what became of the earlier write
 
 
 @dataclass(frozen=True)
@@ -288,9 +290,31 @@ class Outbox:
 
     def has_pending(self, kind: str, path: str) -> bool:
         """Whether a write that must keep its order (a choice, a profile) for `path` is still
-        waiting for delivery: what the upstream says now is not the state it will have."""
+        waiting for delivery: what the upstream says now is not the state it will have.
+        OutboxUnavailable when the file cannot say (busy, unreadable)."""
         key = order_key(kind, path)
-        return key is not None and bool(self._for_request(self._has_pending_now, key))
+        return key is not None and bool(self._asked(self._has_pending_now, key))
+
+    def holds(self, idem: IdemKey) -> bool:
+        """Whether a live idempotency key names a write stored here (OutboxUnavailable when
+        the file cannot say)."""
+        return bool(self._asked(self._holds_now, idem.key))
+
+    def _holds_now(self, key: str, timeout: float | None = None) -> bool:
+        db = self._connect(timeout)
+        try:
+            return db.execute("SELECT 1 FROM writes WHERE idem_key = ? AND idem_until >= ?",
+                              (key, time.time())).fetchone() is not None
+        finally:
+            db.close()
+
+    def _asked(self, function: Callable[..., Any], *args: Any) -> Any:
+        """A request's question to the file: a busy or broken file is a 503, not a 500."""
+        try:
+            return self._for_request(function, *args)
+        except sqlite3.Error as exc:
+            raise OutboxUnavailable("the outbox cannot be read just now",
+                                    retry_after=1 if is_busy(exc) else 5) from None
 
     def _has_pending_now(self, key: str, timeout: float | None = None) -> bool:
         db = self._connect(timeout)
@@ -317,7 +341,7 @@ class Outbox:
         try:
             db.execute("BEGIN IMMEDIATE")
             if idem is not None:
-                row = db.execute("SELECT id, idem_hash, idem_until FROM writes WHERE idem_key = ?",
+                row = db.execute("SELECT id, idem_hash, idem_until, state FROM writes WHERE idem_key = ?",
                                  (idem.key,)).fetchone()
                 if row is not None and row[2] >= now:
                     db.execute("ROLLBACK")
@@ -325,7 +349,7 @@ class Outbox:
                         raise IdempotencyKeyReused(
                             "this idempotency key was first used with a different request; "
                             "use a new key for a new write")
-                    return Added(row[0], duplicate=True)
+                    return Added(row[0], duplicate=True, state=row[3])
                 if row is not None:  # expired: the key may name a new write
                     db.execute("UPDATE writes SET idem_key = NULL WHERE id = ?", (row[0],))
             if full:
@@ -518,6 +542,7 @@ class Outbox:
         now = time.time()
         db = self._connect(durable=False)
         db.create_function("holder_alive", 1, holder_alive)
+        db.create_function("holder_gone", 1, holder_gone)
         try:
             db.execute("BEGIN IMMEDIATE")
             rows = db.execute(
@@ -526,7 +551,7 @@ class Outbox:
                 f" SELECT w.id FROM writes w INDEXED BY writes_lane WHERE w.{PENDING} AND w.next_attempt_at<=?"
                 # A lapsed lease of a live process is still its own (see the module docstring).
                 f" AND (w.lease_until IS NULL OR (w.lease_until<?"
-                f"  AND (w.lease_owner=? OR NOT holder_alive(w.lease_owner))))"
+                f"  AND (w.lease_owner=? OR NOT holder_alive(w.lease_owner))) OR holder_gone(w.lease_owner))"
                 f" AND (w.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM writes p"
                 f"  WHERE p.order_key = w.order_key AND p.seq < w.seq AND p.{PENDING}))"
                 f" ORDER BY w.lane, w.seq LIMIT ?) RETURNING {COLUMNS}",
@@ -623,16 +648,31 @@ def lease_owner() -> str:
                      uuid.uuid4().hex[:8]))
 
 
+def _checkable(owner: str | None) -> tuple[int, str] | None:
+    """The pid and start time of a lease's process, when this process can look it up (same
+    host and PID namespace, a lease of this layout)."""
+    parts = (owner or "").split("/")
+    if len(parts) != 5 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
+        return None
+    if not parts[2].isdigit() or parts[3] == "-":
+        return None
+    return int(parts[2]), parts[3]
+
+
 def holder_alive(owner: str | None) -> bool:
     """Whether the process named by a lease (`lease_owner()`) still runs. One this process
     cannot check (another host or PID namespace, an older outbox's owner) counts as gone:
     its lease alone decides, as before."""
-    parts = (owner or "").split("/")
-    if len(parts) != 5 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
-        return False
-    if not parts[2].isdigit() or parts[3] == "-":
-        return False
-    return _start_time(int(parts[2])) == parts[3]
+    process = _checkable(owner)
+    return process is not None and _start_time(process[0]) == process[1]
+
+
+def holder_gone(owner: str | None) -> bool:
+    """Whether the process named by a lease is known to have ended: its lease protects
+    nothing, however long it seems to run (a wall clock stepped back after the crash would
+    otherwise hold the write for the size of the step). Unknown is not gone."""
+    process = _checkable(owner)
+    return process is not None and _start_time(process[0]) != process[1]
 
 
 def filesystem_problem(path: str, min_free_bytes: int) -> str:

@@ -90,3 +90,60 @@ def test_clean_restart_during_deliveries_never_delivers_twice(sandboxes, proxy_p
     finally:
         sandboxes.state("mediarithmics").latency = 0
     assert arrivals(sandboxes, markers) == [1] * 30
+
+
+def test_an_outcome_the_file_refuses_is_recorded_later_and_never_sent_again(tmp_path, monkeypatch):
+    """"delivered" could not be written (disk full) while the lease ran out: the same process
+    must keep the write as its own and record it later, not send it a second time."""
+    import sqlite3
+
+    from proxy import delivery, outbox
+
+    monkeypatch.setattr(outbox, "LEASE_SECONDS", 0.3)  # lapses while the outcome waits
+    monkeypatch.setattr(delivery, "LEASE_SECONDS", 0.3)
+    monkeypatch.setattr(delivery, "RECORD_RETRY_FIRST", 0.5, raising=False)
+    box = outbox.Outbox(str(tmp_path / "outbox.sqlite3"))
+    write_id = box.add("activity", "POST", "/v1/datamarts/1/user_activities", {}, {"$type": "TOUCH"}).id
+    real, refusals = box._finish_now, Counter()
+
+    def finish(*args):
+        if refusals["full"] < 2:
+            refusals["full"] += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args)
+
+    monkeypatch.setattr(box, "_finish_now", finish)
+    sent: list[str] = []
+    deliverer = delivery.Deliverer(box, lambda write: sent.append(write.id), poll=0.05).start()
+    try:
+        wait_for(lambda: box.get(write_id).state == "delivered", seconds=30, poll=0.05, what="recorded")
+    finally:
+        deliverer.stop(5)
+    assert sent == [write_id] and refusals["full"] == 2
+
+
+def test_a_write_of_a_holder_known_gone_is_taken_over_whatever_its_lease_says(tmp_path):
+    """A worker killed mid-delivery, then the wall clock stepped back an hour: its lease looks
+    an hour long, but its process is known to be gone, so another takes the write now. A live
+    holder's write, or one this host cannot check, still waits for its lease."""
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+
+    from proxy import outbox
+
+    box = outbox.Outbox(str(tmp_path / "outbox.sqlite3"))
+    ids = [box.add("choice", "PUT", f"/v1/x/user_points/user_point_id=u{i}/user_choices/processing_id=101",
+                   {}, {"$choice_acceptance_value": False}).id for i in range(3)]
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    host, namespace = socket.gethostname(), outbox._pid_namespace()
+    gone = "/".join((host, namespace, ended.stdout.strip(), "1", "deadbeef"))
+    live = outbox.Outbox(box.path).owner  # this very process, through another outbox object
+    elsewhere = "/".join(("another-host", namespace, "1", "1", "cafef00d"))
+    with sqlite3.connect(box.path, isolation_level=None) as db:
+        for write_id, owner in zip(ids, (gone, live, elsewhere), strict=True):
+            db.execute("UPDATE writes SET lease_owner=?, lease_until=? WHERE id=?",
+                       (owner, time.time() + 3600, write_id))
+    assert [w.id for w in box.claim(10)] == [ids[0]]

@@ -259,3 +259,47 @@ def test_cli_outbox_lists_and_retries_dead_letters(writer, tmp_path):
     retried = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", dead["id"]],
                              capture_output=True, text=True, env=env, timeout=30)
     assert retried.returncode == 0 and "requeued 1" in retried.stdout
+
+
+def test_a_subscribe_link_clicked_twice_says_done_twice_and_records_once(writer, sandboxes):
+    """The second click finds the first click's write queued (then delivered): that is the
+    link's own doing, not a change since the email was sent."""
+    subscribe = consent_link(writer, "user_point_id=double-click", accept="true")
+    first, second = writer.post(subscribe), writer.post(subscribe)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert b"You are subscribed" in first.data and b"You are subscribed" in second.data
+    outbox = writer.application.extensions["ccproxy"].outbox
+    [write] = [w for w in outbox.list_writes(None) if "double-click" in w.path]
+    wait_for_state(writer, write.id)
+    assert writer.post(subscribe).status_code == 200  # delivered: still the same link's choice
+    assert len([w for w in store_of(sandboxes).writes if "double-click" in w[1]]) == 1
+
+
+def test_a_subscribe_confirmed_while_the_outbox_is_locked_is_try_again_not_a_500(make_app, tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "locked.sqlite3")
+    client = make_app(link_secret=LINK_SECRET, outbox_path=path).test_client()
+    subscribe = consent_link(client, "user_point_id=locked", accept="true")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # in WAL mode, the only lock readers wait for
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, 0)")
+    try:
+        r = client.post(subscribe)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.status_code == 503 and r.mimetype == "text/html" and r.headers["Retry-After"]
+    assert b"Nothing was changed" in r.data
+
+
+def test_a_replayed_key_answers_what_became_of_the_earlier_write(writer, sandboxes):
+    key = {"Idempotency-Key": f"replay-{uuid.uuid4().hex}"}
+    sandboxes.state("mediarithmics").set_fault("refuse", count=1)
+    first = writer.post("/v1/mediarithmics/activities", json=activity("replayed"), headers=key)
+    assert first.get_json()["state"] == "queued"
+    wait_for_state(writer, first.get_json()["id"], ("dead",))
+    again = writer.post("/v1/mediarithmics/activities", json=activity("replayed"), headers=key)
+    assert again.status_code == 202
+    assert (again.get_json()["duplicate"], again.get_json()["state"]) == (True, "dead")

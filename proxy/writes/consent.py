@@ -126,12 +126,17 @@ def consent_confirm() -> Response:
     """Confirmation, and RFC 8058 one-click (`List-Unsubscribe=One-Click` POSTed by the mail client)."""
     try:
         selector, processing, accept, version = _verified_link(request.args)
+        idem = idempotency.link_key(CONSENT_PATH, urlencode(sorted(request.args.items())),
+                                    CONSENT_REPLAY_WINDOW)
         # Only a subscribe is checked against the version it was made for; an unsubscribe
         # within its expiry is always honoured, and needs no upstream read.
         # A choice still queued (say, an unsubscribe waiting out an upstream failure) is a
         # change mediarithmics does not show yet: an older subscribe link must not undo it.
-        if accept and (_services().outbox.has_pending("choice", choice_path(selector, processing))
-                       or current_choice_version(selector, processing) != (version or "0")):
+        # Unless that choice is this link's own (a double click, a mail client's retry): the
+        # same answer again, not "changed since" because of the first click.
+        if accept and not _services().outbox.holds(idem) and (
+                _services().outbox.has_pending("choice", choice_path(selector, processing))
+                or current_choice_version(selector, processing) != (version or "0")):
             raise links.LinkError("Your preferences changed since this email was sent, so this "
                                   "link no longer applies.")
     except links.LinkError as refused:
@@ -142,8 +147,6 @@ def consent_confirm() -> Response:
     choice = {"$choice_acceptance_value": accept, "$choice_ts": int(time.time() * 1000),
               "$origin": "email-link"}
     try:
-        idem = idempotency.link_key(CONSENT_PATH, urlencode(sorted(request.args.items())),
-                                    CONSENT_REPLAY_WINDOW)
         store("choice", _services().mediarithmics.put_choice(selector, processing, choice), idem=idem)
     except ProxyError:
         return _page("Please try again", "<p>Nothing was changed; please try again in a minute.</p>", 503, 60)

@@ -36,7 +36,7 @@ def outbox() -> Outbox:
 
 
 def accepted(added: Added, kind: str) -> Response:
-    return json_response({"ok": True, "id": added.id, "kind": kind, "state": "queued",
+    return json_response({"ok": True, "id": added.id, "kind": kind, "state": added.state,
                           "duplicate": added.duplicate,
                           "status_url": f"/v1/mediarithmics/writes/{added.id}"}, 202,
                          {"Cache-Control": "no-store"})
@@ -58,6 +58,16 @@ def request_key(body: Any) -> IdemKey | None:
         f"{request.method} {request.path}", body, services().settings.idempotency_ttl)
 
 
+def _state_here(box: Outbox, write_id: str) -> str:
+    """An earlier write's state when this box's outbox holds it; "queued" (accepted) when
+    another instance stored it or the file cannot say."""
+    try:
+        earlier = box.get(write_id)
+    except sqlite3.Error:
+        return "queued"
+    return earlier.state if earlier is not None else "queued"
+
+
 def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKey | None = None,
           sheddable: bool = False) -> Added:
     """Store a write in the outbox (once per live idempotency key). A write that cannot be
@@ -69,7 +79,7 @@ def store(kind: str, write: Write, *, timeout: float | None = None, idem: IdemKe
     if shared is not None and idem is not None:
         earlier = shared.claim(idem, write_id)
         if earlier:
-            return Added(earlier, duplicate=True)
+            return Added(earlier, duplicate=True, state=_state_here(box, earlier))
     try:
         added = box.add(kind, write.method, write.path, write.query, write.body, timeout, idem=idem,
                         write_id=write_id, sheddable=sheddable)
