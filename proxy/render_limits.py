@@ -10,11 +10,13 @@ python-liquid has none, so an overrunning render is killed, not asked to stop.
 Message templates (`/v1/render/*`, the preview page) are deployed content on the send path,
 rendered in the request's own greenlet (a normal render takes well under a millisecond).
 jinja2's `SandboxedEnvironment` keeps them from reaching Python internals; on top of it a
-per-render budget is checked on every loop iteration (a call compiled into each `for` body)
+per-render budget is checked on every loop iteration (a call compiled into each `for` body),
+every call (macros included: a macro that calls itself twice doubles its work per level)
 and every output chunk: iterations in all, output characters and wall-clock time. So a
-template typo that loops for ever is stopped after `CCPROXY_RENDER_TIMEOUT` instead of
-holding its worker, and `*`/`**` are checked before they run so that one expression cannot
-build a gigabyte string.
+template typo that loops or recurses for ever is stopped after `CCPROXY_RENDER_TIMEOUT`
+instead of holding its worker, and what can build a huge string from a short expression
+(`*`, `**`, `%`, and the filters `center`, `format`, `indent`, `join`, `replace` and
+`wordwrap`) is checked before it runs, so that one expression cannot build a gigabyte string.
 
 State: a budget lives in a ContextVar (per greenlet or thread, per render); nothing here is
 shared between processes.
@@ -22,6 +24,8 @@ shared between processes.
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -176,17 +180,119 @@ class _BudgetedCodeGenerator(CodeGenerator):
             node.body.insert(0, nodes.ExprStmt(tick, lineno=node.lineno))
         super().visit_For(node, frame)
 
+    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
+        # jinja works out `{{ 'x' | center(200000000) }}` while compiling when its arguments are
+        # constants: outside any render's budget (800 MB before the first check). Only text
+        # and literals are written out at compile time here; the rest runs under the budget.
+        if not isinstance(node, (nodes.TemplateData, nodes.Const)):
+            raise nodes.Impossible()
+        return super()._output_child_to_const(node, frame, finalize)
+
+
+# `%5d`, `%-.300s`: the widths and precisions a printf-style format asks for.
+_FORMAT_WIDTHS = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
+
+
+def _format_size(text: Any) -> int:
+    """The least a printf-style format of `text` writes (its widths and precisions count)."""
+    if not isinstance(text, str):
+        return 0
+    widths = [int(n) for pair in _FORMAT_WIDTHS.findall(text) for n in pair if n]
+    return len(text) + sum(widths)
+
+
+def _as_int(value: Any, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _checked(name: str, size: Callable[..., int], original: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that first works out the least it would write (`size`, given the filter's
+    own arguments) and refuses past the render's output limit, before building it."""
+
+    passed = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0  # eval_ctx/env first
+
+    @functools.wraps(original)  # keeps jinja's pass_eval_context marker
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget.get()
+        if budget is not None:
+            if name == "join" and len(args) > passed:  # a generator is read once: size the list
+                args = (*args[:passed], list(args[passed]), *args[passed + 1:])
+            if size(*args[passed:], **kwargs) > budget.limits.max_output:
+                raise budget._exceeded(f"the filter {name} would write more than {budget.limits.max_output} "
+                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+        return original(*args, **kwargs)
+
+    return bounded
+
+
+def _join_size(value: Any, d: str = "", attribute: Any = None) -> int:
+    items = value if isinstance(value, list) else []
+    return len(_text(d)) * max(0, len(items) - 1) + sum(len(_text(item)) for item in items)
+
+
+def _replace_size(s: Any, old: Any, new: Any, count: Any = None) -> int:
+    text, old, new = _text(s), _text(old), _text(new)
+    found = len(text) + 1 if old == "" else text.count(old)
+    if isinstance(count, int) and count >= 0:
+        found = min(found, count)
+    return len(text) + found * max(0, len(new) - len(old))
+
+
+def _indent_size(s: Any, width: Any = 4, first: bool = False, blank: bool = False) -> int:
+    pad = len(width) if isinstance(width, str) else _as_int(width)
+    return len(_text(s)) + pad * (_text(s).count("\n") + 1)
+
+
+def _wordwrap_size(s: Any, width: Any = 79, break_long_words: bool = True, wrapstring: Any = None,
+                   break_on_hyphens: bool = True) -> int:
+    text = _text(s)
+    return len(text) + (len(text) // max(1, _as_int(width, 79)) + 1) * len(_text(wrapstring or "\n"))
+
+
+_SIZES: dict[str, Callable[..., int]] = {
+    "center": lambda value, width=80: max(len(_text(value)), _as_int(width)),
+    "format": lambda value, *args, **kwargs: _format_size(value),
+    "indent": _indent_size,
+    "join": _join_size,
+    "replace": _replace_size,
+    "wordwrap": _wordwrap_size,
+}
+
 
 class BoundedEnvironment(SandboxedEnvironment):
     """A sandboxed Jinja environment whose renders are bounded by a `RenderBudget`."""
 
     code_generator_class = _BudgetedCodeGenerator
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # jinja's optimizer, too, would run filters with constant arguments while compiling.
+        kwargs.setdefault("optimized", False)
+        super().__init__(*args, **kwargs)
+        for name, size in _SIZES.items():
+            self.filters[name] = _checked(name, size, self.filters[name])
 
     def ccproxy_tick(self) -> None:
         budget = _budget.get()
         if budget is not None:
             budget.tick()
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Every call of a template (functions, methods, macros): the clock first, and a
+        result past the output limit refused before it is used again (a macro that doubles
+        its text per level)."""
+        budget = _budget.get()
+        if budget is not None:
+            budget.check_time()
+        result = super().call(context, obj, *args, **kwargs)
+        if budget is not None and isinstance(result, str) and len(result) > budget.limits.max_output:
+            raise budget._exceeded(f"a value would be longer than {budget.limits.max_output} characters "
+                                   "(CCPROXY_RENDER_MAX_OUTPUT)")
+        return result
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         budget = _budget.get()
@@ -197,6 +303,9 @@ class BoundedEnvironment(SandboxedEnvironment):
                     raise budget._exceeded(
                         f"a repetition would be longer than {budget.limits.max_output} characters "
                         "(CCPROXY_RENDER_MAX_OUTPUT)")
+        if operator == "%" and budget is not None and _format_size(left) > budget.limits.max_output:
+            raise budget._exceeded(f"a format would be longer than {budget.limits.max_output} characters "
+                                   "(CCPROXY_RENDER_MAX_OUTPUT)")
         if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)) \
                 and abs(left) > 1 and right > MAX_EXPONENT:
             raise RenderLimitExceeded(f"an exponent larger than {MAX_EXPONENT} is refused",

@@ -110,6 +110,49 @@ def test_repetition_and_power_are_checked_before_they_run():
     assert "exponent larger than 1000" in template_limit_message("{{ 7 ** 100000000 }}")
 
 
+@pytest.mark.parametrize("source, what", [
+    ("{{ 'x' | center(200000000) }}", "the filter center"),
+    ("{{ '%0200000000d' | format(1) }}", "the filter format"),
+    ("{{ '%0200000000d' % 1 }}", "a format"),
+    ("{{ range(1000) | join('y' * 900) }}", "the filter join"),
+    ("{{ range(1000) | map('string') | join('y' * 900) }}", "the filter join"),
+    ("{{ ('x' * 900) | replace('x', 'y' * 900) }}", "the filter replace"),
+    ("{{ ('a\n' * 400) | indent(900) }}", "the filter indent"),
+    ("{{ ('a ' * 400) | wordwrap(1, wrapstring='y' * 900) }}", "the filter wordwrap"),
+    # A macro that calls itself twice doubles its text per level.
+    ("{% macro d(n) %}{% if n %}{{ d(n - 1) }}{{ d(n - 1) }}{% else %}xxxxxxxx{% endif %}{% endmacro %}{{ d(40) }}",
+     "a value"),
+])
+def test_what_builds_a_huge_string_from_a_short_expression_is_refused_before_it_runs(source, what):
+    """Checked before the string exists (constants too: jinja would otherwise work them out
+    while compiling, outside any budget)."""
+    assert template_limit_message(source) == (
+        f"t.html: {what} would {'write more' if what.startswith('the filter') else 'be longer'} than 1000 "
+        "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+
+
+def test_the_checked_filters_write_what_jinja_writes():
+    env = jinja(**{"t.html": "{{ '%3d' % 7 }}|{{ 'ab' | center(6) }}|{{ [1, 2] | join(', ') }}|"
+                             "{{ 'abc' | replace('b', 'xy') }}|{{ 'a\nb' | indent(2) }}|{{ 'a b' | wordwrap(1) }}|"
+                             "{{ '%s-%s' | format(1, 2) }}"})
+    assert env.render_bounded("t.html", {}, TEMPLATE_LIMITS) == "  7|  ab  |1, 2|axyc|a\n  b|a\nb|1-2"
+
+
+def test_a_macro_that_recurses_without_output_is_stopped_by_the_clock():
+    clock = FakeClock()
+
+    def ticking() -> float:
+        clock.advance(0.01)
+        return clock()
+
+    env = jinja(**{"t.html": "{% macro row(n) %}{% if n > 0 %}{{ row(n - 1) }}{{ row(n - 1) }}{% endif %}"
+                             "{% endmacro %}{{ row(40) }}"})
+    started = clock()
+    with pytest.raises(RenderLimitExceeded, match="took longer than 0.5 s"):
+        env.render_bounded("t.html", {}, TEMPLATE_LIMITS, ticking)
+    assert clock() - started < 1  # stopped at the first check past the budget, not after 2**40 calls
+
+
 def test_template_time_budget_stops_a_loop():
     clock = FakeClock()
 
