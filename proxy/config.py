@@ -101,6 +101,9 @@ class Settings:
     preview_max_iterations: int = 50_000
     preview_max_output: int = 1_000_000
     preview_timeout: float = 3.0
+    # connected_content calls one preview may make: the preview answers them from the send
+    # path's endpoints, whose upstream budgets Braze's recipients need.
+    preview_max_calls: int = 25
     # Previews rendering at once in each worker process; more answer 503 + Retry-After.
     preview_concurrency: int = 2
     # Message templates (/v1/render/*, the preview page): loop iterations in all, output
@@ -350,7 +353,7 @@ def validate(settings: Settings) -> Settings:
                  "rate_limit_target", "rate_limit_mediarithmics", "breaker_reset"):
         if getattr(settings, name) < 0:
             raise SettingsError(f"{env_name(name)} must not be negative")
-    for name in ("preview_max_iterations", "preview_max_output", "preview_timeout",
+    for name in ("preview_max_iterations", "preview_max_output", "preview_timeout", "preview_max_calls",
                  "preview_concurrency", "render_max_iterations", "render_max_output", "render_timeout"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{env_name(name)} must be positive")

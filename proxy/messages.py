@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, request
 
 from . import params
 from .endpoints import call
-from .errors import BadRequest, ProxyError
+from .errors import BadRequest, ProxyError, RenderLimitExceeded
 from .guards import start_deadline
 from .liquid_preview import Fetched
 from .preview_pool import PreviewPool
@@ -142,13 +142,20 @@ def preview_liquid() -> Response:
     if services.settings.public_url:
         own_hosts.add(urlsplit(services.settings.public_url).netloc)
 
-    clock_started = False
+    clock_started, calls = False, 0
 
     def resolve(path: str, args: dict[str, str]) -> Fetched:
         # The data calls share one deadline from the first of them, not from the request's
         # start: a render process that had to be started first must not eat their budget.
         # (The envelope restores the request's own deadline when it ends.)
-        nonlocal clock_started
+        nonlocal clock_started, calls
+        calls += 1
+        if calls > services.settings.preview_max_calls:
+            # A loop of calls would spend the upstream budgets recipients need (3,000 calls
+            # in one preview took Amplitude's minute): the preview stops, nothing is called.
+            raise RenderLimitExceeded(
+                f"connected_content_limit: the message makes more than {services.settings.preview_max_calls} "
+                "Connected Content calls (CCPROXY_PREVIEW_MAX_CALLS)")
         if not clock_started:
             start_deadline(services.settings.request_deadline)
             clock_started = True

@@ -77,3 +77,19 @@ def test_numbers_compare_as_numbers_in_liquid(client):
     liquid = ("{% connected_content /v1/mediarithmics/choices?email_hash=x&processing_id=107 :save c %}"
               "{% if c.choices.processing_107 == false %}off{% endif %} {{c.unrecorded | join: ','}}")
     assert preview(client, liquid).get_json()["output"] == "off 107"
+
+
+def test_a_preview_makes_at_most_its_cap_of_connected_content_calls(make_app, sandboxes):
+    """A loop around a call would spend the upstream budget recipients need: past the cap
+    the preview stops with a named limit and calls nothing more."""
+    client = make_app(preview_max_calls=5).test_client()
+    loop = ("{% for i in (1..3000) %}{% connected_content /v1/amplitude/recommendations?"
+            "user_id=cap-{{i}}&rec_id=testRecId :save r %}{% endfor %}done")
+    r = preview(client, loop)
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "liquid_limit"
+    assert r.get_json()["error"]["message"].startswith("connected_content_limit: the message makes more than 5 ")
+    assert upstream_calls(sandboxes) == 5
+    five = ("{% for i in (1..5) %}{% connected_content /v1/amplitude/recommendations?"
+            "user_id=cap-{{i}}&rec_id=testRecId :save r %}{{r.item_1}} {% endfor %}")
+    assert len(preview(client, five).get_json()["output"].split()) == 5
+    assert upstream_calls(sandboxes) == 5  # the five the stopped preview cached
