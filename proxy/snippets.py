@@ -130,6 +130,13 @@ def _setup_notes(template: MessageTemplate, args: Mapping[str, str], policy: Sni
             "Connected Content > Add credential): any user name, and one of the proxy's "
             "CCPROXY_API_KEYS as password. Without it every call is a 401."
         )
+    for name in template.params:
+        value = args.get(name, "")
+        if name not in USER_KEYS and value and value == template.defaults.get(name):
+            notes.append(
+                f"`{name}={value}` is the template's default (templates/catalog.toml), pasted as it is: "
+                f"check it names your own {name.replace('_', ' ')} (the catalog ships the sandbox's)."
+            )
     for attribute in _attributes(template, args, policy):
         for custom in attribute["custom_attributes"]:
             notes.append(

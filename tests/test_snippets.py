@@ -126,3 +126,26 @@ def test_data_tags_fall_back_instead_of_retrying_and_rendered_blocks_retry(clien
     assert "{% comment %} /v1/experiment/variants is fresh for 60 s" in hero["data"]
     assert any("at least 5 minutes" in note for note in hero["notes"])
     assert cache_max_age(10) == BRAZE_MIN_CACHE and cache_max_age(10**6) == 14400
+
+
+def test_the_consent_snippet_reads_the_processing_it_asks_for(client):
+    """A footer for processing 102 pasted as Liquid must say what the block says for 102,
+    not what the recipient chose for 101 (the sandbox refuses 101 for `optout` ids)."""
+    def block(point, processing):
+        return client.get(f"/v1/render/consent_footer?user_point_id={point}&processing_id={processing}"
+                          "&format=text").get_data(as_text=True)
+
+    point = next(p for p in (f"optout-102-{i}" for i in range(50)) if "You receive" in block(p, "102"))
+    assert "You receive" not in block(point, "101")
+    snippets = client.get("/v1/preview/render/consent_footer?user_point_id=preview-point&processing_id=102"
+                          ).get_json()["snippets"]
+    data = liquid(client, snippets["data"], {"custom_attribute": {"user_point_id": point}})
+    assert all("processing_id=102" in call["url"] for call in data["calls"])
+    assert "You receive our newsletter" in data["output"]
+
+
+def test_a_catalog_default_pasted_into_a_snippet_is_pointed_out(client):
+    notes = client.get("/v1/preview/render/recs_block?user_id=u1").get_json()["snippets"]["notes"]
+    assert any(note.startswith("`rec_id=testRecId` is the template's default") for note in notes)
+    own = client.get("/v1/preview/render/recs_block?user_id=u1&rec_id=myModel").get_json()["snippets"]["notes"]
+    assert not any("rec_id" in note for note in own)

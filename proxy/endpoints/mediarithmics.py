@@ -27,7 +27,7 @@ def profile(ctx: Context, args: Args) -> Result:
 
 @endpoint(
     "/v1/mediarithmics/choices",
-    "User choices (consents): `choices.processing_<id>` and each choice flattened.",
+    "User choices (consents): `choices.processing_<id>` and each choice flattened; with `processing_id`, that one's `accepted`.",
     params.USER_POINT_PARAMS + ("processing_id",),
     answer=shape.ChoicesAnswer,
     example="email_hash=abc",

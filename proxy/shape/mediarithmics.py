@@ -20,13 +20,19 @@ class MediarithmicsProfileAnswer(TypedDict):
     numbers: dict[str, float]  # every field of `profile` that is a number or canonical decimal
 
 
-class ChoicesAnswer(TypedDict):
+class _ChoicesFields(TypedDict):
     ok: bool
     found: bool
     choices: dict[str, bool]
     choices_list: list[dict[str, Any]]
     choice_count: int
     unrecorded: list[str]  # requested processing ids with no record (their choice reads false)
+
+
+class ChoicesAnswer(_ChoicesFields, total=False):
+    # With processing_id: that processing's choice (false when never chosen), so a template
+    # reads `consent.accepted` whichever processing the call asked for.
+    accepted: bool
 
 
 class HistoryAnswer(TypedDict):
@@ -82,7 +88,7 @@ def choices(data: list[dict[str, Any]] | None, processing_id: str | None = None)
     if processing_id is not None and not records:
         flags[to_identifier(f"processing_{processing_id}")] = False
         unrecorded.append(processing_id)
-    return {
+    answer: ChoicesAnswer = {
         "ok": True,
         "found": bool(records),
         "choices": flags,
@@ -90,6 +96,9 @@ def choices(data: list[dict[str, Any]] | None, processing_id: str | None = None)
         "choice_count": len(records),
         "unrecorded": unrecorded,
     }
+    if processing_id is not None:
+        answer["accepted"] = flags[to_identifier(f"processing_{processing_id}")]
+    return answer
 
 
 def _stamp(entry: dict[str, Any]) -> float:
