@@ -138,7 +138,7 @@ def time_zone(value: Any, zone: Any = "UTC") -> Any:
         return value
     try:
         return moment.astimezone(ZoneInfo(str(zone)))
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory of zones
         raise FilterArgumentError(f"time_zone: unknown time zone {zone!r}", token=None) from None
 
 

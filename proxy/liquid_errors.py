@@ -93,6 +93,10 @@ class InlineErrorNode(ast.Node):
             raise  # limits stop the render; they are not the template's content
         except LiquidError as error:
             return buffer.write(f"Liquid error: {ruby_message(self.node, context, error)}")
+        except (ValueError, OverflowError, ArithmeticError) as error:
+            # Python refusing a value Ruby would take (a year past 9999, a 5,000-digit
+            # number): shown where it happened, as Liquid shows a filter's error.
+            return buffer.write(f"Liquid error: {error}")
 
     def children(self, static_context: Any, *, include_partials: bool = True) -> Iterable[ast.Node]:
         yield self.node

@@ -59,6 +59,12 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+class WorkerGone(BaseException):
+    """The worker's socket failed mid-render: this process stops. A BaseException, so neither
+    Liquid's error handling nor the render's own `except Exception` mistakes it for the
+    template's error (a filter's OSError, say, is the template's)."""
+
+
 def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
     """Render one preview; every outcome is a message for the worker."""
     from liquid.exceptions import ResourceLimitError
@@ -71,8 +77,11 @@ def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
     fetched: dict[str, list[Any]] = {}  # path -> JSON answers, for the linter's open maps
 
     def resolve(path: str, args: dict[str, str]) -> Fetched:
-        send(sock, {"op": "fetch", "path": path, "args": args})
-        reply = receive(sock)
+        try:
+            send(sock, {"op": "fetch", "path": path, "args": args})
+            reply = receive(sock)
+        except (EOFError, OSError) as exc:
+            raise WorkerGone(str(exc)) from None
         if isinstance(reply["body"], dict):
             fetched.setdefault(path, []).append(reply["body"])
         return Fetched(int(reply["status"]), reply["body"], str(reply.get("cache", "-")))
@@ -89,15 +98,17 @@ def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
     except RecursionError:
         return {"op": "error", "code": "liquid_limit",
                 "message": "recursion: the message nests too deeply to render"}
-    except (EOFError, OSError):
-        raise
-    except Exception as exc:  # Liquid syntax or render errors, shown to the author
+    except Exception as exc:  # Liquid syntax or render errors (a filter's OSError too), for the author
         return {"op": "error", "code": "liquid_error", "message": f"Liquid error: {exc}"}
     # Linted here, not in the worker: parsing a long message is CPU the send path must not
     # wait behind, and it falls under the same clock and memory cap as the render.
     from .liquid_lint import lint  # after the render: its imports are not the data calls' time
 
-    answer["warnings"] = lint(job["source"], fetched, job["allowed_hosts"])
+    try:
+        answer["warnings"] = lint(job["source"], fetched, job["allowed_hosts"])
+    except (RecursionError, ValueError) as exc:  # a lint that cannot read the message takes nothing away
+        answer["warnings"] = [{"line": 1, "code": "not_linted",
+                               "message": f"the message could not be checked ({type(exc).__name__})"}]
     return {"op": "done", "answer": answer}
 
 
@@ -121,7 +132,7 @@ def main(fd: int) -> int:
             send(sock, outcome)
             if outcome.get("restart"):
                 return 0
-    except (EOFError, OSError):
+    except (EOFError, OSError, WorkerGone):
         return 0  # the worker has gone, or killed the render it waited for
 
 

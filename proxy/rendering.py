@@ -165,20 +165,26 @@ def _render_file(library: TemplateLibrary, filename: str, context: dict[str, Any
         return library.env.render_bounded(filename, context, limits).strip() + "\n"
     except RenderLimitExceeded:
         raise
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(filename, exc.lineno, exc.message or "syntax error") from None
-    except jinja2.TemplateNotFound:
+    except jinja2.TemplateSyntaxError as exc:  # in this file or one it includes: name that one
+        raise TemplateError(exc.name or filename, exc.lineno, exc.message or "syntax error") from None
+    except jinja2.TemplateNotFound as exc:
+        if exc.name != filename:  # a deployed template includes a file that is not there
+            raise TemplateError(filename, _template_line(filename)[1], f"it includes {exc.name}, which is missing"
+                                ) from None
         raise NotFound(f"template file {filename} is missing", code="unknown_template") from None
-    except Exception as exc:  # a runtime error inside the template
-        raise TemplateError(filename, _template_line(filename), f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a runtime error inside the template (or one it includes)
+        where, line = _template_line(filename)
+        raise TemplateError(where, line, f"{type(exc).__name__}: {exc}") from None
 
 
-def _template_line(filename: str) -> int | None:
-    """The template line of the current exception (Jinja rewrites tracebacks to show it)."""
+def _template_line(filename: str) -> tuple[str, int | None]:
+    """The template file and line of the current exception, deepest first (Jinja rewrites
+    tracebacks to show template lines): an error in an included file names that file."""
     tb = sys.exc_info()[2]
-    line = None
+    where, line = filename, None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(filename):
-            line = tb.tb_lineno
+        code_file = tb.tb_frame.f_code.co_filename
+        if code_file.endswith((".html", ".txt", ".liquid", ".j2")):
+            where, line = Path(code_file).name, tb.tb_lineno
         tb = tb.tb_next
-    return line
+    return where, line

@@ -93,3 +93,30 @@ def test_a_preview_makes_at_most_its_cap_of_connected_content_calls(make_app, sa
             "user_id=cap-{{i}}&rec_id=testRecId :save r %}{{r.item_1}} {% endfor %}")
     assert len(preview(client, five).get_json()["output"].split()) == 5
     assert upstream_calls(sandboxes) == 5  # the five the stopped preview cached
+
+
+def test_a_filter_python_refuses_shows_inline_and_keeps_the_render_process(client, app):
+    """Epoch milliseconds (mediarithmics' `choice_ts`) in `date`, a zone that is a directory,
+    and a huge number: each an inline `Liquid error`, the rest of the message rendered, and the
+    render process kept (an OSError used to end it, reported as out of memory)."""
+    from proxy.messages import PREVIEWS
+
+    assert preview(client, "warm").status_code == 200  # a render process started
+    started = app.extensions[PREVIEWS].started
+    body = preview(client, 'a {{ 1736513475881000 | date: "%Y" }} b {{ "now" | time_zone: "Europe" }} c '
+                           '{% assign n = 1 %}{% for i in (1..4400) %}{% assign n = n | times: 10 %}{% endfor %}'
+                           '{{ n | number_with_delimiter }} d').get_json()
+    assert body["ok"], body
+    output = body["output"]
+    assert output.startswith("a ") and output.endswith(" d") and output.count("Liquid error") >= 2, output
+    assert "time_zone: unknown time zone 'Europe'" in output
+    again = preview(client, "{{ 'still' }} here").get_json()
+    assert again["output"] == "still here"
+    assert app.extensions[PREVIEWS].started == started  # the same render process all along
+
+
+def test_a_message_the_linter_cannot_read_still_renders(client):
+    deep = "{% if false %}{% connected_content /v1/amplitude/properties?user_id=x :headers " \
+           + '{"a":' + "[" * 3000 + "]" * 3000 + "} :save r %}{% endif %}ok"
+    body = preview(client, deep).get_json()
+    assert body["ok"] and body["output"] == "ok", body

@@ -95,6 +95,26 @@ def test_template_errors_name_file_and_line(make_app, tmp_path):
     assert client.get("/v1/render/crashes?user_id=u&format=text").status_code == 404
 
 
+def test_an_error_in_an_included_file_names_that_file(make_app, tmp_path):
+    (tmp_path / "catalog.toml").write_text(
+        '[outer]\ndescription = "x"\nparams = ["user_id"]\n'
+        '[broken_include]\ndescription = "y"\nparams = ["user_id"]\n'
+        '[lost_include]\ndescription = "z"\nparams = ["user_id"]\n')
+    (tmp_path / "outer.html").write_text("one\n{% include 'partial.html' %}\n")
+    (tmp_path / "partial.html").write_text("a\nb\nc\nd\n{{ 1 // 0 }}\n")
+    (tmp_path / "broken_include.html").write_text("{% include 'syntax.html' %}\n")
+    (tmp_path / "syntax.html").write_text("x\n{% if %}\n")
+    (tmp_path / "lost_include.html").write_text("x\n{% include 'gone.html' %}\n")
+    client = make_app(templates_dir=str(tmp_path)).test_client()
+    error = client.get("/v1/render/outer?user_id=u").get_json()["error"]
+    assert (error["code"], error["template"], error["line"]) == ("template_error", "partial.html", 5)
+    error = client.get("/v1/render/broken_include?user_id=u").get_json()["error"]
+    assert (error["template"], error["line"]) == ("syntax.html", 2)
+    r = client.get("/v1/render/lost_include?user_id=u")
+    assert r.status_code == 422 and r.get_json()["error"]["template"] == "lost_include.html"
+    assert "includes gone.html, which is missing" in r.get_json()["error"]["message"]
+
+
 def test_preview_render_never_tracks(client, sandboxes):
     body = client.get("/v1/preview/render/hero_banner?user_id=treatment-2").get_json()
     assert body["calls"]["exp"]["body"]["tracked"] is False
