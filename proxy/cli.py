@@ -13,6 +13,14 @@ from .errors import CannotListen, ScenarioError
 log = logging.getLogger("ccproxy")
 
 
+
+def _name_value(text: str) -> tuple[str, str]:
+    """`--param NAME=VALUE`, refused by argparse with a usage line when it is not that."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
 def _serve(args: argparse.Namespace) -> int:
     from .serving import default_workers, listen, serve
 
@@ -94,7 +102,7 @@ def _warm(args: argparse.Namespace) -> int:
 
     settings = config.load(config_file=args.config)
     _path, upstream = ENDPOINTS[args.endpoint]
-    params = dict(p.split("=", 1) for p in args.param)
+    params = dict(args.param)
     if args.rec_id:
         params["rec_id"] = args.rec_id
     if args.flag_keys:
@@ -255,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "email_hash...) or one user id per line")
     warm.add_argument("--rec-id", default=None, help="rec_id for recommendations/profile")
     warm.add_argument("--flag-keys", default=None, help="flag_keys for variants")
-    warm.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+    warm.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", type=_name_value,
                       help="any other query parameter (repeatable)")
     warm.add_argument("--url", default="http://127.0.0.1:8080", help="a running proxy")
     warm.add_argument("--rate", type=float, default=None,

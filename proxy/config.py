@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -40,6 +41,9 @@ ANALYTICS_REGION_URLS = {
     "us": "https://api2.amplitude.com",
     "eu": "https://api.eu.amplitude.com",
 }
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def _secret() -> Any:
     # repr=False keeps secrets out of logs and tracebacks that print the settings.
@@ -257,6 +261,17 @@ FALSE_WORDS = ("0", "false", "no", "off", "")
 
 
 def _coerce(name: str, kind: type, raw: Any) -> Any:
+    value = _coerced(name, kind, raw)
+    # `inf` and `nan` read as numbers, and pass every `< 0` check (NaN compares false), then
+    # fail at send time: an inf TTL made every answer a 500.
+    if kind is float and not math.isfinite(value):
+        raise SettingsError(f"{env_name(name)} must be a finite number, got {str(raw).strip()!r}")
+    return value
+
+
+def _coerced(name: str, kind: type, raw: Any) -> Any:
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
     if isinstance(raw, kind) and (kind is bool or not isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
@@ -285,6 +300,8 @@ def _read_file(path: str) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise SettingsError(f"config file {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission
+        raise SettingsError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
     # Accept both `amplitude_url` and `CCPROXY_AMPLITUDE_URL` spellings.
@@ -314,8 +331,10 @@ def load(
     return validate(Settings(**values))
 
 
-def _check_base_url(name: str, value: str) -> None:
+def _check_base_url(name: str, value: str, required: bool = False) -> None:
     if not value:
+        if required:  # an empty vendor URL is a typo: every call would fail at send time
+            raise SettingsError(f"{env_name(name)} must not be empty (leave it unset for the default)")
         return
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -324,13 +343,51 @@ def _check_base_url(name: str, value: str) -> None:
         raise SettingsError(
             f"{env_name(name)} must be scheme://host[:port] only; the proxy appends the API path"
         )
+    if parts.username is not None or parts.password is not None:
+        # Credentials have their own settings (never printed); a URL is logged and shown.
+        raise SettingsError(f"{env_name(name)} must not carry a user name or password")
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number in range)
+    except ValueError:
+        raise SettingsError(f"{env_name(name)} has a port that is not a number from 0 to 65535") from None
+
+
+def _check_service_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
+    """A URL that may carry a password (Redis, an egress proxy): checked, never echoed."""
+    if not value:
+        return
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port >= 0
+    except ValueError:
+        port_ok = False
+    where = parts.path if parts.scheme == "unix" else parts.hostname  # unix:///path/to/redis.sock
+    if parts.scheme not in schemes or not where or not port_ok:
+        raise SettingsError(f"{env_name(name)} must look like {schemes[0]}://[user:password@]host[:port] "
+                            f"(scheme one of {', '.join(schemes)}); its value is not shown")
 
 
 def validate(settings: Settings) -> Settings:
     """Reject malformed settings with a message naming the setting."""
     for name in ("amplitude_url", "experiment_url", "target_url", "mediarithmics_url", "public_url",
                  "experiment_flags_url", "amplitude_analytics_url"):
-        _check_base_url(name, getattr(settings, name))
+        _check_base_url(name, getattr(settings, name), required=name in ("amplitude_url", "mediarithmics_url"))
+    _check_service_url("redis_url", settings.redis_url, ("redis", "rediss", "unix"))
+    _check_service_url("upstream_proxy", settings.upstream_proxy, ("http", "https"))
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(f"{env_name('log_level')} must be one of {', '.join(LOG_LEVELS)}, "
+                            f"got {settings.log_level!r}")
+    if not settings.outbox_path.strip():
+        raise SettingsError(f"{env_name('outbox_path')} must name a file")
+    for name in ("upstream_max_bytes", "outbox_max_attempts"):
+        if getattr(settings, name) < 1:
+            raise SettingsError(f"{env_name(name)} must be at least 1")
+    for name in ("outbox_max_backoff", "link_ttl_days"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{env_name(name)} must be positive")
+    for name in ("coalesce_wait", "outbox_min_free_mb"):
+        if getattr(settings, name) < 0:
+            raise SettingsError(f"{env_name(name)} must not be negative")
     if settings.experiment_mode not in EXPERIMENT_MODES:
         raise SettingsError(f"{env_name('experiment_mode')} must be one of {list(EXPERIMENT_MODES)}")
     if not 0 < settings.experiment_flag_refresh <= settings.experiment_flag_max_age:

@@ -30,11 +30,42 @@ def test_precedence_file_env_overrides(tmp_path):
         ({"CCPROXY_CACHE_TTL_PROFILE": "soon"}, "CCPROXY_CACHE_TTL_PROFILE"),
         ({"CCPROXY_CACHE_MAXSIZE": "0"}, "CCPROXY_CACHE_MAXSIZE"),
         ({"CCPROXY_EXPERIMENT_REGION": "mars"}, "CCPROXY_EXPERIMENT_REGION"),
+        # Each of these started a proxy that failed at send time (a 500 or a 503 per answer).
+        ({"CCPROXY_CACHE_TTL_RECOMMENDATIONS": "inf"}, "CCPROXY_CACHE_TTL_RECOMMENDATIONS must be a finite"),
+        ({"CCPROXY_UPSTREAM_CONNECT_TIMEOUT": "nan"}, "CCPROXY_UPSTREAM_CONNECT_TIMEOUT must be a finite"),
+        ({"CCPROXY_BREAKER_RESET": "Infinity"}, "CCPROXY_BREAKER_RESET must be a finite"),
+        ({"CCPROXY_UPSTREAM_MAX_BYTES": "0"}, "CCPROXY_UPSTREAM_MAX_BYTES must be at least 1"),
+        ({"CCPROXY_OUTBOX_MAX_ATTEMPTS": "0"}, "CCPROXY_OUTBOX_MAX_ATTEMPTS must be at least 1"),
+        ({"CCPROXY_OUTBOX_MAX_BACKOFF": "-1"}, "CCPROXY_OUTBOX_MAX_BACKOFF must be positive"),
+        ({"CCPROXY_LINK_TTL_DAYS": "0"}, "CCPROXY_LINK_TTL_DAYS must be positive"),
+        ({"CCPROXY_COALESCE_WAIT": "-1"}, "CCPROXY_COALESCE_WAIT must not be negative"),
+        ({"CCPROXY_OUTBOX_PATH": " "}, "CCPROXY_OUTBOX_PATH must name a file"),
+        ({"CCPROXY_AMPLITUDE_URL": ""}, "CCPROXY_AMPLITUDE_URL must not be empty"),
+        ({"CCPROXY_MEDIARITHMICS_URL": "https://host:abc"}, "CCPROXY_MEDIARITHMICS_URL has a port"),
+        ({"CCPROXY_LOG_LEVEL": "verbose"}, "CCPROXY_LOG_LEVEL must be one of"),
+        ({"CCPROXY_REDIS_URL": "localhost:6379"}, "CCPROXY_REDIS_URL must look like redis://"),
+        ({"CCPROXY_UPSTREAM_PROXY": "proxy.internal:3128"}, "CCPROXY_UPSTREAM_PROXY must look like http://"),
     ],
 )
 def test_malformed_settings_name_the_setting(env, message):
     with pytest.raises(config.SettingsError, match=message):
         config.load(environ=env)
+
+
+def test_a_password_in_a_url_setting_is_refused_and_never_echoed():
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(environ={"CCPROXY_AMPLITUDE_URL": "https://user:hunter2@profile-api.example"})
+    assert "must not carry a user name or password" in str(caught.value)
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(environ={"CCPROXY_REDIS_URL": "localhost:hunter2@6379"})
+    assert "hunter2" not in str(caught.value)
+    assert config.load(environ={"CCPROXY_REDIS_URL": "unix:///run/redis.sock"}).redis_url
+    assert config.load(environ={"CCPROXY_REDIS_URL": "rediss://:pw@cache.internal:6380/0"}).redis_url
+
+
+def test_a_config_path_that_is_a_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(config.SettingsError, match="cannot be read"):
+        config.load(environ={"CCPROXY_CONFIG": str(tmp_path)})
 
 
 def test_missing_config_file_is_a_clear_error():

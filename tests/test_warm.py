@@ -100,3 +100,12 @@ def test_cli_warm(live, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "done: 2 fetched, 1 not found, 0 failed" in done.stderr
+
+
+def test_cli_warm_param_that_is_not_name_value_is_a_usage_error(tmp_path):
+    users = write_users(tmp_path, ["c1"])
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "warm", "--endpoint", "recommendations", "--users", str(users),
+         "--param", "foo"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --param: expected NAME=VALUE, got 'foo'" in done.stderr
