@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import socket
 import struct
 import time
@@ -176,6 +177,20 @@ def _unsent(sock: socket.socket) -> int:
         return 0
 
 
+# Linux TCP states (TCP_INFO's first byte) in which the client may still read what was sent.
+TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the connection is over (the client reset or closed it): the kernel keeps
+    counting its unsent bytes, which no one will ever take."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except (OSError, AttributeError, IndexError):  # not TCP, or not Linux: not known to be gone
+        return False
+    return state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT)
+
+
 class GuardedSocket:
     """A client socket whose reads end (as if the client hung up) at the phase's deadline,
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
@@ -267,6 +282,8 @@ class GuardedSocket:
         client waits: a reading one has an open window, so nothing is left unsent."""
         delay = 0.001
         while _unsent(self._sock) > 0:
+            if _client_gone(self._sock):  # reset with the answer unread: nothing to wait for
+                return False
             left = self.deadline - time.monotonic()
             if not self.phase or left <= 0:
                 self._expire()
@@ -383,6 +400,20 @@ def protocol_error(status: int, reason: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+class WithheldRequestText(logging.Filter):
+    """gunicorn's own log lines about a request it could not handle quote the request line or
+    header (`Invalid HTTP Header: 'Authorization Bearer <key>'`) and the URI with its query
+    (customer ids): the proxy never logs either. The line keeps what happened and who sent it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Invalid request from ip="):
+            record.msg, record.args = message.partition(": ")[0] + " (its text is not logged)", None
+        elif message.startswith("Error handling request") and record.args:
+            record.msg, record.args = "Error handling request (its URI is not logged)", None
+        return True
+
+
 def _write_json_error(sock: Any, status_int: int, reason: str, _mesg: str) -> None:
     """gunicorn's `util.write_error`, in the proxy's JSON shape instead of an HTML page."""
     from gunicorn import util
@@ -408,6 +439,7 @@ def guarded_worker_class(settings: Settings) -> type:
             from gunicorn import util
 
             util.write_error = _write_json_error
+            logging.getLogger("gunicorn.error").addFilter(WithheldRequestText())
             super().init_process()
 
         def load_wsgi(self) -> None:

@@ -92,8 +92,8 @@ def test_an_answer_the_client_does_not_read_fails_at_the_send_deadline():
     client.close()
 
 
-def test_the_next_request_waits_until_the_client_took_the_answer():
-    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=0.5)
+def unread_answer(guard: ConnectionGuard) -> tuple[GuardedSocket, socket.socket, socket.socket]:
+    """A connection answered once with 50 kB its client has not read: (guarded, client, server side)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -104,6 +104,12 @@ def test_the_next_request_waits_until_the_client_took_the_answer():
         pass
     guard.move(conn, ACTIVE, 10)
     conn.sendall(b"x" * 50_000)  # fits the kernel's buffers; the client reads none of it
+    return conn, client, server_side
+
+
+def test_the_next_request_waits_until_the_client_took_the_answer():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=0.5)
+    conn, client, server_side = unread_answer(guard)
     assert conn.phase == SEND
     with conn.reading_request():  # its next request is not read: the answer was never taken
         assert conn.phase == "" and conn.recv(10) == b""
@@ -117,6 +123,24 @@ def test_the_next_request_waits_until_the_client_took_the_answer():
     with kept.reading_request():  # taken: the next request is read on the keep-alive clock
         assert kept.phase == IDLE
     client.close()
+    server_side.close()
+
+
+def test_a_client_that_resets_with_its_answer_unread_is_not_waited_for():
+    """The kernel keeps counting a reset connection's unsent bytes: the wait for them to be
+    taken must end with the connection, not at the send clock (it held the greenlet, and a
+    stopping worker, for the whole CCPROXY_SEND_TIMEOUT)."""
+    import struct as _struct
+
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=60)
+    conn, client, server_side = unread_answer(guard)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+    client.close()  # a reset
+    wait_for(lambda: server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1, seconds=30,
+             what="the reset seen by the server's socket")
+    with conn.reading_request():  # not read: the connection is over
+        assert conn.phase == "" and conn.recv(10) == b""
+    assert guard.closed["send_timeout"] == 0  # it did not wait out its 60 s send clock
     server_side.close()
 
 

@@ -48,3 +48,15 @@ def test_a_malformed_request_line_is_a_json_400_without_an_echo(server):
     assert b"secret-in-line" not in answer
     # The server goes on answering.
     assert requests.get(server.base + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_request_gunicorn_refuses_is_logged_without_its_text(server):
+    """gunicorn quotes the offending header or line in its log: a credential or an id."""
+    answer = raw(server.base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization Bearer SEKRETKEY123456789\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    answer = raw(server.base, b"GET /v1/amplitude/properties?user_id=customer-4711 HTTP/1.1 x\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert requests.get(server.base + "/healthz", timeout=10).status_code == 200
+    log = server.output()
+    assert "Invalid request from ip=127.0.0.1 (its text is not logged)" in log
+    assert "SEKRETKEY123456789" not in log and "customer-4711" not in log
