@@ -9,6 +9,7 @@ import sys
 
 from . import config
 from .errors import CannotListen, ScenarioError
+from .fallbacks import load_fallbacks
 
 log = logging.getLogger("ccproxy")
 
@@ -25,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .serving import default_workers, listen, serve
 
     settings = config.load(config_file=args.config)
+    load_fallbacks(settings.fallbacks_file)  # a file that cannot work stops start-up, before workers
     if not settings.api_keys and not args.no_auth:
         print(
             "ccproxy: refusing to serve without API keys: set CCPROXY_API_KEYS "
@@ -133,6 +135,7 @@ def _check(args: argparse.Namespace) -> int:
     from .check import report, run_checks, warnings
 
     settings = config.load(config_file=args.config)  # a SettingsError names the bad setting
+    load_fallbacks(settings.fallbacks_file)
     print("configuration: valid", file=sys.stdout)
     return report(run_checks(settings), sys.stdout, warnings(settings))
 

@@ -7,9 +7,7 @@ Built once per app by `create_app` (in each process); a test app gets fresh ones
 from __future__ import annotations
 
 import logging
-import math
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,8 +21,9 @@ from .clients.base import Answer, HttpClient, Observe, Query, make_pool
 from .clients.experiment import ExperimentClient, FlagConfigClient
 from .clients.mediarithmics import MediarithmicsClient
 from .clients.target import TargetClient
-from .config import RateLimited, Settings, SettingsError
+from .config import RateLimited, Settings
 from .errors import OutboxUnavailable, ProxyError, TransientError, UpstreamRateLimited
+from .fallbacks import load_fallbacks
 from .guards import CircuitBreaker, Guards, Limiter, RateLimiter, RetryBudget
 
 if TYPE_CHECKING:
@@ -73,41 +72,6 @@ def upstream_guards(settings: Settings, name: str, timer: Timer, redis: RedisHea
 
         limiter = BoxRateLimiter(name, shared_limit, box, local)
     return Guards(breaker, limiter, RetryBudget(timer=timer))
-
-
-def load_fallbacks(path: str) -> dict[str, dict[str, Any]]:
-    """Fallback content by endpoint path, from a TOML file (empty without one)."""
-    if not path:
-        return {}
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SettingsError(f"CCPROXY_FALLBACKS_FILE {path} cannot be read: {exc}") from None
-    fallbacks = {route: dict(content) for route, content in data.items() if isinstance(content, dict)}
-    where = _not_json(fallbacks)
-    if where:
-        # TOML has dates and inf/nan, which JSON has not: refused at start, not at send time.
-        raise SettingsError(f"CCPROXY_FALLBACKS_FILE {path}: {where} is a date, inf or nan, "
-                            "which JSON cannot carry; write it as a string")
-    return fallbacks
-
-
-def _not_json(value: Any, where: str = "") -> str:
-    """The place (`route.key[0]`) of the first value JSON cannot carry, or ""."""
-    if isinstance(value, dict):
-        children: Any = ((f"{where}.{key}" if where else str(key), child) for key, child in value.items())
-    elif isinstance(value, list):
-        children = ((f"{where}[{i}]", child) for i, child in enumerate(value))
-    elif isinstance(value, float):
-        return "" if math.isfinite(value) else where
-    else:
-        return "" if value is None or isinstance(value, (str, int)) else where
-    for place, child in children:
-        found = _not_json(child, place)
-        if found:
-            return found
-    return ""
 
 
 @dataclass(eq=False)

@@ -57,6 +57,14 @@ def test_bad_setting_exits_with_a_named_error(servers):
     assert "CCPROXY_CACHE_MAXSIZE must be a number" in output
 
 
+def test_a_fallbacks_file_that_cannot_work_stops_serve_before_it_listens(servers, tmp_path):
+    fallbacks = tmp_path / "fallbacks.toml"
+    fallbacks.write_text('["/v1/amplitude/recommendations"]\nitems = ["a", nan]\n')
+    code, output = run_to_end(servers, ["serve", "--no-auth"], {"CCPROXY_FALLBACKS_FILE": str(fallbacks)})
+    assert code == 2 and "listening" not in output and "Traceback" not in output
+    assert "/v1/amplitude/recommendations.items[1] is a date, inf or nan" in output
+
+
 def test_serve_refuses_to_start_without_keys(servers):
     code, output = run_to_end(servers, ["serve"], {"CCPROXY_API_KEYS": ""})
     assert code == 2 and "CCPROXY_API_KEYS" in output and "--no-auth" in output
