@@ -29,9 +29,13 @@ from .liquid_errors import inline_errors
 # Braze writes profile attributes as ${name}; Liquid has no such syntax.
 BRAZE_ATTRIBUTE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ATTRIBUTES_VAR = "braze_attributes"
-# Braze's attribute namespaces: `custom_attribute.${Loyalty Tier}` and the like.
-NAMESPACES = ("custom_attribute", "event_properties", "canvas_entry_properties", "campaign")
+# Braze's attribute namespaces (its "supported personalization tags"):
+# `custom_attribute.${Loyalty Tier}` and the like.
+NAMESPACES = ("custom_attribute", "event_properties", "canvas_entry_properties", "campaign", "canvas",
+              "api_trigger_properties", "context", "subscribed_state", "most_recently_used_device",
+              "sms", "whats_app")
 _NAMESPACED = re.compile(r"\b(" + "|".join(NAMESPACES) + r")\.\$\{([^}]+)\}")
+_MARKUP = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
 _CONTENT_BLOCK = re.compile(r"\{\{\s*content_blocks\.\$\{([A-Za-z0-9_-]+)\}\s*\}\}")
 _CONTENT_BLOCK_DEPTH = 10
 _OPTION = re.compile(r"\s*:([A-Za-z_]+)")
@@ -212,8 +216,13 @@ def braze_to_liquid(source: str, blocks: Path | None = None) -> str:
     """`{{${user_id}}}` -> `{{braze_attributes.user_id}}`, `custom_attribute.${a b}` ->
     `custom_attribute["a b"]`, `{{content_blocks.${name}}}` -> the block's Liquid."""
     source = include_content_blocks(source, blocks)
-    source = _NAMESPACED.sub(lambda m: f"{m.group(1)}[{json.dumps(m.group(2))}]", source)
-    return BRAZE_ATTRIBUTE.sub(rf"{ATTRIBUTES_VAR}.\1", source)
+
+    def liquid(markup: re.Match[str]) -> str:
+        text = _NAMESPACED.sub(lambda m: f"{m.group(1)}[{json.dumps(m.group(2))}]", markup.group(0))
+        return BRAZE_ATTRIBUTE.sub(rf"{ATTRIBUTES_VAR}.\1", text)
+
+    # Only inside `{{ }}` and `{% %}`: Braze leaves `${first_name}` in plain text as it is.
+    return _MARKUP.sub(liquid, source)
 
 
 def include_content_blocks(source: str, blocks: Path | None, depth: int = 0) -> str:

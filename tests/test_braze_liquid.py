@@ -77,6 +77,19 @@ def test_attribute_namespaces(client):
     assert body["output"] == "Camille c@example.com fr gold 3 items SPRING d-1 Spring"
 
 
+def test_every_braze_namespace_and_plain_text_left_as_it_is(client):
+    """`api_trigger_properties`, `canvas` and `context` read what the preview is given (they
+    rendered empty); `${first_name}` in plain text is not Liquid, and Braze prints it as is."""
+    liquid = ("Code: [{{api_trigger_properties.${coupon}}}] Canvas: [{{canvas.${name}}}] "
+              "Ctx: [{{context.${offer}}}] {% if subscribed_state.${email_global} == 'opted_in' %}in{% endif %} "
+              "Reply with ${first_name}")
+    body = client.post("/v1/preview/liquid", json={"liquid": liquid, "attributes": {
+        "first_name": "Camille", "api_trigger_properties": {"coupon": "C-10"}, "canvas.name": "Spring",
+        "context": {"offer": "SPRING"}, "subscribed_state": {"email_global": "opted_in"},
+    }}).get_json()
+    assert body["output"] == "Code: [C-10] Canvas: [Spring] Ctx: [SPRING] in Reply with ${first_name}"
+
+
 def test_content_blocks_from_the_templates_folder(client, make_app, tmp_path):
     out = preview(client, "[{{content_blocks.${shop_signature}}}]", first_name="Hugo")["output"]
     assert out == "[See you soon at Boulangerie Example, Hugo!\n]"
