@@ -312,3 +312,10 @@ class LinkError(Exception):
 class ScenarioError(Exception):
     """`ccproxy simulate-send` cannot run its scenario (unreadable message, faults file or
     users CSV, unknown template or sandbox); the message is the one line the command prints."""
+
+
+class WorkerGone(BaseException):
+    """A preview render process lost its worker's socket mid-render: the process stops
+    (preview_worker.py). A BaseException, so neither Liquid's error handling nor the render's
+    own `except Exception` mistakes it for the template's error (a filter's OSError, say, is
+    the template's)."""

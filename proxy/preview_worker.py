@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import WorkerGone
+
 _HEADER = struct.Struct(">I")
 # No single message is larger: the output limit plus JSON escaping, calls and bodies.
 MAX_MESSAGE = 64 << 20
@@ -57,12 +59,6 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         missing -= len(chunk)
     return b"".join(chunks)
-
-
-class WorkerGone(BaseException):
-    """The worker's socket failed mid-render: this process stops. A BaseException, so neither
-    Liquid's error handling nor the render's own `except Exception` mistakes it for the
-    template's error (a filter's OSError, say, is the template's)."""
 
 
 def render_job(sock: socket.socket, job: dict[str, Any]) -> dict[str, Any]:
