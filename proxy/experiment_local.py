@@ -29,6 +29,7 @@ configuration does not know, and any flag the engine cannot evaluate, go remote 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,20 @@ class FlagNeeds:
     remote_only: bool = False  # local evaluation can never decide it
     fields: frozenset[str] = frozenset()  # context.user fields it reads
     properties: frozenset[str] = frozenset()  # context.user.user_properties it reads
+    # Where it compares versions or matches a regex: (field,) or ("user_properties", name).
+    versions: frozenset[tuple[str, ...]] = frozenset()
+    patterns: frozenset[tuple[str, ...]] = frozenset()
+
+
+# The engine reads a version with a pattern that backtracks exponentially on a long pre-release
+# that does not match (`1.0.0-aaaa…!`: 0.3 s at 22 characters, doubling with each one), and a
+# flag's own regex may too: a request's value must pass this linear equivalent, and any value
+# a regex sees must be short, or the flag is evaluated remotely instead of stalling the worker.
+_SAFE_VERSION = re.compile(r"\d+\.\d+(?:\.\d+(?:-(?:[-\w]+(?:\.[-\w]+)*\.?)?)?)?")
+MAX_VERSION_LENGTH = 64
+MAX_PATTERN_INPUT = 256
+_VERSION_OPS = frozenset({"version less", "version less or equal", "version greater", "version greater or equal"})
+_PATTERN_OPS = frozenset({"regex match", "regex does not match"})
 
 
 @dataclass
@@ -115,7 +130,20 @@ def _merge(needs: list[FlagNeeds]) -> FlagNeeds:
         remote_only=any(n.remote_only for n in needs),
         fields=frozenset().union(*(n.fields for n in needs)),
         properties=frozenset().union(*(n.properties for n in needs)),
+        versions=frozenset().union(*(n.versions for n in needs)),
+        patterns=frozenset().union(*(n.patterns for n in needs)),
     )
+
+
+def _condition_needs(condition: Any) -> FlagNeeds:
+    selector = list(condition.selector or [])
+    needs = _selector_needs(selector)
+    where = tuple(selector[2:4] if selector[2:3] == ["user_properties"] else selector[2:3])
+    if condition.op in _VERSION_OPS and where:
+        return _merge([needs, FlagNeeds(versions=frozenset([where]))])
+    if condition.op in _PATTERN_OPS and where:
+        return _merge([needs, FlagNeeds(patterns=frozenset([where]))])
+    return needs
 
 
 def _own_needs(flag: Any) -> FlagNeeds:
@@ -125,27 +153,37 @@ def _own_needs(flag: Any) -> FlagNeeds:
     found: list[FlagNeeds] = []
     for segment in flag.segments:
         for conjunction in segment.conditions or []:
-            found.extend(_selector_needs(list(c.selector or [])) for c in conjunction)
+            found.extend(_condition_needs(c) for c in conjunction)
         if segment.bucket is not None:
             found.append(_selector_needs(list(segment.bucket.selector or [])))
     return _merge(found)
 
 
-def _needs_with_dependencies(flags: dict[str, Any]) -> dict[str, FlagNeeds]:
-    own = {key: _own_needs(flag) for key, flag in flags.items()}
+def _needs_with_dependencies(flags: dict[str, Any], own: dict[str, FlagNeeds]) -> dict[str, FlagNeeds]:
+    """Each flag's needs with those of every flag it depends on (depth first, without
+    recursion: a configuration may chain thousands of flags). An unknown dependency or a
+    cycle makes the flag remote only."""
     result: dict[str, FlagNeeds] = {}
-
-    def resolve(key: str, path: tuple[str, ...]) -> FlagNeeds:
-        if key in result:
-            return result[key]
-        if key not in flags or key in path:  # unknown dependency or a cycle
-            return FlagNeeds(remote_only=True)
-        parts = [own[key]] + [resolve(d, path + (key,)) for d in flags[key].dependencies or []]
-        result[key] = _merge(parts)
-        return result[key]
-
-    for key in flags:
-        resolve(key, ())
+    for start in flags:
+        if start in result:
+            continue
+        parts: dict[str, list[FlagNeeds]] = {start: [own[start]]}
+        stack = [(start, iter(flags[start].dependencies or []))]
+        while stack:
+            key, dependencies = stack[-1]
+            dependency = next(dependencies, None)
+            if dependency is None:
+                stack.pop()
+                result[key] = _merge(parts.pop(key))
+                if stack:
+                    parts[stack[-1][0]].append(result[key])
+            elif dependency in result:
+                parts[key].append(result[dependency])
+            elif dependency not in flags or dependency in parts:  # unknown, or a cycle
+                parts[key].append(FlagNeeds(remote_only=True))
+            else:
+                parts[dependency] = [own[dependency]]
+                stack.append((dependency, iter(flags[dependency].dependencies or [])))
     return result
 
 
@@ -155,16 +193,21 @@ def parse_flags(raw: list[dict[str, Any]], fetched_at: float) -> Configuration:
     from amplitude_experiment.evaluation.types import EvaluationFlag
 
     flags: dict[str, Any] = {}
+    own: dict[str, FlagNeeds] = {}
     for item in raw:
+        time.sleep(0)  # a gevent worker's other requests run between flags (1.3 s of CPU per MB)
         try:
             flag = EvaluationFlag.from_dict(item)
-            if not isinstance(flag.key, str) or not isinstance(flag.variants, dict):
-                raise ValueError("key or variants missing")
+            if not isinstance(flag.key, str) or not isinstance(flag.variants, dict) \
+                    or not isinstance(flag.dependencies or [], list):
+                raise ValueError("key, variants or dependencies of the wrong type")
+            needs = _own_needs(flag)  # reads every segment: a bad one skips the flag, not the rest
         except Exception as exc:  # noqa: BLE001 - the library raises anything on a bad shape
-            log.warning("experiment flag configuration %r skipped: %s", item.get("key"), exc)
+            log.warning("experiment flag configuration %r skipped: %s",
+                        item.get("key") if isinstance(item, dict) else None, exc)
             continue
-        flags[flag.key] = flag
-    return Configuration(flags, _needs_with_dependencies(flags), fetched_at)
+        flags[flag.key], own[flag.key] = flag, needs
+    return Configuration(flags, _needs_with_dependencies(flags, own), fetched_at)
 
 
 def evaluation_context(user_id: str, device_id: str, context: dict[str, Any]) -> dict[str, Any]:
@@ -182,8 +225,18 @@ def decidable(needs: FlagNeeds, user: dict[str, Any]) -> bool:
         return False
     properties = user.get("user_properties")
     properties = properties if isinstance(properties, dict) else {}
-    return (all(user.get(f) is not None for f in needs.fields)
-            and all(properties.get(p) is not None for p in needs.properties))
+    if not (all(user.get(f) is not None for f in needs.fields)
+            and all(properties.get(p) is not None for p in needs.properties)):
+        return False
+
+    def value(where: tuple[str, ...]) -> Any:
+        return properties.get(where[1]) if where[0] == "user_properties" and len(where) == 2 else user.get(where[0])
+
+    for where in needs.versions:
+        version = value(where)
+        if isinstance(version, str) and (len(version) > MAX_VERSION_LENGTH or not _SAFE_VERSION.fullmatch(version)):
+            return False
+    return not any(len(str(value(where))) > MAX_PATTERN_INPUT for where in needs.patterns)
 
 
 def evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
@@ -302,9 +355,9 @@ class FlagStore:
                 config = Configuration(previous.flags, previous.needs, fetched_at, previous.memo)
             else:
                 config = parse_flags(raw, fetched_at)
-        except ProxyError as exc:
+        except Exception as exc:  # noqa: BLE001 - a lying Flags API: counted, retried after an interval
             self.failures += 1
-            self.last_error = exc.message
+            self.last_error = exc.message if isinstance(exc, ProxyError) else f"unreadable configuration ({type(exc).__name__})"
             # After a failure, wait one interval before trying again (no hammering).
             self._not_before = (self._last_attempt or self._timer()) + self.refresh_interval
             log.warning("experiment flag configurations not refreshed: %s", self.last_error)

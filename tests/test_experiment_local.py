@@ -346,3 +346,47 @@ def test_the_renders_of_one_message_are_evaluated_once(make_app, sandboxes, monk
     # Another context is another evaluation (and answer).
     other = client.get(f"{query}&user_properties.premium=false").get_json()
     assert other["variants"]["premium_upsell"] == "off" and len(evaluations) == 2
+
+
+def _flag(key, conditions=(), dependencies=None, **extra):
+    """A flag in the Flags API's shape: one segment with `conditions` giving `on`, else `off`."""
+    segments = [{"conditions": [list(conditions)], "variant": "on"}] if conditions else []
+    return {"key": key, "variants": {"on": {"key": "on"}, "off": {"key": "off", "metadata": {"default": True}}},
+            "segments": [*segments, {"variant": "off"}], "dependencies": dependencies, **extra}
+
+
+def test_a_version_the_engine_would_backtrack_on_goes_remote_instead_of_stalling():
+    """The engine reads versions with a pattern that takes exponential time on a long, failing
+    pre-release: such a request value sends the flag to remote evaluation."""
+    from proxy.experiment_local import evaluate, evaluation_context, parse_flags
+
+    config = parse_flags([_flag("new-checkout", [{"selector": ["context", "user", "version"],
+                                                  "op": "version greater or equal", "values": ["2.0.0"]}]),
+                          _flag("by-pattern", [{"selector": ["context", "user", "user_properties", "email"],
+                                                "op": "regex match", "values": ["^(a+)+$"]}])], 0.0)
+    good = evaluate(config, evaluation_context("u1", "", {"version": "2.1.0-beta.1"}), ["new-checkout"])
+    assert good.vardata == {"new-checkout": {"key": "on"}} and good.remote == []
+    hostile = evaluation_context("u1", "", {"version": "1.0.0-" + "a" * 20 + "!",
+                                            "user_properties": {"email": "a" * 300 + "!"}})
+    decision = evaluate(config, hostile, ["new-checkout", "by-pattern"])
+    assert decision.remote == ["new-checkout", "by-pattern"] and decision.vardata == {}
+
+
+def test_one_malformed_flag_or_a_long_chain_costs_only_that_flag():
+    from proxy.experiment_local import FlagStore, evaluate, evaluation_context, parse_flags
+
+    chain = [_flag(f"c{i}", dependencies=[f"c{i + 1}"] if i < 2999 else None) for i in range(3000)]
+    broken = {**_flag("broken"), "segments": None}
+    config = parse_flags([broken, _flag("fine"), *chain, "not a flag"], 0.0)
+    assert "broken" not in config.flags and "fine" in config.flags and len(config.flags) == 3001
+    assert config.needs["c0"].remote_only is False  # 3,000 levels deep, no RecursionError
+    assert evaluate(config, evaluation_context("u1", "", {}), ["fine"]).remote == []
+
+    def lying_fetch():
+        raise TypeError("'NoneType' object is not iterable")
+
+    store = FlagStore(lying_fetch, refresh=30, max_age=300)
+    assert store.refresh() is False and store.failures == 1
+    assert store.state()["last_error"] == "unreadable configuration (TypeError)"
+    store.current()  # within the interval after a failure: no new fetch is started
+    assert store._thread is None
