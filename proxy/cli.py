@@ -75,12 +75,18 @@ def _demo(args: argparse.Namespace) -> int:
         log.info("sandbox %s upstream listening on %s", name, server.url)
     # The user's settings (keys, TTLs...) with the upstreams wired to the sandboxes, and a
     # link secret for this run so consent links and pixels work out of the box.
+    import os
     import secrets
+    import shutil
+    import tempfile
 
     # As `serve`: the rate limits are the deployment's, split over the workers it runs.
+    # Its own outbox, removed at exit: the default file in the working directory is the one
+    # `ccproxy serve` would later deliver, with the real mediarithmics token.
+    outbox_dir = tempfile.mkdtemp(prefix="ccproxy-demo-")
     settings = user_settings.replace(
         **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32),
-        workers=args.workers or default_workers(),
+        workers=args.workers or default_workers(), outbox_path=os.path.join(outbox_dir, "outbox.sqlite3"),
     )
     base = f"http://{args.host}:{args.port}"
 
@@ -93,6 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
         serve(settings, listener, args.workers, on_ready=ready)
     finally:
         sandboxes.stop()
+        shutil.rmtree(outbox_dir, ignore_errors=True)
     return 0
 
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from .errors import CircuitOpen, UpstreamError, UpstreamRateLimited
+from .errors import CircuitOpen, UpstreamError, UpstreamRateLimited, WriteMisdirected
 from .outbox import LEASE_SECONDS, Outbox, Write
 
 log = logging.getLogger("ccproxy.outbox")
@@ -167,6 +167,8 @@ class Deliverer:
             return partial(self.outbox.failed, write, limited.message)
         except CircuitOpen as open_circuit:  # nothing was sent: not an attempt either
             return partial(self.outbox.postponed, write, float(open_circuit.retry_after or 1))
+        except WriteMisdirected as misdirected:  # never deliverable from here: an operator decides
+            return partial(self.outbox.dead, write, misdirected.message)
         except UpstreamError as error:
             status = error.upstream_status
             if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):

@@ -190,6 +190,15 @@ class UpstreamAuthError(UpstreamError):
     code = "upstream_auth_failed"
 
 
+class WriteMisdirected(UpstreamError):
+    """An outbox write accepted for another mediarithmics datamart than the one this proxy
+    writes to (a demo's outbox, another deployment's file): never sent with this proxy's
+    token; a dead letter for an operator."""
+
+    status = 409
+    code = "write_misdirected"
+
+
 class TransientError(UpstreamError):
     """A failure that may pass: worth serving stale data, a fallback, or a retry later."""
 

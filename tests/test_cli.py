@@ -33,6 +33,18 @@ def test_demo_answers_curl_with_real_data(servers):
     assert "sandbox amplitude upstream listening on http://127.0.0.1:" in output
 
 
+def test_demo_writes_go_to_an_outbox_of_its_own(servers, tmp_path):
+    """The default outbox file in the working directory is the one `ccproxy serve` delivers
+    later, with the production token: a demo's writes must never be left in it."""
+    production = tmp_path / "ccproxy-outbox.sqlite3"  # where `serve` would deliver from
+    demo = servers.start(["demo", "--workers", "1"], {"CCPROXY_OUTBOX_PATH": str(production)}, cwd=tmp_path)
+    r = requests.post(f"{demo.base}/v1/mediarithmics/activities", timeout=10, json={
+        "$type": "TOUCH", "$ts": 1735689600000, "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "h"}]})
+    assert r.status_code == 202
+    demo.stop_and_read()
+    assert not production.exists()
+
+
 def test_serve_uses_environment_settings_and_api_keys(servers, sandboxes):
     env = {
         "CCPROXY_AMPLITUDE_URL": sandboxes.servers["amplitude"].url,

@@ -190,3 +190,17 @@ def test_a_write_answered_2xx_with_a_body_that_is_not_json_is_delivered_once(mak
     done = wait_for_state(client, write, ("delivered", "dead"))
     assert (done["state"], done["attempts"]) == ("delivered", 1)
     assert [a.get("marker") for a in store_of(sandboxes).activities].count(marker) == 1
+
+
+def test_a_write_accepted_for_another_datamart_is_never_sent_with_this_proxys_token(make_app, sandboxes):
+    """An outbox file shared by accident (a demo's, another deployment's): its writes name
+    their datamart in the path, and this proxy does not deliver another account's data."""
+    client = make_app(outbox_max_backoff=0.05).test_client()
+    outbox = client.application.extensions["ccproxy"].outbox
+    marker = uuid.uuid4().hex
+    stray = outbox.add("activity", "POST", "/v1/datamarts/999999/user_activities", {}, activity(marker)).id
+    dead = wait_for_state(client, stray, ("dead", "delivered"))
+    assert dead["state"] == "dead" and "/v1/datamarts/999999" in dead["last_error"]
+    assert "not sent" in dead["last_error"]
+    assert [a.get("marker") for a in store_of(sandboxes).activities].count(marker) == 0
+    assert sandboxes.state("mediarithmics").calls == 0

@@ -11,7 +11,7 @@ from typing import Any
 import urllib3
 
 from ..config import credential_id
-from ..errors import UpstreamBadAnswer, UpstreamError
+from ..errors import UpstreamBadAnswer, UpstreamError, WriteMisdirected
 from .base import Answer, HttpClient, Query, path_segment
 
 
@@ -114,6 +114,12 @@ class MediarithmicsClient(HttpClient):
 
     def write(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
         """Send one write (from the outbox). A 4xx raises with the upstream's own message."""
+        own = f"/v1/datamarts/{path_segment(self.datamart_id)}/"
+        if path.startswith("/v1/datamarts/") and not path.startswith(own):
+            # Stored by a proxy writing to another datamart (the outbox file is shared by
+            # accident): sending it here would put another account's data in this one.
+            raise WriteMisdirected(self.name, f"this write was accepted for {path.split('/user_')[0]}, "
+                                   f"not for this proxy's datamart {self.datamart_id}; it was not sent")
         try:
             status, answer = self.request(
                 method, path, params=query or None, headers=self._headers, json_body=body,
