@@ -22,8 +22,17 @@ def _name_value(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name, value
 
+def _workers(args: argparse.Namespace, settings: config.Settings) -> int:
+    """`--workers`, else CCPROXY_WORKERS when the operator set it, else one per core."""
+    from .serving import default_workers
+
+    if args.workers:
+        return int(args.workers)
+    return settings.workers if config.is_set("workers", getattr(args, "config", None)) else default_workers()
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from .serving import default_workers, listen, serve
+    from .serving import listen, serve
 
     settings = config.load(config_file=args.config)
     load_fallbacks(settings.fallbacks_file)  # a file that cannot work stops start-up, before workers
@@ -34,16 +43,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.workers:
-        settings = settings.replace(workers=args.workers)
-    else:
-        settings = settings.replace(workers=default_workers())
+    settings = settings.replace(workers=_workers(args, settings))
     listener = listen(args.host, args.port)  # a busy port is the one line it prints
     warning = link_secret_warning(settings)
     if warning:
         log.warning(warning)
     auth = "on" if settings.api_keys else "off"
-    serve(settings, listener, args.workers, on_ready=lambda: log.info(
+    serve(settings, listener, settings.workers, on_ready=lambda: log.info(
         "ccproxy listening on http://%s:%s (auth %s)", args.host, args.port, auth))
     return 0
 
@@ -61,7 +67,7 @@ def link_secret_warning(settings: config.Settings) -> str:
 
 def _demo(args: argparse.Namespace) -> int:
     from .sandbox import stack
-    from .serving import default_workers, listen, serve
+    from .serving import listen, serve
 
     user_settings = config.load()
     if not _is_loopback(args.host) and not user_settings.api_keys:
@@ -86,7 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
     outbox_dir = tempfile.mkdtemp(prefix="ccproxy-demo-")
     settings = user_settings.replace(
         **sandboxes.proxy_settings(), link_secret=user_settings.link_secret or secrets.token_urlsafe(32),
-        workers=args.workers or default_workers(), outbox_path=os.path.join(outbox_dir, "outbox.sqlite3"),
+        workers=_workers(args, user_settings), outbox_path=os.path.join(outbox_dir, "outbox.sqlite3"),
     )
     base = f"http://{args.host}:{args.port}"
 
@@ -96,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
                  base)
 
     try:
-        serve(settings, listener, args.workers, on_ready=ready)
+        serve(settings, listener, settings.workers, on_ready=ready)
     finally:
         sandboxes.stop()
         shutil.rmtree(outbox_dir, ignore_errors=True)

@@ -331,6 +331,15 @@ def load(
     return validate(Settings(**values))
 
 
+def is_set(name: str, config_file: str | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the operator gave `name` (environment or config file), not left its default."""
+    environ = os.environ if environ is None else environ
+    if env_name(name) in environ:
+        return True
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    return bool(path) and name in _read_file(path)
+
+
 def _check_base_url(name: str, value: str, required: bool = False) -> None:
     if not value:
         if required:  # an empty vendor URL is a typo: every call would fail at send time

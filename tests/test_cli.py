@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import requests
+from servers import wait_for
 
 from proxy.sandbox import amplitude
 
@@ -124,3 +125,10 @@ def test_listening_is_said_once_the_port_is_bound(servers):
     # one line from the proxy, said after gunicorn took the socket and before workers boot
     assert output.count(f"ccproxy listening on {served.base} (auth off)") == 1
     assert output.index(f"ccproxy listening on {served.base}") < output.index("Booting worker")
+
+
+def test_serve_runs_ccproxy_workers_when_it_is_set(servers, sandboxes):
+    env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
+    server = servers.start(["serve", "--no-auth"], {**env, "CCPROXY_WORKERS": "3"})
+    wait_for(lambda: server.output().count("Booting worker") >= 3, seconds=60, what="3 workers booted")
+    assert server.stop_and_read().count("Booting worker") == 3  # not one per core
