@@ -337,7 +337,9 @@ def is_set(name: str, config_file: str | None = None, environ: Mapping[str, str]
     if env_name(name) in environ:
         return True
     path = config_file or environ.get(ENV_PREFIX + "CONFIG")
-    return path is not None and name in _read_file(path)
+    if not path:
+        return False
+    return name in _read_file(path)
 
 
 def _check_base_url(name: str, value: str, required: bool = False) -> None:
