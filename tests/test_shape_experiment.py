@@ -19,3 +19,12 @@ def test_empty_answer_all_requested_flags_off():
 def test_variant_without_key_is_not_assigned():
     out = variants({"x": {"payload": 1}, "y": "junk"}, ["x"])
     assert out["variants"] == {"x": "off"} and out["payloads"] == {}
+
+
+def test_a_payload_sits_under_its_own_flags_name_when_two_flags_collide():
+    """`checkout_button` and `checkout-button` both read `checkout_button`: the second is
+    `checkout_button_2` in `variants`, and its payload must be found under that name too."""
+    answer = variants({"checkout_button": {"key": "control"},
+                       "checkout-button": {"key": "treatment", "payload": {"color": "green"}}}, [])
+    assert answer["variants"] == {"checkout_button": "control", "checkout_button_2": "treatment"}
+    assert answer["payloads"] == {"checkout_button_2": {"color": "green"}}

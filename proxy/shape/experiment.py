@@ -39,13 +39,16 @@ def variants(
             payloads[flag] = deep_identifier_keys(variant["payload"])
     all_flags = {flag: assigned.get(flag, OFF) for flag in requested}
     all_flags.update(assigned)
+    # One naming for both maps: `checkout-button` and `checkout_button` become `checkout_button`
+    # and `checkout_button_2` in `variants`, and a payload must sit under the same name.
+    names = {flag: name for name, flag in identifier_keys({flag: flag for flag in all_flags}).items()}
     return {
         "ok": True,
         "found": bool(assigned),
         "user_id": user_id,
         "device_id": device_id,
-        "variants": identifier_keys(all_flags),
-        "payloads": identifier_keys(payloads),
+        "variants": {names[flag]: variant for flag, variant in all_flags.items()},
+        "payloads": {names[flag]: payload for flag, payload in payloads.items()},
         "flag_count": len(all_flags),
         "tracked": tracked,
     }
