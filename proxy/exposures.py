@@ -259,7 +259,10 @@ def sdk_client(api_key: str, post: Callable[[dict[str, Any]], Any], callback: Ca
             try:
                 self.response_processor.process_response(res, events)
             except InvalidAPIKeyError:
+                # The SDK raises before its callback: count them here, or the loss shows nowhere.
                 log.error("Amplitude refused CCPROXY_AMPLITUDE_API_KEY; exposures are not recorded")
+                for event in events:
+                    callback(event, 400, "invalid API key")
 
     class Client(Amplitude):  # type: ignore[misc]
         destination_storage: Any = None

@@ -175,3 +175,11 @@ def test_a_failing_events_api_is_retried_by_the_sdk(make_app, sandboxes):
 
     wait_for(arrived, seconds=60, poll=0.2, what="the retried exposure")
     assert sandboxes.state("amplitude").paths["/2/httpapi"] == 2
+
+
+def test_exposures_amplitude_refuses_for_its_key_are_counted_failed(make_app, sandboxes):
+    app = local_app(make_app, amplitude_api_key="not-the-sandbox-key")
+    client, tracker = app.test_client(), app.extensions["ccproxy"].exposures
+    render(client, "user_id=treatment-key-1&flag_keys=checkout-button,hero-banner")
+    tracker.flush()
+    assert tracker.counts["failed"] == 2 and tracker.counts["sent"] == 0
