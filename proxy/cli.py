@@ -209,7 +209,10 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ScenarioError(f"cannot read {args.liquid}: {exc}") from None
     sandboxes = {}
     if args.demo_log:
-        sandboxes.update(simulate.sandboxes_from_log(Path(args.demo_log).read_text(errors="replace")))
+        try:
+            sandboxes.update(simulate.sandboxes_from_log(Path(args.demo_log).read_text(errors="replace")))
+        except OSError as exc:
+            raise ScenarioError(f"cannot read {args.demo_log}: {exc.strerror}") from None
     for item in args.sandbox:
         name, _, sandbox_url = item.partition("=")
         sandboxes[name] = sandbox_url.rstrip("/")
@@ -220,6 +223,7 @@ def _simulate(args: argparse.Namespace) -> int:
         rate=args.rate, renders=args.renders, api_key=args.api_key, concurrency=args.concurrency,
         sandboxes=sandboxes, faults=simulate.read_faults(Path(args.faults)) if args.faults else [],
         drain_timeout=args.drain_timeout)
+    simulate.require_proxy(url)  # a send to nothing would read as a send with nothing aborted
     progress = None if args.no_progress else sys.stderr
     if args.find_rate:
         bounds = simulate.RateSearch(probe_seconds=args.probe_seconds, max_rate=args.max_rate,

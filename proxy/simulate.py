@@ -415,6 +415,23 @@ class Scenario:
     drain_timeout: float = 60.0  # seconds to wait after the send for accepted writes to be delivered
 
 
+def require_proxy(url: str, seconds: float = 10.0) -> None:
+    """Stop with a clear line when no proxy answers at `url`: every call would fail on the
+    transport, and the table would read as a send in which nothing aborted."""
+    http = urllib3.PoolManager(retries=False, timeout=5.0)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if http.request("GET", f"{url}/healthz").status == 200:
+                return
+            problem = "its /healthz does not answer 200"
+        except urllib3.exceptions.HTTPError as exc:
+            problem = f"it cannot be reached ({type(exc).__name__})"
+        if time.monotonic() >= deadline:
+            raise ScenarioError(f"no proxy at {url}: {problem}; start one (ccproxy demo) or pass --url")
+        time.sleep(0.5)  # a proxy still starting gets a few seconds
+
+
 def _sandbox_stats(sandboxes: dict[str, str]) -> dict[str, dict[str, Any]]:
     http = urllib3.PoolManager(retries=False, timeout=5.0)
     out = {}

@@ -359,3 +359,13 @@ def test_find_rate_against_the_demo_reports_a_rate_and_its_probes(servers, tmp_p
     assert isinstance(search["safe_rate_per_minute"], float | int) or search["stopped"]
     # The report is the highest safe probe's, consistent like any other.
     assert_consistent(report, report["messages"]["total"])
+
+
+def test_a_send_with_no_proxy_to_send_to_is_one_line_and_status_1(tmp_path):
+    missing = tmp_path / "nosuch.log"
+    for extra, said in ((["--url", "http://127.0.0.1:1"], "ccproxy: no proxy at http://127.0.0.1:1: it cannot"),
+                        (["--demo-log", str(missing)], f"ccproxy: cannot read {missing}: No such file")):
+        done = subprocess.run([sys.executable, "-m", "proxy.cli", "simulate-send", "--template", "recs_block",
+                               "--recipients", "3", *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(said), done.stderr
