@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
 
 from . import config
@@ -81,7 +82,6 @@ def _demo(args: argparse.Namespace) -> int:
         log.info("sandbox %s upstream listening on %s", name, server.url)
     # The user's settings (keys, TTLs...) with the upstreams wired to the sandboxes, and a
     # link secret for this run so consent links and pixels work out of the box.
-    import os
     import secrets
     import shutil
     import tempfile
@@ -157,12 +157,18 @@ def _outbox(args: argparse.Namespace) -> int:
     from .outbox import Outbox
 
     settings = config.load(config_file=args.config)
+    if not os.path.exists(settings.outbox_path):  # never an empty one made here, reported as "0 dead"
+        print(f"ccproxy: no outbox at {os.path.abspath(settings.outbox_path)} (CCPROXY_OUTBOX_PATH; "
+              "relative paths are from the directory ccproxy serve runs in)", file=sys.stderr)
+        return 1
     outbox = Outbox(settings.outbox_path, settings.outbox_max_attempts, settings.outbox_max_backoff)
     if args.action == "purge":
         count = outbox.purge_dead(args.id)
         delivered = 0 if args.id else outbox.purge_delivered(settings.outbox_retention)
         print(f"purged {count} dead letter(s)" + (f" and {delivered} delivered write(s) past retention"
                                                    if delivered else ""))
+        if args.id and not count:
+            print(f"ccproxy: no dead letter with id {args.id}", file=sys.stderr)
         return 0 if count or not args.id else 1
     if args.action == "retry":
         retried = outbox.retry_dead(args.id)
@@ -170,6 +176,8 @@ def _outbox(args: argparse.Namespace) -> int:
         for old in retried.skipped:
             print(f"skipped {old.id} ({old.kind}): superseded by the later write {old.by} "
                   f"({old.by_state}); sending it now would undo that one")
+        if args.id and not retried.requeued and not retried.skipped:
+            print(f"ccproxy: no dead letter with id {args.id}", file=sys.stderr)
         return 0 if retried.requeued or not args.id else 1
     counts = outbox.counts()
     print("outbox " + settings.outbox_path + ": " +
@@ -269,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("action", nargs="?", choices=("list", "retry", "purge"), default="list")
     outbox.add_argument("id", nargs="?", default=None,
                         help="retry/purge: one write id (default: every dead letter)")
-    outbox.add_argument("--state", default="dead", help="list: queued, failed, dead or delivered ('' for all)")
+    outbox.add_argument("--state", default="dead", choices=("queued", "failed", "dead", "delivered", ""),
+                        help="list: queued, failed, dead or delivered ('' for all)")
     outbox.add_argument("--limit", type=int, default=100)
     outbox.add_argument("--config", default=None)
     outbox.set_defaults(run=_outbox)

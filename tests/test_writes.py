@@ -259,6 +259,23 @@ def test_cli_outbox_lists_and_retries_dead_letters(writer, tmp_path):
     retried = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", dead["id"]],
                              capture_output=True, text=True, env=env, timeout=30)
     assert retried.returncode == 0 and "requeued 1" in retried.stdout
+    unknown = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "retry", "no-such-id"],
+                             capture_output=True, text=True, env=env, timeout=30)
+    assert unknown.returncode == 1 and "no dead letter with id no-such-id" in unknown.stderr
+    bogus = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox", "--state", "bogus"],
+                           capture_output=True, text=True, env=env, timeout=30)
+    assert bogus.returncode == 2 and "invalid choice: 'bogus'" in bogus.stderr
+
+
+def test_cli_outbox_says_there_is_none_instead_of_making_an_empty_one(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"CCPROXY_OUTBOX_PATH": "ccproxy-outbox.sqlite3", "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "proxy.cli", "outbox"], capture_output=True, text=True,
+                            env=env, timeout=30, cwd=tmp_path)
+    assert listed.returncode == 1 and "no outbox at " + str(tmp_path / "ccproxy-outbox.sqlite3") in listed.stderr
+    assert not (tmp_path / "ccproxy-outbox.sqlite3").exists()
 
 
 def test_a_subscribe_link_clicked_twice_says_done_twice_and_records_once(writer, sandboxes):
