@@ -49,3 +49,17 @@ def test_errors_answer_with_their_status_and_headers():
     assert issubclass(errors.CircuitOpen, errors.TransientError) and errors.CircuitOpen("a", "b").status == 503
     assert errors.InternalError().body()["error"]["code"] == "internal_error"
     assert errors.OutboxUnavailable("full").status == 503
+
+
+def test_every_error_code_the_proxy_answers_is_in_the_readme_table():
+    """A template author reads `error.code`: each one the proxy can answer is documented."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = "\n".join(p.read_text() for p in (root / "proxy").rglob("*.py") if "sandbox" not in p.parts)
+    codes = set(re.findall(r'\bcode ?= ?"([a-z_]+)"', source))
+    codes |= set(re.findall(r'^\s+\d{3}: \("([a-z_]+)",', (root / "proxy" / "connections.py").read_text(), re.M))
+    codes -= {"write_misdirected"}  # a dead letter's reason, never an HTTP answer
+    errors = Path(root / "README.md").read_text().split("### Errors", 1)[1].split("\n### ", 1)[0]
+    assert sorted(code for code in codes if f"`{code}`" not in errors) == []

@@ -18,7 +18,7 @@ LEGACY_IDS = ("$user_agent_id", "$email_hash")
 def activity_problem(activity: Any) -> str | None:
     """Why a user activity would be refused, or None (mediarithmics' documented rules)."""
     if not isinstance(activity, dict):
-        return "the activity must be a JSON object"
+        return "the activity must be a JSON object (Content-Type: application/json)"
     identifiers = activity.get("$user_identifiers")
     if identifiers is not None and (
         not isinstance(identifiers, list) or not identifiers
