@@ -56,6 +56,7 @@ LEASE_SECONDS = 15.0
 LANES = {"choice": 0, "profile": 1, "activity": 2}
 LANE_NAMES = {lane: kind for kind, lane in LANES.items()}
 PENDING = "state IN ('queued','failed')"
+STATES = ("queued", "failed", "delivered", "dead")
 COLUMNS = ("id, kind, method, path, query, body, state, attempts, last_error, created_at,"
            " delivered_at, lane, seq, order_key")
 SCHEMA = """
@@ -437,11 +438,13 @@ class Outbox:
         return [_write(row) for row in rows]
 
     def _counts_now(self, timeout: float | None = None) -> dict[str, int]:
+        """Writes by state, every state named (0 when none is in it)."""
         db = self._connect(timeout)
         try:
-            return dict(db.execute("SELECT state, COUNT(*) FROM writes GROUP BY state").fetchall())
+            found = dict(db.execute("SELECT state, COUNT(*) FROM writes GROUP BY state").fetchall())
         finally:
             db.close()
+        return {**dict.fromkeys(STATES, 0), **found}
 
     def _lane_stats_now(self, timeout: float | None = None) -> dict[str, LaneStats]:
         now = time.time()

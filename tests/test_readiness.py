@@ -28,6 +28,9 @@ def test_healthy_readyz_keeps_its_fields_and_adds_reasons(client):
     assert ready["degraded"] is False and ready["reasons"] == []
     assert set(ready) >= {"ok", "degraded", "cache", "upstreams", "outbox", "reasons", "ready", "worker"}
     assert ready["outbox"]["usable"] is True and ready["outbox"]["writable"] is True
+    # Every state counted, 0 included: a dashboard or a script reads `dead` whatever happened.
+    assert {state: ready["outbox"][state] for state in ("queued", "failed", "delivered", "dead")} == {
+        "queued": 0, "failed": 0, "delivered": 0, "dead": 0}
     assert client.get("/readyz?strict=true").status_code == 200
 
 
