@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import config
-from .errors import CannotListen, ScenarioError
+from .errors import CannotListen, ScenarioError, WarmRefused
 from .fallbacks import load_fallbacks
 
 log = logging.getLogger("ccproxy")
@@ -135,6 +135,9 @@ def _warm(args: argparse.Namespace) -> int:
         summary = warm(args.url, args.endpoint, users, params, rate, api_key, args.concurrency)
     except KeyboardInterrupt:
         return 130
+    except WarmRefused as refused:
+        print(f"ccproxy: {refused}", file=sys.stderr)
+        return 1
     print(
         f"done: {summary.fetched} fetched, {summary.not_found} not found, {summary.failed} failed"
         + (f" ({', '.join(f'{k}: {v}' for k, v in summary.errors.items())})" if summary.errors else "")

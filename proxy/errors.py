@@ -328,3 +328,8 @@ class WorkerGone(BaseException):
     (preview_worker.py). A BaseException, so neither Liquid's error handling nor the render's
     own `except Exception` mistakes it for the template's error (a filter's OSError, say, is
     the template's)."""
+
+
+class WarmRefused(Exception):
+    """`ccproxy warm`: the first call failed in a way every call would (a missing parameter,
+    a wrong key, no proxy at the URL); the message says how, and nothing else was sent."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import RateLimited
+from .errors import WarmRefused
 
 ENDPOINTS: dict[str, tuple[str, RateLimited]] = {
     "recommendations": ("/v1/amplitude/recommendations", "amplitude"),
@@ -105,16 +106,32 @@ def warm(
     started = time.monotonic()
     last_draw = 0.0
 
-    def fetch(row: dict[str, str]) -> None:
+    def call(row: dict[str, str]) -> tuple[str, str]:
+        """(outcome, the proxy's own reason when it refused)."""
         try:
             answer = session.get(url.rstrip("/") + path, params={**params, **row}, timeout=timeout)
             body = answer.json() if answer.headers.get("Content-Type", "").startswith("application/json") else {}
-            outcome = "fetched" if answer.status_code == 200 and body.get("found") else (
-                "not_found" if answer.status_code == 200 else f"HTTP {answer.status_code}")
-            if answer.status_code == 200 and body.get("fallback") is True:
-                outcome = "fallback"  # stand-in content (rate limited, down): nothing was cached
         except requests.RequestException as exc:
-            outcome = type(exc).__name__
+            return type(exc).__name__, f"{url} cannot be reached ({type(exc).__name__})"
+        found = body.get("error") if isinstance(body, dict) else None
+        error: dict = found if isinstance(found, dict) else {}
+        if answer.status_code != 200:
+            code = f"HTTP {answer.status_code}" + (f" {error['code']}" if error.get("code") else "")
+            return code, f"{code}: {error.get('message', '')}".rstrip(": ")
+        if body.get("fallback") is True:
+            return "fallback", ""  # stand-in content (rate limited, down): nothing was cached
+        return ("fetched" if body.get("found") else "not_found"), ""
+
+    # The first row alone: a call the proxy refuses (a missing parameter, a wrong key, no proxy
+    # at all) would fail every row the same way, paced, for as long as the file is long.
+    if start_at < len(rows):
+        outcome, reason = call(rows[start_at])
+        refused = outcome.startswith("HTTP 4") and not outcome.startswith("HTTP 429")
+        if refused or outcome.endswith(("ConnectionError", "InvalidURL", "MissingSchema")):
+            raise WarmRefused(f"the first call failed, so nothing else was sent: {reason}")
+
+    def fetch(row: dict[str, str]) -> None:
+        outcome, _reason = call(row)
         with lock:
             if outcome == "fetched":
                 summary.fetched += 1

@@ -65,7 +65,7 @@ def test_failures_are_counted(live, sandboxes, tmp_path):
     sandboxes.state("amplitude").set_fault("error")
     users = write_users(tmp_path, ["f1", "f2"])
     summary = warm(url, "recommendations", users, {"rec_id": "x"}, per_minute=60_000, out=io.StringIO())
-    assert summary.failed == 2 and summary.errors == {"HTTP 503": 2}
+    assert summary.failed == 2 and summary.errors == {"HTTP 503 upstream_unavailable": 2}
 
 
 def test_rate_limited_fallbacks_are_not_counted_as_warmed(live, sandboxes, tmp_path):
@@ -109,3 +109,15 @@ def test_cli_warm_param_that_is_not_name_value_is_a_usage_error(tmp_path):
          "--param", "foo"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "argument --param: expected NAME=VALUE, got 'foo'" in done.stderr
+
+
+def test_a_call_the_proxy_refuses_stops_warm_at_the_first_row_with_its_reason(live, sandboxes, tmp_path):
+    url, _app = live
+    users = write_users(tmp_path, [f"r{i}" for i in range(50)])
+    before = sandboxes.state("amplitude").calls
+    done = subprocess.run(  # no --rec-id: every recommendations call would be a 400
+        [sys.executable, "-m", "proxy.cli", "warm", "--endpoint", "recommendations", "--users", str(users),
+         "--url", url, "--rate", "60000"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the first call failed, so nothing else was sent: HTTP 400 missing_parameter" in done.stderr
+    assert sandboxes.state("amplitude").calls == before
