@@ -40,6 +40,8 @@ from .errors import ProxyError
 
 log = logging.getLogger("ccproxy")
 
+# Flags that only group others (holdouts, mutual exclusion): evaluated, never answered alone.
+GROUP_FLAG_TYPES = frozenset({"holdout-group", "mutual-exclusion-group"})
 # User fields the request itself defines: their absence is the same absence remotely.
 IDENTITY_FIELDS = frozenset({"user_id", "device_id"})
 
@@ -260,7 +262,10 @@ def evaluate(config: Configuration, context: dict[str, Any], requested: list[str
 def _evaluate(config: Configuration, context: dict[str, Any], requested: list[str]) -> Decision:
     from amplitude_experiment.evaluation.engine import EvaluationEngine
 
-    wanted = requested or list(config.flags)
+    # Every flag when none is asked for, as /v1/vardata answers it: a holdout or mutual
+    # exclusion group's own result is not returned (Amplitude's flag dependencies), only used.
+    wanted = requested or [key for key, flag in config.flags.items()
+                           if (flag.metadata or {}).get("flagType") not in GROUP_FLAG_TYPES]
     local = [k for k in wanted if k in config.flags and decidable(config.needs[k], context["user"])]
     decision = Decision(remote=[k for k in wanted if k not in local])
     if not local:

@@ -390,3 +390,20 @@ def test_one_malformed_flag_or_a_long_chain_costs_only_that_flag():
     assert store.state()["last_error"] == "unreadable configuration (TypeError)"
     store.current()  # within the interval after a failure: no new fetch is started
     assert store._thread is None
+
+
+def test_asked_for_every_flag_a_group_is_used_but_not_answered():
+    """Holdouts and mutual exclusion groups decide the flags that depend on them; remote
+    evaluation does not return their own result, and neither does local evaluation."""
+    from proxy.experiment_local import evaluate, evaluation_context, parse_flags
+
+    group = {**_flag("mutex-1"), "metadata": {"flagType": "mutual-exclusion-group"},
+             "segments": [{"variant": "on"}]}
+    holdout = {**_flag("holdout-1"), "metadata": {"flagType": "holdout-group"}, "segments": [{"variant": "on"}]}
+    experiment = {**_flag("exp-a", [{"selector": ["result", "mutex-1", "key"], "op": "is", "values": ["on"]}],
+                          dependencies=["mutex-1", "holdout-1"])}
+    config = parse_flags([group, holdout, experiment], 0.0)
+    decision = evaluate(config, evaluation_context("u1", "", {}), [])
+    assert decision.vardata == {"exp-a": {"key": "on"}} and decision.remote == []
+    asked = evaluate(config, evaluation_context("u1", "", {}), ["mutex-1"])  # asked by name: answered
+    assert asked.vardata == {"mutex-1": {"key": "on"}}
