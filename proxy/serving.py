@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -75,8 +76,17 @@ def _on_worker_fork(_server: Any, _worker: Any) -> None:
     handlers, a SIGTERM would run the master's inherited handler, which only queues it in
     this process's copy of the master's queue, and the worker would live on until the
     master's SIGKILL at the end of the graceful period. Booting, it has accepted nothing
-    and claimed nothing: the default action (end now) is right."""
+    and claimed nothing: the default action (end now) is right. A stop that came even
+    earlier (a busy machine may run the master's SIGTERM before this hook) sits in this
+    process's copy of that queue: it ends the worker now too."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    inherited = getattr(_server, "SIG_QUEUE", None)
+    while inherited is not None:
+        try:
+            if inherited.get_nowait() in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                os._exit(0)
+        except queue.Empty:
+            break
 
 
 # New connections a worker takes per turn of its event loop (gunicorn's gevent worker takes

@@ -65,3 +65,22 @@ def test_no_secret_in_any_log_line(served, sandboxes):
     for name, secret in SECRETS.items():
         for part in secret.split(","):
             assert part not in output, f"{name} leaked into the logs"
+
+
+def test_a_stop_queued_before_a_new_worker_took_over_its_signals_ends_it_at_once():
+    """Between gunicorn's fork and its post_fork hook the child still runs the master's
+    handler, which only queues a SIGTERM in the child's copy of the master's queue: the hook
+    finds it there and ends the new worker, instead of it living out the graceful period."""
+    import subprocess
+    import sys
+
+    script = ("import queue, signal, types\n"
+              "from proxy.serving import _on_worker_fork\n"
+              "q = queue.SimpleQueue(); q.put_nowait(signal.SIGCHLD); q.put_nowait(signal.SIGTERM)\n"
+              "_on_worker_fork(types.SimpleNamespace(SIG_QUEUE=q), None)\n"
+              "print('still running')\n")
+    stopped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0 and "still running" not in stopped.stdout, stopped.stderr
+    calm = subprocess.run([sys.executable, "-c", script.replace("q.put_nowait(signal.SIGTERM)", "")],
+                          capture_output=True, text=True, timeout=60)
+    assert calm.returncode == 0 and "still running" in calm.stdout, calm.stderr
