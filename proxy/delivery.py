@@ -173,10 +173,10 @@ class Deliverer:
             status = error.upstream_status
             if status is not None and 400 <= status < 500 and status not in (401, 403, 408, 429):
                 return partial(self.outbox.dead, write, error.message)
-            return partial(self.outbox.failed, write, error.message)
+            return partial(self.outbox.failed, write, error.message, status not in (401, 403))
         except Exception as exc:  # never let one write stop the worker
             log.exception("outbox delivery crashed")
-            return partial(self.outbox.failed, write, type(exc).__name__)
+            return partial(self.outbox.failed, write, type(exc).__name__, False)
         return partial(self.outbox.delivered, write)
 
     def _record(self, write: Write, record: Callable[[], None]) -> None:

@@ -296,16 +296,19 @@ class Outbox:
         key = order_key(kind, path)
         return key is not None and bool(self._asked(self._has_pending_now, key))
 
-    def holds(self, idem: IdemKey) -> bool:
-        """Whether a live idempotency key names a write stored here (OutboxUnavailable when
+    def holds_latest(self, idem: IdemKey) -> bool:
+        """Whether a live idempotency key names a write stored here that no later write of
+        its order key (the same user point and processing) follows (OutboxUnavailable when
         the file cannot say)."""
-        return bool(self._asked(self._holds_now, idem.key))
+        return bool(self._asked(self._holds_latest_now, idem.key))
 
-    def _holds_now(self, key: str, timeout: float | None = None) -> bool:
+    def _holds_latest_now(self, key: str, timeout: float | None = None) -> bool:
         db = self._connect(timeout)
         try:
-            return db.execute("SELECT 1 FROM writes WHERE idem_key = ? AND idem_until >= ?",
-                              (key, time.time())).fetchone() is not None
+            return db.execute(
+                "SELECT 1 FROM writes w WHERE w.idem_key = ? AND w.idem_until >= ? AND (w.order_key IS NULL"
+                " OR NOT EXISTS (SELECT 1 FROM writes p WHERE p.order_key = w.order_key AND p.seq > w.seq))",
+                (key, time.time())).fetchone() is not None
         finally:
             db.close()
 
@@ -593,13 +596,15 @@ class Outbox:
         self._finish(write.id, "UPDATE writes SET state='delivered', attempts=attempts+1,"
                      " delivered_at=?, lease_owner=NULL, lease_until=NULL, last_error=NULL", (time.time(),))
 
-    def failed(self, write: Write, error: str) -> None:
-        """A temporary failure: try again after a backoff. Past `max_attempts` a write becomes
-        a dead letter, except consent: a recipient was told "unsubscribed", so a choice write
-        keeps its place at the longest backoff for as long as the failures are temporary
-        (and stays in the lane's age, which the outbox alerts watch)."""
+    def failed(self, write: Write, error: str, temporary: bool = True) -> None:
+        """A failure: try again after a backoff. Past `max_attempts` a write becomes a dead
+        letter, except consent failing for a `temporary` reason (5xx, timeouts, 408/429, the
+        network): a recipient was told "unsubscribed", so a choice write keeps its place at the
+        longest backoff (and in the lane's age, which the outbox alerts watch). One that cannot
+        succeed as it is (refused credentials, a crash) dies, or it would hold back every later
+        choice of its user point and processing."""
         attempts = write.attempts + 1
-        if attempts >= self.max_attempts and write.lane != LANES["choice"]:
+        if attempts >= self.max_attempts and not (temporary and write.lane == LANES["choice"]):
             self.dead(write, f"gave up after {attempts} attempts: {error}")
             return
         self._finish(write.id, "UPDATE writes SET state='failed', attempts=?, next_attempt_at=?,"

@@ -164,7 +164,7 @@ def test_a_consent_write_outlives_max_attempts_of_temporary_failures(make_app, s
     assert store_of(sandboxes).choices[f"user_point_id={user}"]["101"]["$choice_acceptance_value"] is False
 
 
-def test_an_open_circuit_is_not_an_attempt(make_app, sandboxes):
+def test_an_open_circuit_is_not_an_attempt(make_app, sandboxes, clock):
     """Attempts count calls made: while the circuit is open nothing is sent, so a write is
     postponed, not brought closer to a dead letter."""
     mediarithmics = sandboxes.state("mediarithmics")
@@ -172,12 +172,19 @@ def test_an_open_circuit_is_not_an_attempt(make_app, sandboxes):
     client = make_app(outbox_max_attempts=3, outbox_max_backoff=0.05, breaker_threshold=1,
                       breaker_reset=1.0).test_client()
     write = client.post(ACTIVITIES, json=activity("circuit")).get_json()["id"]
-    wait_until(lambda: client.get(f"/v1/mediarithmics/writes/{write}").get_json()["attempts"] >= 1, 60,
-               "a first attempt")
-    time.sleep(3)  # dozens of claims at this backoff, most while the circuit is open
-    row = client.get(f"/v1/mediarithmics/writes/{write}").get_json()
-    assert row["attempts"] == mediarithmics.calls <= 3  # one attempt per call, one call per probe
-    assert row["state"] in ("failed", "dead")
+
+    def attempts() -> int:
+        return client.get(f"/v1/mediarithmics/writes/{write}").get_json()["attempts"]
+
+    # Between probes the circuit is open (the breaker runs on the test's clock): claims come
+    # every few hundred milliseconds, and only the probes may count.
+    for probe in (1, 2):
+        wait_until(lambda probe=probe: attempts() >= probe, 60, f"probe {probe}")
+        time.sleep(1.5)  # claims while open: none of them an attempt
+        assert attempts() == probe == mediarithmics.calls
+        clock.advance(2)  # past the breaker's reset: the next claim is a probe
+    dead = wait_for_state(client, write, ("dead",))
+    assert dead["attempts"] == mediarithmics.calls == 3  # one attempt per call, one call per probe
 
 
 def test_a_write_answered_2xx_with_a_body_that_is_not_json_is_delivered_once(make_app, sandboxes):
@@ -204,3 +211,19 @@ def test_a_write_accepted_for_another_datamart_is_never_sent_with_this_proxys_to
     assert "not sent" in dead["last_error"]
     assert [a.get("marker") for a in store_of(sandboxes).activities].count(marker) == 0
     assert sandboxes.state("mediarithmics").calls == 0
+
+
+def test_a_choice_that_cannot_succeed_dies_and_does_not_hold_back_the_next(make_app, sandboxes):
+    """Consent outlives temporary failures only: a subscribe refused for the credentials (403)
+    dies after its attempts, and the unsubscribe queued behind it (same user point and
+    processing, delivered in order) goes out."""
+    mediarithmics = sandboxes.state("mediarithmics")
+    mediarithmics.set_fault("forbidden", count=3)
+    client = make_app(outbox_max_attempts=3, outbox_max_backoff=0.05).test_client()
+    user = f"revoked-{uuid.uuid4().hex[:8]}"
+    choice = f"/v1/mediarithmics/choices?user_point_id={user}&processing_id=101"
+    subscribe = client.put(choice, json={"$choice_acceptance_value": True}).get_json()["id"]
+    unsubscribe = client.put(choice, json={"$choice_acceptance_value": False}).get_json()["id"]
+    assert wait_for_state(client, subscribe, ("dead",))["attempts"] == 3
+    assert wait_for_state(client, unsubscribe)["state"] == "delivered"
+    assert store_of(sandboxes).choices[f"user_point_id={user}"]["101"]["$choice_acceptance_value"] is False

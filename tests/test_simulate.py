@@ -280,7 +280,7 @@ def test_a_bad_scenario_is_one_line_and_exit_status_1(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"ccproxy: {faults} fault 1: unknown mode 'explode' (one of latency, none, slow, hang, error, "
         "ratelimit, reset, malformed, oversized, unavailable, deep, trickle_headers, slow_body, trickle, "
-        "refuse, applied_not_json, out_of_range, lone_surrogate)"]
+        "refuse, applied_not_json, out_of_range, lone_surrogate, forbidden)"]
     assert "Traceback" not in done.stderr
 
 

@@ -320,3 +320,14 @@ def test_a_replayed_key_answers_what_became_of_the_earlier_write(writer, sandbox
     again = writer.post("/v1/mediarithmics/activities", json=activity("replayed"), headers=key)
     assert again.status_code == 202
     assert (again.get_json()["duplicate"], again.get_json()["state"]) == (True, "dead")
+
+
+def test_an_old_subscribe_link_clicked_again_after_an_unsubscribe_is_refused(writer, sandboxes):
+    """The link's own earlier write is no excuse once a later choice followed it."""
+    subscribe = consent_link(writer, "user_point_id=changed-mind", accept="true")
+    assert writer.post(subscribe).status_code == 200
+    unsubscribe = writer.put("/v1/mediarithmics/choices?user_point_id=changed-mind&processing_id=101",
+                             json={"$choice_acceptance_value": False}).get_json()["id"]
+    wait_for_state(writer, unsubscribe)
+    again = writer.post(subscribe)
+    assert again.status_code == 403 and b"changed" in again.data

@@ -13,7 +13,7 @@ Control endpoints live under `/__sandbox/` (never part of the real APIs):
   (headers at once, then the body in 8-byte pieces `seconds` apart), `trickle` (headers at
   once, then the body one byte every `seconds`), `refuse` (400, as for an invalid write),
   `applied_not_json` (the call is handled, a write applied, then answered `200 OK` as plain
-  text, as some gateways do), `none`.
+  text, as some gateways do), `forbidden` (403, as for a revoked credential), `none`.
 - `POST /__sandbox/reset` clears counters and faults.
 Images a sandbox serves for previews (`/images/...`) are not calls either.
 """
@@ -39,7 +39,7 @@ from .server import RateWindow
 UNCOUNTED = ("/__sandbox/", "/images/")
 FAULT_MODES = ("none", "slow", "hang", "error", "ratelimit", "reset", "malformed", "oversized",
                "unavailable", "deep", "trickle_headers", "slow_body", "trickle", "refuse", "applied_not_json",
-               "out_of_range", "lone_surrogate")
+               "out_of_range", "lone_surrogate", "forbidden")
 # The body the dribbling faults send: valid JSON, 64 bytes, so a client that waited long
 # enough would get a usable answer (the point is that it must not wait).
 _DRIBBLED = b'{"pad": "' + b"x" * 53 + b'"}'
@@ -186,6 +186,8 @@ def sandbox_app(name: str, state: SandboxState) -> Flask:
                             mimetype="application/json")
         elif fault == "reset":
             return Response(_broken_stream(), 200, mimetype="application/json")
+        elif fault == "forbidden":
+            return Response('{"error":"forbidden"}', 403, mimetype="application/json")
         elif fault == "refuse":
             return Response('{"error":"refused by the sandbox"}', 400, mimetype="application/json")
         elif fault == "malformed":

@@ -132,9 +132,9 @@ def consent_confirm() -> Response:
         # within its expiry is always honoured, and needs no upstream read.
         # A choice still queued (say, an unsubscribe waiting out an upstream failure) is a
         # change mediarithmics does not show yet: an older subscribe link must not undo it.
-        # Unless that choice is this link's own (a double click, a mail client's retry): the
-        # same answer again, not "changed since" because of the first click.
-        if accept and not _services().outbox.holds(idem) and (
+        # Unless that choice is this link's own and nothing came after it (a double click, a
+        # mail client's retry): the same answer again, not "changed since" because of it.
+        if accept and not _services().outbox.holds_latest(idem) and (
                 _services().outbox.has_pending("choice", choice_path(selector, processing))
                 or current_choice_version(selector, processing) != (version or "0")):
             raise links.LinkError("Your preferences changed since this email was sent, so this "
