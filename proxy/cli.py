@@ -101,11 +101,13 @@ def _demo(args: argparse.Namespace) -> int:
         log.info("try: curl '%s/v1/amplitude/recommendations?user_id=testUser&rec_id=testRecId,testRecId2'",
                  base)
 
+    master = os.getpid()
     try:
         serve(settings, listener, settings.workers, on_ready=ready)
     finally:
         sandboxes.stop()
-        shutil.rmtree(outbox_dir, ignore_errors=True)
+        if os.getpid() == master:  # a worker ending passes here too (SystemExit), while others run
+            shutil.rmtree(outbox_dir, ignore_errors=True)
     return 0
 
 

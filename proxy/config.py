@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import tomllib
@@ -385,7 +386,7 @@ def validate(settings: Settings) -> Settings:
         _check_base_url(name, getattr(settings, name), required=name in ("amplitude_url", "mediarithmics_url"))
     _check_service_url("redis_url", settings.redis_url, ("redis", "rediss", "unix"))
     _check_service_url("upstream_proxy", settings.upstream_proxy, ("http", "https"))
-    if settings.log_level.upper() not in LOG_LEVELS:
+    if settings.log_level.upper() not in logging.getLevelNamesMapping():  # WARN and FATAL too
         raise SettingsError(f"{env_name('log_level')} must be one of {', '.join(LOG_LEVELS)}, "
                             f"got {settings.log_level!r}")
     if not settings.outbox_path.strip():

@@ -143,6 +143,7 @@ class RedisStore:
 # whose time moved back and forth would credit the same interval again and again (100 ms of
 # skew let 3,099 calls through a 600/min limit). Never back either (a failover's clock).
 _ACQUIRE = """
+redis.replicate_commands()  -- TIME before a write: effects replication (the default from Redis 5)
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return {0, tostring(pause / 1000), 1} end
 local capacity = tonumber(ARGV[1])

@@ -46,6 +46,24 @@ def test_demo_writes_go_to_an_outbox_of_its_own(servers, tmp_path):
     assert not production.exists()
 
 
+def test_a_demo_worker_that_ends_leaves_the_demo_outbox_to_the_others(servers):
+    """Each worker ending runs the demo's clean-up path too: only the master removes its outbox."""
+    import os
+    import signal
+    from pathlib import Path
+
+    demo = servers.start(["demo", "--workers", "2"])
+    write = {"$type": "TOUCH", "$ts": 1735689600000, "$user_identifiers": [{"$type": "USER_EMAIL", "$hash": "h"}]}
+    assert requests.post(f"{demo.base}/v1/mediarithmics/activities", json=write, timeout=10).status_code == 202
+    children = Path(f"/proc/{demo.proc.pid}/task/{demo.proc.pid}/children")
+    workers = {int(p) for p in children.read_text().split()}
+    os.kill(min(workers), signal.SIGTERM)  # that worker ends; gunicorn starts another
+    wait_for(lambda: {int(p) for p in children.read_text().split()} - workers, seconds=60, what="a new worker")
+    for _ in range(6):  # whichever worker answers
+        assert requests.post(f"{demo.base}/v1/mediarithmics/activities", json=write, timeout=10).status_code == 202
+    demo.stop_and_read()
+
+
 def test_serve_uses_environment_settings_and_api_keys(servers, sandboxes):
     env = {
         "CCPROXY_AMPLITUDE_URL": sandboxes.servers["amplitude"].url,

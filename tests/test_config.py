@@ -130,3 +130,8 @@ def test_a_mistyped_upstream_is_a_type_error(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1 and "probe.py:4:" in errors[0] and "amplitud" in errors[0], done.stdout
+
+
+def test_every_level_name_python_logging_takes_is_a_log_level():
+    for level in ("warn", "FATAL", "notset", "debug"):
+        assert config.load(environ={"CCPROXY_LOG_LEVEL": level}).log_level == level
