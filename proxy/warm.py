@@ -79,6 +79,10 @@ def progress_line(done: int, total: int, started: float, now: float, width: int 
     return f"[{bar}] {done}/{total} {fraction:4.0%} {rate:5.1f}/s ETA {_format_eta(eta)}"
 
 
+# Answers that say the calls themselves are wrong, whatever the row: stop at the first.
+CALL_REFUSED = frozenset({"HTTP 401 unauthorized", "HTTP 403", "HTTP 404 not_found", "HTTP 405 method_not_allowed"})
+
+
 def warm(
     url: str,
     endpoint: str,
@@ -122,16 +126,10 @@ def warm(
             return "fallback", ""  # stand-in content (rate limited, down): nothing was cached
         return ("fetched" if body.get("found") else "not_found"), ""
 
-    # The first row alone: a call the proxy refuses (a missing parameter, a wrong key, no proxy
-    # at all) would fail every row the same way, paced, for as long as the file is long.
-    if start_at < len(rows):
-        outcome, reason = call(rows[start_at])
-        refused = outcome.startswith("HTTP 4") and not outcome.startswith("HTTP 429")
-        if refused or outcome.endswith(("ConnectionError", "InvalidURL", "MissingSchema")):
-            raise WarmRefused(f"the first call failed, so nothing else was sent: {reason}")
-
     def fetch(row: dict[str, str]) -> None:
-        outcome, _reason = call(row)
+        record(call(row)[0])
+
+    def record(outcome: str) -> None:
         with lock:
             if outcome == "fetched":
                 summary.fetched += 1
@@ -150,14 +148,28 @@ def warm(
             out.write("\r" + line + ("\n" if final else ""))
             out.flush()
 
+    # The first row alone: a call the proxy refuses as a whole (a wrong key, a missing
+    # parameter the row cannot give, no proxy at all) would fail every row the same way,
+    # paced, for as long as the file is long. A row's own bad id fails that row only.
+    first = start_at
+    if first < len(rows):
+        outcome, reason = call(rows[first])
+        own_id_missing = outcome == "HTTP 400 missing_parameter" and any(not v for v in rows[first].values())
+        refused = outcome in CALL_REFUSED or (outcome == "HTTP 400 missing_parameter" and not own_id_missing)
+        if refused or outcome.endswith(("ConnectionError", "InvalidURL", "MissingSchema", "InvalidSchema")):
+            raise WarmRefused(f"the first call failed, so nothing else was sent: {reason}")
+        record(outcome)
+        first += 1
+        completed[0] = first
+
     def rows_to_do() -> Iterator[tuple[int, dict[str, str]]]:
-        for index in range(start_at, len(rows)):
+        for index in range(first, len(rows)):
             yield index, rows[index]
 
     try:
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             pending = []
-            next_at = time.monotonic()
+            next_at = time.monotonic() + (interval if first > start_at else 0.0)  # after the first row
             for index, row in rows_to_do():
                 # Pace the calls: at most per_minute, evenly spread.
                 delay = next_at - time.monotonic()

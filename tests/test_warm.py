@@ -121,3 +121,16 @@ def test_a_call_the_proxy_refuses_stops_warm_at_the_first_row_with_its_reason(li
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "the first call failed, so nothing else was sent: HTTP 400 missing_parameter" in done.stderr
     assert sandboxes.state("amplitude").calls == before
+
+
+def test_each_row_is_asked_once_and_a_rows_own_bad_id_fails_only_that_row(live, tmp_path):
+    url, app = live
+    cache = app.extensions["ccproxy"].cache
+    before = sum(cache.counts.values())
+    users = write_users(tmp_path, ["once-1", "once-2", "once-3"])
+    summary = warm(url, "cohorts", users, {}, per_minute=60_000, out=io.StringIO())
+    assert summary.done == 3 and sum(cache.counts.values()) - before == 3  # the first row too: once
+    # A first row whose own id is too long is that row's failure, not a reason to stop.
+    users = write_users(tmp_path, ["x" * 300, "once-4"])
+    summary = warm(url, "cohorts", users, {}, per_minute=60_000, out=io.StringIO())
+    assert summary.failed == 1 and summary.errors == {"HTTP 400 invalid_parameter": 1} and summary.done == 2
