@@ -15,8 +15,9 @@ every call (macros included: a macro that calls itself twice doubles its work pe
 and every output chunk: iterations in all, output characters and wall-clock time. So a
 template typo that loops or recurses for ever is stopped after `CCPROXY_RENDER_TIMEOUT`
 instead of holding its worker, and what can build a huge string from a short expression
-(`*`, `**`, `%`, and the filters `center`, `format`, `indent`, `join`, `replace` and
-`wordwrap`) is checked before it runs, so that one expression cannot build a gigabyte string.
+(`*`, `**`, `%`, the filters `center`, `format`, `indent`, `join`, `replace` and `wordwrap`,
+and the string methods that pad or format) is checked before it runs, so that one
+expression cannot build a gigabyte string.
 
 State: a budget lives in a ContextVar (per greenlet or thread, per render); nothing here is
 shared between processes.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
@@ -189,16 +191,36 @@ class _BudgetedCodeGenerator(CodeGenerator):
         return super()._output_child_to_const(node, frame, finalize)
 
 
-# `%5d`, `%-.300s`: the widths and precisions a printf-style format asks for.
-_FORMAT_WIDTHS = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
+# `%5d`, `%-.300s`, `%(name)20s`, `%*d`: the widths and precisions a printf-style format asks for.
+_FORMAT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d+))?")
+# `{:>20}`, `{0:.300}`; a width taken from the arguments (`{:>{}}`) nests a field in the spec.
+_BRACE_WIDTHS = re.compile(r"\{[^{}]*:[^{}\d]*(\d*)(?:\.(\d+))?[^{}]*\}")
+_NESTED_SPEC = re.compile(r"\{[^{}]*:[^{}]*\{")
+UNSIZED = sys.maxsize  # a width that comes from the arguments: refused rather than sized
 
 
 def _format_size(text: Any) -> int:
     """The least a printf-style format of `text` writes (its widths and precisions count)."""
     if not isinstance(text, str):
         return 0
-    widths = [int(n) for pair in _FORMAT_WIDTHS.findall(text) for n in pair if n]
-    return len(text) + sum(widths)
+    pairs = _FORMAT_WIDTHS.findall(text)
+    if any("*" in pair for pair in pairs):
+        return UNSIZED
+    return len(text) + sum(int(n) for pair in pairs for n in pair if n)
+
+
+def _brace_format_size(text: str) -> int:
+    """The same for `str.format`'s replacement fields."""
+    if _NESTED_SPEC.search(text):
+        return UNSIZED
+    return len(text) + sum(int(n) for pair in _BRACE_WIDTHS.findall(text) for n in pair if n)
+
+
+def _method_size(owner: str, name: str, args: tuple[Any, ...]) -> int:
+    """What a string method called from a template would build, when it pads or formats."""
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        return max(len(owner), args[0])
+    return 0
 
 
 def _as_int(value: Any, default: int = 0) -> int:
@@ -288,11 +310,32 @@ class BoundedEnvironment(SandboxedEnvironment):
         budget = _budget.get()
         if budget is not None:
             budget.check_time()
+            owner = getattr(obj, "__self__", None)
+            if isinstance(owner, str) and _method_size(owner, getattr(obj, "__name__", ""), args) \
+                    > budget.limits.max_output:
+                raise budget._exceeded(f"a string method would write more than {budget.limits.max_output} "
+                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
         result = super().call(context, obj, *args, **kwargs)
         if budget is not None and isinstance(result, str) and len(result) > budget.limits.max_output:
             raise budget._exceeded(f"a value would be longer than {budget.limits.max_output} characters "
                                    "(CCPROXY_RENDER_MAX_OUTPUT)")
         return result
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """`'{:>20}'.format(x)` (jinja hands templates its own wrapper): sized first too."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text = value.__self__
+
+        def sized(*args: Any, **kwargs: Any) -> str:
+            budget = _budget.get()
+            if budget is not None and _brace_format_size(text) > budget.limits.max_output:
+                raise budget._exceeded(f"a string method would write more than {budget.limits.max_output} "
+                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+            return wrapped(*args, **kwargs)
+
+        return sized
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         budget = _budget.get()

@@ -114,6 +114,11 @@ def test_repetition_and_power_are_checked_before_they_run():
     ("{{ 'x' | center(200000000) }}", "the filter center"),
     ("{{ '%0200000000d' | format(1) }}", "the filter format"),
     ("{{ '%0200000000d' % 1 }}", "a format"),
+    ("{{ '%(a)200000000s' % {'a': 'x'} }}", "a format"),
+    ("{{ '%*s' | format(200000000, 'x') }}", "the filter format"),
+    ("{{ 'x'.center(200000000) }}", "a string method"),
+    ("{{ '{:>200000000}'.format('x') }}", "a string method"),
+    ("{{ '{:>{}}'.format('x', 200000000) }}", "a string method"),
     ("{{ range(1000) | join('y' * 900) }}", "the filter join"),
     ("{{ range(1000) | map('string') | join('y' * 900) }}", "the filter join"),
     ("{{ ('x' * 900) | replace('x', 'y' * 900) }}", "the filter replace"),
@@ -127,15 +132,16 @@ def test_what_builds_a_huge_string_from_a_short_expression_is_refused_before_it_
     """Checked before the string exists (constants too: jinja would otherwise work them out
     while compiling, outside any budget)."""
     assert template_limit_message(source) == (
-        f"t.html: {what} would {'write more' if what.startswith('the filter') else 'be longer'} than 1000 "
+        f"t.html: {what} would {'write more' if what.startswith(('the filter', 'a string')) else 'be longer'} than 1000 "
         "characters (CCPROXY_RENDER_MAX_OUTPUT)")
 
 
 def test_the_checked_filters_write_what_jinja_writes():
     env = jinja(**{"t.html": "{{ '%3d' % 7 }}|{{ 'ab' | center(6) }}|{{ [1, 2] | join(', ') }}|"
                              "{{ 'abc' | replace('b', 'xy') }}|{{ 'a\nb' | indent(2) }}|{{ 'a b' | wordwrap(1) }}|"
-                             "{{ '%s-%s' | format(1, 2) }}"})
-    assert env.render_bounded("t.html", {}, TEMPLATE_LIMITS) == "  7|  ab  |1, 2|axyc|a\n  b|a\nb|1-2"
+                             "{{ '%s-%s' | format(1, 2) }}|{{ '%(n)3s' % {'n': 'a'} }}|{{ 'a'.rjust(3) }}|"
+                             "{{ '{:>3}'.format('b') }}"})
+    assert env.render_bounded("t.html", {}, TEMPLATE_LIMITS) == "  7|  ab  |1, 2|axyc|a\n  b|a\nb|1-2|  a|  a|  b"
 
 
 def test_a_macro_that_recurses_without_output_is_stopped_by_the_clock():
