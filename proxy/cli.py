@@ -11,6 +11,7 @@ import sys
 from . import config
 from .errors import CannotListen, ScenarioError, WarmRefused
 from .fallbacks import load_fallbacks
+from .outbox import STATES as OUTBOX_STATES
 
 log = logging.getLogger("ccproxy")
 
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("action", nargs="?", choices=("list", "retry", "purge"), default="list")
     outbox.add_argument("id", nargs="?", default=None,
                         help="retry/purge: one write id (default: every dead letter)")
-    outbox.add_argument("--state", default="dead", choices=("queued", "failed", "dead", "delivered", ""),
+    outbox.add_argument("--state", default="dead", choices=(*OUTBOX_STATES, ""),
                         help="list: queued, failed, dead or delivered ('' for all)")
     outbox.add_argument("--limit", type=int, default=100)
     outbox.add_argument("--config", default=None)

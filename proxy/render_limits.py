@@ -158,11 +158,15 @@ class RenderBudget:
             raise self._exceeded(f"the render took longer than {self.limits.timeout:g} s "
                                  "(CCPROXY_RENDER_TIMEOUT) and was stopped")
 
+    def too_long(self, what: str) -> RenderLimitExceeded:
+        """`what` ("the output would be longer", "the filter join would write more") goes past
+        the output limit."""
+        return self._exceeded(f"{what} than {self.limits.max_output} characters (CCPROXY_RENDER_MAX_OUTPUT)")
+
     def add_output(self, size: int) -> None:
         self.output += size
         if self.output > self.limits.max_output:
-            raise self._exceeded(f"the output would be longer than {self.limits.max_output} characters "
-                                 "(CCPROXY_RENDER_MAX_OUTPUT)")
+            raise self.too_long("the output would be longer")
         self.check_time()
 
 
@@ -244,8 +248,7 @@ def _checked(name: str, size: Callable[..., int], original: Callable[..., Any]) 
             if name == "join" and len(args) > passed:  # a generator is read once: size the list
                 args = (*args[:passed], list(args[passed]), *args[passed + 1:])
             if size(*args[passed:], **kwargs) > budget.limits.max_output:
-                raise budget._exceeded(f"the filter {name} would write more than {budget.limits.max_output} "
-                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+                raise budget.too_long(f"the filter {name} would write more")
         return original(*args, **kwargs)
 
     return bounded
@@ -313,12 +316,10 @@ class BoundedEnvironment(SandboxedEnvironment):
             owner = getattr(obj, "__self__", None)
             if isinstance(owner, str) and _method_size(owner, getattr(obj, "__name__", ""), args) \
                     > budget.limits.max_output:
-                raise budget._exceeded(f"a string method would write more than {budget.limits.max_output} "
-                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+                raise budget.too_long("a string method would write more")
         result = super().call(context, obj, *args, **kwargs)
         if budget is not None and isinstance(result, str) and len(result) > budget.limits.max_output:
-            raise budget._exceeded(f"a value would be longer than {budget.limits.max_output} characters "
-                                   "(CCPROXY_RENDER_MAX_OUTPUT)")
+            raise budget.too_long("a value would be longer")
         return result
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -331,8 +332,7 @@ class BoundedEnvironment(SandboxedEnvironment):
         def sized(*args: Any, **kwargs: Any) -> str:
             budget = _budget.get()
             if budget is not None and _brace_format_size(text) > budget.limits.max_output:
-                raise budget._exceeded(f"a string method would write more than {budget.limits.max_output} "
-                                       "characters (CCPROXY_RENDER_MAX_OUTPUT)")
+                raise budget.too_long("a string method would write more")
             return wrapped(*args, **kwargs)
 
         return sized
@@ -343,12 +343,9 @@ class BoundedEnvironment(SandboxedEnvironment):
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
                         and len(seq) * times > budget.limits.max_output:
-                    raise budget._exceeded(
-                        f"a repetition would be longer than {budget.limits.max_output} characters "
-                        "(CCPROXY_RENDER_MAX_OUTPUT)")
+                    raise budget.too_long("a repetition would be longer")
         if operator == "%" and budget is not None and _format_size(left) > budget.limits.max_output:
-            raise budget._exceeded(f"a format would be longer than {budget.limits.max_output} characters "
-                                   "(CCPROXY_RENDER_MAX_OUTPUT)")
+            raise budget.too_long("a format would be longer")
         if operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)) \
                 and abs(left) > 1 and right > MAX_EXPONENT:
             raise RenderLimitExceeded(f"an exponent larger than {MAX_EXPONENT} is refused",

@@ -154,8 +154,8 @@ def warm(
     first = start_at
     if first < len(rows):
         outcome, reason = call(rows[first])
-        own_id_missing = outcome == "HTTP 400 missing_parameter" and any(not v for v in rows[first].values())
-        refused = outcome in CALL_REFUSED or (outcome == "HTTP 400 missing_parameter" and not own_id_missing)
+        # A missing parameter the row itself gives (no empty cell) is missing from every call.
+        refused = outcome in CALL_REFUSED or (outcome == "HTTP 400 missing_parameter" and all(rows[first].values()))
         if refused or outcome.endswith(("ConnectionError", "InvalidURL", "MissingSchema", "InvalidSchema")):
             raise WarmRefused(f"the first call failed, so nothing else was sent: {reason}")
         record(outcome)

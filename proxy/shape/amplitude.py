@@ -163,7 +163,7 @@ def computations(
 
 
 def cohort_fields(cohort_ids: list[Any] | None) -> CohortFields:
-    ids = [as_text(c) for c in as_list(cohort_ids) if as_text(c)]
+    ids = [text for text in map(as_text, as_list(cohort_ids)) if text]
     return {
         "cohort_ids": ids,
         "cohort_count": len(ids),
