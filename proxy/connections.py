@@ -95,6 +95,7 @@ class ConnectionGuard:
         self.phases: dict[str, OrderedDict[GuardedSocket, None]] = {
             phase: OrderedDict() for phase in PHASES}
         self.closed: Counter[str] = Counter()  # by reason: a clock that ran out, or shed_<phase>
+        self.handed_over: Counter[str] = Counter()  # by the fast lane to gunicorn, by reason
         self.closing = False  # shutting down: no connection waits for another request
 
     def __len__(self) -> int:
@@ -195,7 +196,8 @@ class GuardedSocket:
     """A client socket whose reads end (as if the client hung up) at the phase's deadline,
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
-    __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired")
+    __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired", "pending",
+                 "resumed")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
@@ -204,12 +206,25 @@ class GuardedSocket:
         self.since = self.deadline = 0.0
         self.requests = 0
         self.expired = ""  # the clock that ran out, if one did
+        # Handed over by the fast lane (proxy/fast_lane.py): bytes it read, which gunicorn's
+        # parser reads first; and that the request they begin is already on its clock.
+        self.pending = b""
+        self.resumed = False
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
+    def hand_over(self, read: bytes) -> None:
+        """The fast lane stops here: gunicorn's parser starts with `read`, on the clock the
+        request's head is already on (a slow head gets no second header timeout)."""
+        self.pending = read
+        self.resumed = True
+
     def recv(self, size: int, *flags: int) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending[:size], self.pending[size:]
+            return data
         left = self.deadline - time.monotonic()
         if left <= 0 or not self.phase:
             return self._expire()
@@ -292,18 +307,31 @@ class GuardedSocket:
             delay = min(2 * delay, 0.05)
         return True
 
-    @contextmanager
-    def reading_request(self) -> Iterator[None]:
-        """Around gunicorn's read of one request line and headers (after the previous
-        answer was written whole and taken by the client)."""
-        if self.requests:
+    def before_request(self) -> bool:
+        """Before reading a request line and headers: the previous answer must be written
+        whole and taken by the client. False: the connection is over (the next read sees
+        the end of the stream)."""
+        if self.resumed:  # the fast lane did this for the request gunicorn now reads
+            self.resumed = False
+        elif self.requests:
             if not self.answer_taken():
-                self.guard.leave(self)  # the parser's next read sees the end of the stream
+                self.guard.leave(self)
                 self.close_now()
             else:
                 self.guard.move(self, IDLE, self.guard.keepalive_timeout)
             if self.guard.closing and self.phase:  # answered while the worker was told to stop
                 self.guard.shed(self, "shutdown")
+        return bool(self.phase)
+
+    def start_answer(self) -> None:
+        """A request without a body has been read whole: it is being answered."""
+        self.requests += 1
+        self.guard.move(self, ACTIVE, self.guard.body_timeout)
+
+    @contextmanager
+    def reading_request(self) -> Iterator[None]:
+        """Around gunicorn's read of one request line and headers."""
+        self.before_request()
         try:
             yield
         finally:
@@ -424,9 +452,12 @@ def _write_json_error(sock: Any, status_int: int, reason: str, _mesg: str) -> No
 def guarded_worker_class(settings: Settings) -> type:
     """gunicorn's gevent worker with the guard above (imported here: gevent is loaded only
     where gunicorn loads its worker class)."""
-    from gevent import getcurrent
+    from gevent import getcurrent, sleep
+    from gunicorn import SERVER, util
     from gunicorn.http.body import Body
     from gunicorn.workers.ggevent import GeventWorker
+
+    from .fast_lane import FastLane
 
     class GuardedGeventWorker(GeventWorker):
         def init_process(self) -> None:
@@ -436,27 +467,62 @@ def guarded_worker_class(settings: Settings) -> type:
             self.reading: dict[Any, GuardedSocket] = {}
             # gunicorn's handle_error classifies a malformed request (400, 414, 431...) and
             # writes it through this one function; in this worker process, it writes JSON.
-            from gunicorn import util
-
             util.write_error = _write_json_error
             logging.getLogger("gunicorn.error").addFilter(WithheldRequestText())
             super().init_process()
 
         def load_wsgi(self) -> None:
             super().load_wsgi()
+            self.lane: FastLane | None = None
             services = getattr(self.wsgi, "extensions", {}).get("ccproxy")
             if services is not None:  # its metrics copy the guard's counts
                 services.connections = self.guard
+                self.lane = FastLane(self.wsgi, services.endpoints, self.cfg, self._count_request,
+                                     lambda: sleep(0), SERVER)
+
+        def _count_request(self) -> bool:
+            """gunicorn's count for a request the fast lane answers: False once the worker
+            stops serving (told to stop, or max_requests reached)."""
+            worker: Any = self  # gunicorn's attributes carry no types
+            worker.nr += 1
+            if worker.nr >= worker.max_requests and worker.alive:
+                worker.log.info("Autorestarting worker after current request.")
+                worker.alive = False
+            return bool(worker.alive)
 
         def handle(self, listener: Any, client: Any, addr: Any) -> None:
             conn = GuardedSocket(client, self.guard)
             greenlet = getcurrent()
             self.reading[greenlet] = conn
             try:
+                if self.lane is not None:
+                    client.setblocking(1)  # as gunicorn's gevent worker does
+                    read = self._fast_lane(conn, listener, addr)
+                    if read is None:
+                        util.close(client)
+                        return
+                    conn.hand_over(read)
                 super().handle(listener, conn, addr)
             finally:
                 self.reading.pop(greenlet, None)
                 self.guard.leave(conn)
+
+        def _fast_lane(self, conn: GuardedSocket, listener: Any, addr: Any) -> bytes | None:
+            """What gunicorn must take over (None: the connection is over), with gunicorn's
+            handling of a client that went away and of an answer that failed."""
+            assert self.lane is not None
+            try:
+                return self.lane.serve(conn, addr, listener.getsockname())
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    self.log.exception("Socket error processing request.")
+            except Exception:
+                self.log.exception("Error handling request (its URI is not logged)")
+                try:
+                    conn.sendall(protocol_error(500, "Internal Server Error"))
+                except OSError:
+                    pass
+            return None
 
         def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
             if not sock.take_body(req, settings.max_body, Body):

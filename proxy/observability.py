@@ -167,6 +167,12 @@ class Metrics:
             "(a clock that ran out: header/body/send/keepalive_timeout; shed_<phase> past the cap; shutdown)",
             ["reason"], registry=registry,
         )
+        self.connections_handed_over = Counter(
+            "ccproxy_connections_handed_over", "Client connections the fast lane handed to gunicorn's "
+            "parser, by reason (not_plain_get: a request outside the lane's subset of HTTP/1.1; "
+            "not_data_endpoint: any other route)",
+            ["reason"], registry=registry,
+        )
         self.connections = Gauge(
             "ccproxy_connections", "Open client connections by phase (waiting, body, active, send, idle)",
             ["phase"], registry=registry, multiprocess_mode="livesum",
@@ -255,6 +261,8 @@ class Metrics:
             if guard is not None:
                 for reason, count in list(guard.closed.items()):
                     self._advance(self.connections_closed.labels(reason), ("closed", reason), count)
+                for reason, count in list(guard.handed_over.items()):
+                    self._advance(self.connections_handed_over.labels(reason), ("handed", reason), count)
                 for phase, count in guard.open_by_phase().items():
                     self.connections.labels(phase).set(count)
             box = services.box

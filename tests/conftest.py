@@ -70,6 +70,22 @@ def servers(tmp_path) -> Servers:
 
 
 @pytest.fixture
+def guarded_server(sandboxes, servers, tmp_path):
+    """`ccproxy serve --workers 2` on the sandboxes, with settings as keyword arguments
+    (test_connections.KEY is its API key)."""
+    from test_connections import KEY
+
+    def start(**settings):
+        env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
+        env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_LOG_LEVEL": "WARNING",
+                    "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3")})
+        env.update({"CCPROXY_" + k.upper(): str(v) for k, v in settings.items()})
+        return servers.start(["serve", "--workers", "2"], env)
+
+    return start
+
+
+@pytest.fixture
 def clock():
     return FakeClock()
 

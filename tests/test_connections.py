@@ -144,18 +144,6 @@ def test_a_client_that_resets_with_its_answer_unread_is_not_waited_for():
     server_side.close()
 
 
-@pytest.fixture
-def guarded_server(sandboxes, servers, tmp_path):
-    def start(**settings):
-        env = {"CCPROXY_" + k.upper(): str(v) for k, v in sandboxes.proxy_settings().items()}
-        env.update({"CCPROXY_API_KEYS": KEY, "CCPROXY_LOG_LEVEL": "WARNING",
-                    "CCPROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3")})
-        env.update({"CCPROXY_" + k.upper(): str(v) for k, v in settings.items()})
-        return servers.start(["serve", "--workers", "2"], env)
-
-    return start
-
-
 def open_half_requests(port: int, count: int) -> list[socket.socket]:
     """Connections that send part of a request line and never finish it (slowloris)."""
     held = []

@@ -1,0 +1,195 @@
+"""The fast lane of a `ccproxy serve` worker: a plain GET of a data endpoint, answered
+without gunicorn's per-request machinery.
+
+Braze's calls are plain GETs on kept-alive connections. gunicorn turns each into a
+Request (its parser, header and proxy-trust policies), a full WSGI environ and a Response:
+about 60% of a cache hit's CPU, more than the proxy's own work (bench/RESULTS.md, "Fast
+lane"). This lane reads a request's head itself and, when the head is a plain GET of a data
+endpoint in the strict subset of HTTP/1.1 below, gives the same WSGI app the environ keys the
+envelope reads (proxy/middleware.py) and writes the answer with gunicorn's status line and
+default headers.
+
+Anything else goes to gunicorn, with the bytes read so far, for the rest of the connection:
+gunicorn then parses, answers or refuses it exactly as it did before this lane existed.
+That covers every request with a body or a framing header (Content-Length,
+Transfer-Encoding), Expect, Upgrade, an unknown Connection option, HTTP/1.0, a header name
+gunicorn's policy drops or refuses (an underscore), a repeated header, a byte outside the
+grammar (obs-fold, obs-text, controls), a path with escapes, a request line or head over
+gunicorn's limits, and every path that is not a data endpoint. The lane never answers an
+error of its own: a doubt costs speed, never a different answer.
+
+The connection's phases and clocks are the guard's (proxy/connections.py): the lane reads
+and sends through the same GuardedSocket, so header, keep-alive and send clocks, the
+unread-answer check and shedding apply unchanged. Per worker process, like gunicorn's own
+handling.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connections import GuardedSocket
+
+# RFC 9110 token characters, less "_" (gunicorn drops or refuses such header names).
+_HEADER = re.compile(rb"([!#$%&'*+\-.^`|~0-9A-Za-z]+):[ \t]*([!-~](?:[ \t!-~]*[!-~])?)?[ \t]*\Z")
+_REQUEST_LINE = re.compile(rb"GET (/[A-Za-z0-9/._-]*)(?:\?([!$-;=?-Z_a-z~]*))? HTTP/1\.1\Z")
+# Headers whose presence means a body, a protocol switch or a negotiation: gunicorn's.
+_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
+                        b"http2-settings", b"te", b"trailer"})
+_KEEP_ALIVE, _CLOSE = b"keep-alive", b"close"
+READ_SIZE = 65536
+
+
+# Why a connection went to gunicorn (ccproxy_connections_handed_over_total): data calls that
+# are not plain GETs mean something in front of the proxy (a load balancer adding headers
+# with underscores, say) costs every call the lane.
+NOT_PLAIN_GET, NOT_DATA_ENDPOINT = "not_plain_get", "not_data_endpoint"
+HANDED_OVER_REASONS = (NOT_PLAIN_GET, NOT_DATA_ENDPOINT)
+
+
+def _handed_over(conn: GuardedSocket, read: bytes, reason: str) -> bytes:
+    conn.guard.handed_over[reason] += 1
+    return read
+
+
+class PlainGet:
+    """A parsed plain GET: its path, query and headers (as WSGI environ keys)."""
+
+    __slots__ = ("path", "query", "environ_headers", "close")
+
+    def __init__(self, path: str, query: str, environ_headers: dict[str, str], close: bool):
+        self.path = path
+        self.query = query
+        self.environ_headers = environ_headers
+        self.close = close
+
+
+def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int) -> PlainGet | None:
+    """The request whose head (without its final blank line) is `head`, if it is a plain GET
+    in the lane's subset; None for anything gunicorn must parse."""
+    lines = head.split(b"\r\n")
+    if len(lines[0]) > max_line or len(lines) - 1 > max_fields:
+        return None
+    first = _REQUEST_LINE.match(lines[0])
+    if first is None:
+        return None
+    headers: dict[str, str] = {}
+    close = False
+    for line in lines[1:]:
+        if len(line) > max_field:
+            return None
+        field = _HEADER.match(line)
+        if field is None:
+            return None
+        name, value = field.group(1).lower(), field.group(2) or b""
+        if name in _NOT_PLAIN:
+            return None
+        if name == b"connection":
+            option = value.lower()
+            if option not in (_KEEP_ALIVE, _CLOSE):
+                return None
+            close = option == _CLOSE
+        key = "HTTP_" + name.decode("ascii").upper().replace("-", "_")
+        if key in headers:
+            return None  # gunicorn's joining (or refusing) of repeats is the reference
+        headers[key] = value.decode("ascii")
+    return PlainGet(first.group(1).decode("ascii"), (first.group(2) or b"").decode("ascii"), headers, close)
+
+
+class _Date:
+    """The Date header, formatted once a second (gunicorn formats it on every answer)."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self.second:
+            self.second, self.value = now, formatdate(now, usegmt=True)
+        return self.value
+
+
+class FastLane:
+    """The lane of one worker process: `serve` answers a connection's plain GETs of
+    `data_paths` with `app`, and returns the bytes gunicorn must take over (None: the
+    connection is over)."""
+
+    def __init__(self, app: Callable, data_paths: Iterable[str], cfg: Any,
+                 count_request: Callable[[], bool], fair: Callable[[], None], server_header: str):
+        self.app = app
+        self.data_paths = frozenset(data_paths)
+        self.max_line = cfg.limit_request_line or 8190
+        self.max_fields = cfg.limit_request_fields
+        self.max_field = cfg.limit_request_field_size or 8190
+        # Longer heads are gunicorn's to parse (and to refuse with 431 or 414).
+        self.max_head = self.max_line + 2 + self.max_fields * (self.max_field + 2) + 2
+        # The worker's request count (gunicorn's max_requests): False once it stops serving.
+        self.count_request = count_request
+        # A yield after each answer (proxy/serving.py, fair_worker_class).
+        self.fair = fair
+        self.server_header = server_header
+        self.date = _Date()
+
+    def serve(self, conn: GuardedSocket, addr: Any, server: tuple) -> bytes | None:
+        buffered = b""
+        while True:
+            if not conn.before_request():
+                return None
+            head_end = buffered.find(b"\r\n\r\n")
+            while head_end < 0:
+                if len(buffered) > self.max_head:
+                    return _handed_over(conn, buffered, NOT_PLAIN_GET)
+                data = conn.recv(READ_SIZE)
+                if not data:  # a partial head: gunicorn's parser says why
+                    return _handed_over(conn, buffered, NOT_PLAIN_GET) if buffered else None
+                buffered += data
+                head_end = buffered.find(b"\r\n\r\n", max(0, len(buffered) - len(data) - 3))
+            request = plain_get(buffered[:head_end], self.max_line, self.max_fields, self.max_field)
+            if request is None:
+                return _handed_over(conn, buffered, NOT_PLAIN_GET)
+            if request.path not in self.data_paths:
+                return _handed_over(conn, buffered, NOT_DATA_ENDPOINT)
+            buffered = buffered[head_end + 4:]
+            conn.start_answer()
+            close = not self.count_request() or request.close
+            self.answer(conn, request, addr, server, close)
+            if close:
+                return None
+            self.fair()
+
+    def answer(self, conn: GuardedSocket, request: PlainGet, addr: Any, server: tuple, close: bool) -> None:
+        environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": request.path,
+                   "QUERY_STRING": request.query, "RAW_URI": request.path + ("?" + request.query if request.query else ""),
+                   "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]),
+                   "SERVER_PORT": str(server[1]), "REMOTE_ADDR": addr[0] if addr else "",
+                   "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": True,
+                   "wsgi.run_once": False, "wsgi.version": (1, 0), **request.environ_headers}
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers]
+            return None
+
+        chunks = self.app(environ, start_response)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close_chunks = getattr(chunks, "close", None)
+            if close_chunks is not None:
+                close_chunks()
+        status, headers = started
+        lines = [f"HTTP/1.1 {status}", f"Server: {self.server_header}", f"Date: {self.date()}",
+                 "Connection: close" if close else "Connection: keep-alive"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if not any(name.lower() == "content-length" for name, _ in headers):
+            lines.append(f"Content-Length: {len(body)}")
+        head = "\r\n".join(lines)
+        if head.count("\n") != len(lines) - 1:  # a header carrying a line break: never sent
+            raise ValueError("an answer header holds a line break")
+        conn.sendall((head + "\r\n\r\n").encode("latin-1") + body)

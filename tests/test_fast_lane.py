@@ -1,0 +1,219 @@
+"""The serve worker's fast lane (proxy/fast_lane.py): which requests it answers itself, the
+exact bytes it hands to gunicorn for everything else, and a two-worker `ccproxy serve`
+answering both kinds, in order, on one connection."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from servers import wait_for
+from test_connections import KEY, metrics_text, read_answer
+from test_metrics import sample
+
+from proxy.connections import ConnectionGuard, GuardedSocket
+from proxy.fast_lane import NOT_DATA_ENDPOINT, NOT_PLAIN_GET, FastLane, plain_get
+
+LIMITS = (4094, 100, 8190)  # gunicorn's defaults: request line, header count, header line
+BRAZE = (b"GET /v1/amplitude/recommendations?rec_id=r1&user_id=u%401 HTTP/1.1\r\nHost: proxy.example\r\n"
+         b"User-Agent: Braze Sender 1.0\r\nAuthorization: Bearer k\r\nX-Request-Id: abc-1\r\n"
+         b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive")
+
+
+def test_a_braze_call_is_a_plain_get():
+    request = plain_get(BRAZE, *LIMITS)
+    assert request is not None
+    assert (request.path, request.query, request.close) == (
+        "/v1/amplitude/recommendations", "rec_id=r1&user_id=u%401", False)
+    assert request.environ_headers == {
+        "HTTP_HOST": "proxy.example", "HTTP_USER_AGENT": "Braze Sender 1.0", "HTTP_AUTHORIZATION": "Bearer k",
+        "HTTP_X_REQUEST_ID": "abc-1", "HTTP_ACCEPT_ENCODING": "gzip, deflate", "HTTP_CONNECTION": "keep-alive"}
+    closing = plain_get(b"GET /v1/x HTTP/1.1\r\nConnection: Close\r\nEmpty:", *LIMITS)
+    assert closing is not None and closing.close and closing.environ_headers["HTTP_EMPTY"] == ""
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/x HTTP/1.1\r\nHost: a",                       # not a GET
+    b"HEAD /v1/x HTTP/1.1\r\nHost: a",
+    b"GET /v1/x HTTP/1.0\r\nHost: a",                        # HTTP/1.0: other keep-alive rules
+    b"GET /v1/x HTTP/1.1\r\nContent-Length: 0",              # framing headers: gunicorn's
+    b"GET /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked",
+    b"GET /v1/x HTTP/1.1\r\nExpect: 100-continue",
+    b"GET /v1/x HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings",
+    b"GET /v1/x HTTP/1.1\r\nConnection: keep-alive, close",
+    b"GET /v1/x HTTP/1.1\r\nX_Api_Key: k",                   # underscore: gunicorn drops or refuses it
+    b"GET /v1/x HTTP/1.1\r\nX-Request-Id: a\r\nx-request-id: b",  # repeated
+    b"GET /v1/x HTTP/1.1\r\nX-A: a\r\n b",                   # obs-fold
+    b"GET /v1/x HTTP/1.1\r\nX-A: caf\xc3\xa9",               # obs-text
+    b"GET /v1/x HTTP/1.1\r\nX-A: a\x00b",                    # a control byte
+    b"GET /v1/x HTTP/1.1\r\nX-A: a\nX-B: b",                 # a bare LF
+    b"GET /v1/x HTTP/1.1\r\nX-A : a",                        # space before the colon
+    b"GET /v1/%78 HTTP/1.1",                                 # an escaped path
+    b"GET /v1/x#frag HTTP/1.1",
+    b"GET /v1/x?a=<b> HTTP/1.1",
+    b"GET http://a/v1/x HTTP/1.1",                           # absolute form
+    b"GET  /v1/x HTTP/1.1",
+    b"\r\nGET /v1/x HTTP/1.1",
+    b"PRI * HTTP/2.0",
+    b"GET /v1/x?" + b"a" * 4100 + b" HTTP/1.1",              # over gunicorn's request line
+    b"GET /v1/x HTTP/1.1" + b"\r\nX-A: a" * 101,             # over its header count
+    b"GET /v1/x HTTP/1.1\r\nX-A: " + b"a" * 8200,            # over its header line
+])
+def test_anything_else_is_left_to_gunicorn(head):
+    assert plain_get(head, *LIMITS) is None
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.environs: list[dict] = []
+
+    def __call__(self, environ, start_response):
+        self.environs.append(environ)
+        body = json.dumps({"path": environ["PATH_INFO"], "query": environ["QUERY_STRING"]}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def lane_pair(app, data_paths=("/v1/d",), count=lambda: True):
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10)
+    server_side, client = socket.socketpair()
+    conn = GuardedSocket(server_side, guard)
+    cfg = SimpleNamespace(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190)
+    lane = FastLane(app, data_paths, cfg, count, lambda: None, "gunicorn")
+    return lane, conn, client, guard
+
+
+def answers(data: bytes) -> list[tuple[bytes, dict, bytes]]:
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        size = int(headers[b"Content-Length"])
+        out.append((lines[0], headers, rest[:size]))
+        data = rest[size:]
+    return out
+
+
+def test_the_lane_answers_plain_gets_and_hands_over_the_rest_byte_for_byte():
+    app = Sent()
+    lane, conn, client, guard = lane_pair(app)
+    rest = b"POST /v1/d HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello" + b"GET /v1/d?b=2 HTTP/1.1\r\n\r\n"
+    client.sendall(b"GET /v1/d?a=1 HTTP/1.1\r\nHost: h\r\n\r\n" + b"GET /v1/d HTTP/1.1\r\n\r\n" + rest)
+    assert lane.serve(conn, ("10.0.0.9", 5000), ("127.0.0.1", 8000)) == rest
+    assert conn.requests == 2 and guard.handed_over == {NOT_PLAIN_GET: 1}
+    assert [(e["PATH_INFO"], e["QUERY_STRING"], e["REMOTE_ADDR"], e["SERVER_PORT"]) for e in app.environs] == [
+        ("/v1/d", "a=1", "10.0.0.9", "8000"), ("/v1/d", "", "10.0.0.9", "8000")]
+    client.settimeout(10)
+    got = answers(client.recv(65536))
+    assert [(status, json.loads(body)["query"]) for status, _, body in got] == [
+        (b"HTTP/1.1 200 OK", "a=1"), (b"HTTP/1.1 200 OK", "")]
+    assert got[0][1][b"Server"] == b"gunicorn" and got[0][1][b"Connection"] == b"keep-alive"
+    assert b"GMT" in got[0][1][b"Date"]
+    # gunicorn's parser then reads the handed-over bytes first, on the clock they came on
+    # (its read of this request does not start a new one).
+    conn.hand_over(rest)
+    phase, deadline = conn.phase, conn.deadline
+    with conn.reading_request():
+        assert conn.recv(8) == b"POST /v1" and (conn.phase, conn.deadline) == (phase, deadline)
+    assert conn.phase == "body" and not conn.resumed and conn.requests == 3
+
+
+def test_other_routes_and_partial_heads_go_to_gunicorn_and_a_hang_up_ends_the_lane():
+    lane, conn, client, guard = lane_pair(Sent())
+    client.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert lane.serve(conn, ("a", 1), ("b", 2)) == b"GET /healthz HTTP/1.1\r\n\r\n"
+    assert guard.handed_over == {NOT_DATA_ENDPOINT: 1}
+    lane, conn, client, guard = lane_pair(Sent())
+    client.sendall(b"GET /v1/d HTT")
+    client.shutdown(socket.SHUT_WR)
+    assert lane.serve(conn, ("a", 1), ("b", 2)) == b"GET /v1/d HTT"  # gunicorn says what is wrong
+    lane, conn, client, guard = lane_pair(Sent())
+    client.close()
+    assert lane.serve(conn, ("a", 1), ("b", 2)) is None and not guard.handed_over
+
+
+def test_connection_close_and_a_stopping_worker_end_the_connection_after_the_answer():
+    app = Sent()
+    lane, conn, client, _ = lane_pair(app)
+    client.sendall(b"GET /v1/d HTTP/1.1\r\nConnection: close\r\n\r\nGET /v1/d HTTP/1.1\r\n\r\n")
+    assert lane.serve(conn, ("a", 1), ("b", 2)) is None and len(app.environs) == 1
+    client.settimeout(10)
+    assert answers(client.recv(65536))[0][1][b"Connection"] == b"close"
+    app = Sent()
+    lane, conn, client, _ = lane_pair(app, count=lambda: False)  # gunicorn's max_requests reached
+    client.sendall(b"GET /v1/d HTTP/1.1\r\n\r\nGET /v1/d HTTP/1.1\r\n\r\n")
+    assert lane.serve(conn, ("a", 1), ("b", 2)) is None and len(app.environs) == 1
+
+
+def test_an_answer_header_with_a_line_break_is_never_sent():
+    def app(environ, start_response):
+        start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: b")])
+        return [b"{}"]
+
+    lane, conn, client, _ = lane_pair(app)
+    client.sendall(b"GET /v1/d HTTP/1.1\r\n\r\n")
+    with pytest.raises(ValueError):
+        lane.serve(conn, ("a", 1), ("b", 2))
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(10)
+
+
+# Live: a two-worker `ccproxy serve`, raw sockets.
+
+AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
+CACHED = b"GET /v1/amplitude/properties?user_id=testUser HTTP/1.1\r\nHost: x\r\n" + AUTH
+
+
+def exchange(port: int, payload: bytes, pieces: int = 1) -> list[tuple[bytes, dict, bytes]]:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        step = -(-len(payload) // pieces)
+        for i in range(0, len(payload), step):
+            s.sendall(payload[i:i + step])
+            if pieces > 1:
+                time.sleep(0.01)  # separate segments, whatever the machine's speed
+        s.shutdown(socket.SHUT_WR)
+        return answers(read_answer(s))
+
+
+def test_serve_answers_plain_gets_and_everything_else_in_order_on_one_connection(guarded_server):
+    server = guarded_server()
+    port = int(server.base.rsplit(":", 1)[1])
+    got = exchange(port, CACHED + b"X-Request-Id: first\r\n\r\n"
+                   + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                   + CACHED + b"X-Request-Id: third\r\n\r\n"
+                   + CACHED + b"X_Forwarded_Thing: 1\r\n\r\n"
+                   + CACHED + b"Content-Length: 2\r\n\r\n{}")
+    assert [status for status, _, _ in got] == [b"HTTP/1.1 200 OK"] * 5
+    assert [headers.get(b"X-Request-Id") for _, headers, _ in got][:3:2] == [b"first", b"third"]
+    bodies = [json.loads(body) for _, _, body in got]
+    assert bodies[0]["found"] is True and bodies[0] == bodies[2] == bodies[3] == bodies[4]
+    assert "found" not in bodies[1]
+    text = metrics_text(server.base)
+    assert sample(text, "ccproxy_connections_handed_over_total", reason="not_data_endpoint") >= 1
+
+
+def test_serve_reads_a_head_that_comes_in_pieces_and_counts_a_data_call_outside_the_lane(guarded_server):
+    server = guarded_server()
+    port = int(server.base.rsplit(":", 1)[1])
+    got = exchange(port, CACHED + b"\r\n", pieces=12)
+    assert len(got) == 1 and got[0][0] == b"HTTP/1.1 200 OK" and json.loads(got[0][2])["found"] is True
+    got = exchange(port, CACHED + b"X_Custom: 1\r\n\r\n")
+    assert got[0][0] == b"HTTP/1.1 200 OK" and json.loads(got[0][2])["found"] is True
+    wait_for(lambda: sample(metrics_text(server.base), "ccproxy_connections_handed_over_total",
+                            reason="not_plain_get") >= 1, seconds=60, what="the hand-over counted")
+
+
+def test_protocol_errors_after_a_fast_answer_are_still_gunicorns_json(guarded_server):
+    server = guarded_server()
+    port = int(server.base.rsplit(":", 1)[1])
+    long_url = b"GET /v1/amplitude/properties?user_id=" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    got = exchange(port, CACHED + b"\r\n" + long_url)
+    assert [status for status, _, _ in got] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 414 URI Too Long"]
+    assert json.loads(got[1][2])["error"]["code"] == "uri_too_long" and b"aaaa" not in got[1][2]
+    got = exchange(port, CACHED + b"\r\n" + b"GET /v1/amplitude/properties HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert got[1][0].startswith(b"HTTP/1.1 400") and json.loads(got[1][2])["error"]["code"] == "bad_request"
