@@ -5,9 +5,10 @@
 One run, every server started side by side and measured in interleaved rounds (medians of
 `--rounds`), because this 2-core machine is shared and its load moves:
 
-- the proxy as `ccproxy serve` runs it (bench/serve_variant.py: `fair`) and the same without
-  the yield between keep-alive answers (`unfair`, the worker before issue 15); both count
-  requests served per connection and connections per worker;
+- the proxy as `ccproxy serve` runs it (bench/serve_variant.py: `fair`), the same with
+  gunicorn parsing every request (`CCPROXY_FAST_LANE=false`: serve before the fast lane), and
+  without the yield between keep-alive answers (`unfair`, the worker before issue 15); each
+  counts requests served per connection and connections per worker;
 - bare Flask `jsonify` (bench/baseline.py) on gunicorn gevent, gunicorn gthread 2 x 8, and
   granian (a Rust HTTP server, WSGI on 8 blocking threads per worker);
 - the proxy on granian with 256 blocking threads per worker (bench/granian_app.py), the
@@ -68,9 +69,10 @@ PROXY_ENV = {"CCPROXY_AMPLITUDE_SECRET_KEY": "sandbox-amplitude-secret", "CCPROX
              "CCPROXY_CACHE_TTL_RECOMMENDATIONS": "3600", "CCPROXY_LOG_LEVEL": "WARNING",
              "CCPROXY_REQUEST_DEADLINE": "1.9", "CCPROXY_UPSTREAM_READ_TIMEOUT": "1.8"}
 BARE_PATH = "/v1/amplitude/recommendations?user_id=u&rec_id=testRecId"
-NAMES = {"proxy_fair": "proxy, `ccproxy serve` (gevent, yields after each answer, accepts 16 a turn)",
-         "proxy_fair_accept1": "proxy, yields after each answer, accepts 1 a turn (gunicorn's)",
-         "proxy_unfair": "proxy, gevent worker before issue 15",
+NAMES = {"proxy_fair": "proxy, `ccproxy serve` (gevent, fast lane, yields after each answer, accepts 16 a turn)",
+         "proxy_no_lane": "proxy, the same with gunicorn parsing every request (`CCPROXY_FAST_LANE=false`)",
+         "proxy_fair_accept1": "proxy, no fast lane, yields after each answer, accepts 1 a turn (gunicorn's)",
+         "proxy_unfair": "proxy, gevent worker before issue 15 (no fast lane)",
          "proxy_granian": "proxy on granian WSGI 2 x 256 blocking threads (measured, not shipped)",
          "bare_gevent": "bare Flask, gunicorn gevent",
          "bare_gthread": "bare Flask, gunicorn gthread 2 x 8",
@@ -148,10 +150,12 @@ def main() -> None:
         url["nginx"] = start_nginx(procs, tmp, args.latency)
         env = {**PROXY_ENV, "CCPROXY_AMPLITUDE_URL": url["nginx"]}
         counts = {name: tmp / f"{name}.counts" for name in NAMES if name.startswith("proxy")}
-        for name, variant in (("proxy_fair", "fair"), ("proxy_fair_accept1", "fair_accept1"),
-                              ("proxy_unfair", "unfair")):
+        no_lane = {**env, "CCPROXY_FAST_LANE": "false"}
+        for name, variant, variant_env in (("proxy_fair", "fair", env), ("proxy_no_lane", "fair", no_lane),
+                                           ("proxy_fair_accept1", "fair_accept1", no_lane),
+                                           ("proxy_unfair", "unfair", no_lane)):
             procs.start([PY, str(HERE / "serve_variant.py"), "--port", str(ports[name]), "--variant", variant,
-                         "--workers", str(args.workers), "--counts", str(counts[name])], env)
+                         "--workers", str(args.workers), "--counts", str(counts[name])], variant_env)
         procs.start([str(Path(PY).parent / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
                      "--port", str(ports["proxy_granian"]), "--workers", str(args.workers), "--blocking-threads", "256",
                      "--no-access-log", "--log-level", "error", "--working-dir", str(HERE), "--factory",
@@ -251,7 +255,7 @@ def report(results: dict, args) -> None:
               "| proxy worker | conns | connections per worker, each round | requests per connection: min | median | max | max / min |",
               "|---|---|---|---|---|---|---|"]
     for conns in (32, 256):
-        for name in ("proxy_unfair", "proxy_fair_accept1", "proxy_fair"):
+        for name in ("proxy_unfair", "proxy_fair_accept1", "proxy_no_lane", "proxy_fair"):
             rounds = [s for s in results["spread"][name][conns] if s]
             if not rounds:
                 continue

@@ -48,6 +48,10 @@ def counting(base: type, path: str) -> type:
             self.served[getcurrent()] = self.served.get(getcurrent(), 0) + 1
             return super().handle_request(*args)
 
+        def _count_request(self) -> bool:  # an answer of the fast lane
+            self.served[getcurrent()] = self.served.get(getcurrent(), 0) + 1
+            return bool(super()._count_request())
+
     return Counting
 
 

@@ -186,6 +186,9 @@ class Settings:
     max_connections: int = 2000
     # Largest request body accepted (bytes); larger is a 413.
     max_body: int = 1_000_000
+    # Plain GETs of the data endpoints answered by the worker's fast lane (proxy/fast_lane.py);
+    # false: gunicorn parses every request, as before the lane.
+    fast_lane: bool = True
 
     log_level: str = "INFO"
     # Inbound API keys, comma-separated (several for rotation); empty: no auth.

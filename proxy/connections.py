@@ -452,7 +452,7 @@ def _write_json_error(sock: Any, status_int: int, reason: str, _mesg: str) -> No
 def guarded_worker_class(settings: Settings) -> type:
     """gunicorn's gevent worker with the guard above (imported here: gevent is loaded only
     where gunicorn loads its worker class)."""
-    from gevent import getcurrent, sleep
+    from gevent import getcurrent
     from gunicorn import SERVER, util
     from gunicorn.http.body import Body
     from gunicorn.workers.ggevent import GeventWorker
@@ -477,8 +477,12 @@ def guarded_worker_class(settings: Settings) -> type:
             services = getattr(self.wsgi, "extensions", {}).get("ccproxy")
             if services is not None:  # its metrics copy the guard's counts
                 services.connections = self.guard
-                self.lane = FastLane(self.wsgi, services.endpoints, self.cfg, self._count_request,
-                                     lambda: sleep(0), SERVER)
+                if settings.fast_lane:
+                    self.lane = FastLane(self.wsgi, services.endpoints, self.cfg, self._count_request,
+                                         self.after_answer, SERVER)
+
+        def after_answer(self) -> None:
+            """After each answer, the lane's or gunicorn's (fair_worker_class yields here)."""
 
         def _count_request(self) -> bool:
             """gunicorn's count for a request the fast lane answers: False once the worker

@@ -217,3 +217,14 @@ def test_protocol_errors_after_a_fast_answer_are_still_gunicorns_json(guarded_se
     assert json.loads(got[1][2])["error"]["code"] == "uri_too_long" and b"aaaa" not in got[1][2]
     got = exchange(port, CACHED + b"\r\n" + b"GET /v1/amplitude/properties HTTP/1.1\r\nBad Header\r\n\r\n")
     assert got[1][0].startswith(b"HTTP/1.1 400") and json.loads(got[1][2])["error"]["code"] == "bad_request"
+
+
+def test_with_the_lane_off_gunicorn_parses_every_request(guarded_server):
+    server = guarded_server(fast_lane="false")
+    port = int(server.base.rsplit(":", 1)[1])
+    got = exchange(port, CACHED + b"\r\n" + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + CACHED + b"\r\n")
+    assert [status for status, _, _ in got] == [b"HTTP/1.1 200 OK"] * 3
+    assert json.loads(got[2][2])["found"] is True
+    text = metrics_text(server.base)
+    assert sample(text, "ccproxy_requests_total") >= 3
+    assert sample(text, "ccproxy_connections_handed_over_total") == 0
