@@ -149,6 +149,28 @@ def test_connection_close_and_a_stopping_worker_end_the_connection_after_the_ans
     assert lane.serve(conn, ("a", 1), ("b", 2)) is None and len(app.environs) == 1
 
 
+class OneByteAtATime(GuardedSocket):
+    """A client trickling its head: every read returns a single byte."""
+
+    __slots__ = ()
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        return super().recv(1, *flags)
+
+
+def test_a_head_trickled_byte_by_byte_is_answered_or_handed_over_whole():
+    app = Sent()
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10)
+    server_side, client = socket.socketpair()
+    conn = OneByteAtATime(server_side, guard)
+    lane = FastLane(app, ("/v1/d",), SimpleNamespace(limit_request_line=4094, limit_request_fields=100,
+                                                     limit_request_field_size=8190), lambda: True, lambda: None, "g")
+    long_head = b"GET /v1/d HTTP/1.1\r\n" + b"X-A: " + b"a" * 8000 + b"\r\n" + b"X_B: b\r\n\r\n"
+    client.sendall(b"GET /v1/d?a=1 HTTP/1.1\r\nHost: h\r\n\r\n" + long_head)
+    assert lane.serve(conn, ("a", 1), ("b", 2)) == long_head  # every byte, in order, after 8 KB of reads
+    assert [e["QUERY_STRING"] for e in app.environs] == ["a=1"] and guard.handed_over == {NOT_PLAIN_GET: 1}
+
+
 def test_an_answer_header_with_a_line_break_is_never_sent():
     def app(environ, start_response):
         start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: b")])
