@@ -65,8 +65,14 @@ _CLIENT_PACED = (WAITING, BODY, SEND)
 # CCPROXY_MAX_BODY, if the app asks for it: the body's clock).
 TIMEOUT_REASONS = {WAITING: "header_timeout", IDLE: "keepalive_timeout", BODY: "body_timeout",
                    ACTIVE: "body_timeout", SEND: "send_timeout"}
-CLOSE_REASONS = (*TIMEOUT_REASONS.values(), *(f"shed_{phase}" for phase in (IDLE, *_CLIENT_PACED)),
-                 "shutdown")
+# A head in more than MAX_HEAD_READS pieces is closed like one past its clock ("header_trickle"):
+# gunicorn's parser copies its whole buffer on every read, so a head trickled a byte per read
+# cost seconds of a worker's CPU (quadratic). Real clients send a head in a few segments; 256
+# reads of even one 1,448-byte segment each cover heads far past any header a caller sends.
+MAX_HEAD_READS = 256
+HEADER_TRICKLE = "header_trickle"
+CLOSE_REASONS = (*TIMEOUT_REASONS.values(), HEADER_TRICKLE,
+                 *(f"shed_{phase}" for phase in (IDLE, *_CLIENT_PACED)), "shutdown")
 # gunicorn answers requests it cannot parse itself, before the app sees them; these are its
 # statuses, in the proxy's error shape. The messages are fixed: gunicorn's own quote the
 # request, which may carry a credential.
@@ -123,6 +129,8 @@ class ConnectionGuard:
             self.phases[conn.phase].pop(conn, None)
         now = time.monotonic()
         conn.phase, conn.since, conn.deadline = phase, now, now + budget
+        if phase == WAITING:
+            conn.head_reads = 0
         self.phases[phase][conn] = None
 
     def leave(self, conn: GuardedSocket) -> None:
@@ -197,7 +205,7 @@ class GuardedSocket:
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
     __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired", "pending",
-                 "resumed")
+                 "resumed", "head_reads")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
@@ -210,6 +218,7 @@ class GuardedSocket:
         # parser reads first; and that the request they begin is already on its clock.
         self.pending = b""
         self.resumed = False
+        self.head_reads = 0  # reads of the head being waited for (MAX_HEAD_READS)
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -240,13 +249,20 @@ class GuardedSocket:
         if data and self.phase == IDLE:
             # The next request has begun: its headers are due within header_timeout.
             self.guard.move(self, WAITING, self.guard.header_timeout)
+        if self.phase == WAITING:
+            self.head_reads += 1
+            if self.head_reads > MAX_HEAD_READS:
+                return self._expire(HEADER_TRICKLE)
         return data
 
-    def _expire(self) -> bytes:
-        """The phase's clock ran out: count it once; reads see the end of the stream."""
+    def _expire(self, reason: str = "") -> bytes:
+        """The phase's clock ran out (or the head came in too many pieces): count it once;
+        reads see the end of the stream."""
         if self.phase and not self.expired:
-            self.expired = TIMEOUT_REASONS[self.phase]
+            self.expired = reason or TIMEOUT_REASONS[self.phase]
             self.guard.closed[self.expired] += 1
+        if reason:
+            self.deadline = 0.0  # every later read sees the end too
         return b""
 
     def _send_time_left(self) -> float:
@@ -307,16 +323,19 @@ class GuardedSocket:
             delay = min(2 * delay, 0.05)
         return True
 
-    def before_request(self) -> bool:
+    def before_request(self, begun: bool = False) -> bool:
         """Before reading a request line and headers: the previous answer must be written
         whole and taken by the client. False: the connection is over (the next read sees
-        the end of the stream)."""
+        the end of the stream). `begun`: part of the next head already came with the last
+        one, so it is due within header_timeout, not keepalive_timeout."""
         if self.resumed:  # the fast lane did this for the request gunicorn now reads
             self.resumed = False
         elif self.requests:
             if not self.answer_taken():
                 self.guard.leave(self)
                 self.close_now()
+            elif begun:
+                self.guard.move(self, WAITING, self.guard.header_timeout)
             else:
                 self.guard.move(self, IDLE, self.guard.keepalive_timeout)
             if self.guard.closing and self.phase:  # answered while the worker was told to stop
@@ -455,6 +474,7 @@ def guarded_worker_class(settings: Settings) -> type:
     from gevent import getcurrent
     from gunicorn import SERVER, util
     from gunicorn.http.body import Body
+    from gunicorn.http.wsgi import base_environ
     from gunicorn.workers.ggevent import GeventWorker
 
     from .fast_lane import FastLane
@@ -479,7 +499,7 @@ def guarded_worker_class(settings: Settings) -> type:
                 services.connections = self.guard
                 if settings.fast_lane:
                     self.lane = FastLane(self.wsgi, services.endpoints, self.cfg, self._count_request,
-                                         self.after_answer, SERVER)
+                                         self.after_answer, SERVER, base_environ(self.cfg))
 
         def after_answer(self) -> None:
             """After each answer, the lane's or gunicorn's (fair_worker_class yields here)."""

@@ -26,30 +26,46 @@ handling.
 
 from __future__ import annotations
 
+import io
+import ipaddress
+import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
+
+from gunicorn.util import hop_headers
 
 if TYPE_CHECKING:
     from .connections import GuardedSocket
 
-# RFC 9110 token characters, less "_" (gunicorn drops or refuses such header names).
-_HEADER = re.compile(rb"([!#$%&'*+\-.^`|~0-9A-Za-z]+):[ \t]*([!-~](?:[ \t!-~]*[!-~])?)?[ \t]*\Z")
+# RFC 9110 token characters, less "_" (gunicorn drops or refuses such header names). The
+# whitespace runs are possessive: a line of spaces ending in a stray byte must not backtrack
+# (quadratic: 8 KB of spaces cost 160 ms of regex before a refusal).
+_HEADER = re.compile(rb"([!#$%&'*+\-.^`|~0-9A-Za-z]+):[ \t]*+([!-~](?:[ \t!-~]*[!-~])?)?[ \t]*+\Z")
 _REQUEST_LINE = re.compile(rb"GET (/[A-Za-z0-9/._-]*)(?:\?([!$-;=?-Z_a-z~]*))? HTTP/1\.1\Z")
 # Headers whose presence means a body, a protocol switch or a negotiation: gunicorn's.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings", b"te", b"trailer"})
 _KEEP_ALIVE, _CLOSE = b"keep-alive", b"close"
 READ_SIZE = 65536
+# An answer's header lines as gunicorn accepts them (its TOKEN_RE and HEADER_VALUE_RE):
+# possessive, so a long bad value cannot backtrack.
+_ANSWER_HEADERS = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++: [ \t\x21-\x7e\x80-\xff]*+(?:\r\n|\Z))*+")
+# gunicorn drops these from an answer (util.is_hoppish): the connection's framing, Server and
+# Date are its own.
+_HOP_BY_HOP = frozenset(hop_headers)
+_OWS = " \t"
 
 
 # Why a connection went to gunicorn (ccproxy_connections_handed_over_total): data calls that
 # are not plain GETs mean something in front of the proxy (a load balancer adding headers
 # with underscores, say) costs every call the lane.
-NOT_PLAIN_GET, NOT_DATA_ENDPOINT = "not_plain_get", "not_data_endpoint"
-HANDED_OVER_REASONS = (NOT_PLAIN_GET, NOT_DATA_ENDPOINT)
+# `incomplete`: the client hung up or its header clock ran out mid-head (a slow or hostile
+# client, not a data call; gunicorn closes the connection as it always did).
+NOT_PLAIN_GET, NOT_DATA_ENDPOINT, INCOMPLETE = "not_plain_get", "not_data_endpoint", "incomplete"
+HANDED_OVER_REASONS = (NOT_PLAIN_GET, NOT_DATA_ENDPOINT, INCOMPLETE)
 
 
 def _handed_over(conn: GuardedSocket, read: bytes, reason: str) -> bytes:
@@ -58,20 +74,28 @@ def _handed_over(conn: GuardedSocket, read: bytes, reason: str) -> bytes:
 
 
 class PlainGet:
-    """A parsed plain GET: its path, query and headers (as WSGI environ keys)."""
+    """A parsed plain GET: its path, query, headers (as WSGI environ keys) and URL scheme."""
 
-    __slots__ = ("path", "query", "environ_headers", "close")
+    __slots__ = ("path", "query", "environ_headers", "close", "scheme")
 
-    def __init__(self, path: str, query: str, environ_headers: dict[str, str], close: bool):
+    def __init__(self, path: str, query: str, environ_headers: dict[str, str], close: bool,
+                 scheme: str = "http"):
         self.path = path
         self.query = query
         self.environ_headers = environ_headers
         self.close = close
+        self.scheme = scheme
 
 
-def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int) -> PlainGet | None:
+_NO_SCHEME_HEADERS: Mapping[bytes, bytes] = {}
+
+
+def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int,
+              scheme_headers: Mapping[bytes, bytes] = _NO_SCHEME_HEADERS) -> PlainGet | None:
     """The request whose head (without its final blank line) is `head`, if it is a plain GET
-    in the lane's subset; None for anything gunicorn must parse."""
+    in the lane's subset; None for anything gunicorn must parse. `scheme_headers`: the
+    secure-scheme headers (lowercase name -> the value meaning https) this peer may set,
+    as gunicorn's forwarded_allow_ips decides; empty for an untrusted peer."""
     lines = head.split(b"\r\n")
     if len(lines[0]) > max_line or len(lines) - 1 > max_fields:
         return None
@@ -80,8 +104,9 @@ def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int) -> Pl
         return None
     headers: dict[str, str] = {}
     close = False
+    scheme = ""
     for line in lines[1:]:
-        if len(line) > max_field:
+        if len(line) + 2 > max_field:  # gunicorn counts the line's CRLF
             return None
         field = _HEADER.match(line)
         if field is None:
@@ -94,11 +119,28 @@ def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int) -> Pl
             if option not in (_KEEP_ALIVE, _CLOSE):
                 return None
             close = option == _CLOSE
-        key = "HTTP_" + name.decode("ascii").upper().replace("-", "_")
+        expected = scheme_headers.get(name)
+        if expected is not None:
+            said = "https" if value == expected else "http"
+            if scheme and said != scheme:
+                return None  # conflicting scheme headers: gunicorn refuses them (400)
+            scheme = said
+        key = "CONTENT_TYPE" if name == b"content-type" else "HTTP_" + name.decode("ascii").upper().replace("-", "_")
         if key in headers:
             return None  # gunicorn's joining (or refusing) of repeats is the reference
         headers[key] = value.decode("ascii")
-    return PlainGet(first.group(1).decode("ascii"), (first.group(2) or b"").decode("ascii"), headers, close)
+    return PlainGet(first.group(1).decode("ascii"), (first.group(2) or b"").decode("ascii"), headers, close,
+                    scheme or "http")
+
+
+def _networks(allowed: Iterable[str]) -> list[Any]:
+    networks = []
+    for entry in allowed:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            pass  # "*" (handled apart), or an entry gunicorn itself would not match
+    return networks
 
 
 class _Date:
@@ -121,37 +163,62 @@ class FastLane:
     connection is over)."""
 
     def __init__(self, app: Callable, data_paths: Iterable[str], cfg: Any,
-                 count_request: Callable[[], bool], fair: Callable[[], None], server_header: str):
+                 count_request: Callable[[], bool], fair: Callable[[], None], server_header: str,
+                 base_environ: Mapping[str, Any] | None = None):
         self.app = app
-        self.data_paths = frozenset(data_paths)
+        # gunicorn strips a SCRIPT_NAME set in the process environment from every path: the
+        # lane leaves such a deployment to gunicorn.
+        self.data_paths = frozenset(() if os.environ.get("SCRIPT_NAME") else data_paths)
         self.max_line = cfg.limit_request_line or 8190
         self.max_fields = cfg.limit_request_fields
         self.max_field = cfg.limit_request_field_size or 8190
         # Longer heads are gunicorn's to parse (and to refuse with 431 or 414).
         self.max_head = self.max_line + 2 + self.max_fields * (self.max_field + 2) + 2
+        # Who may say a request came over https (gunicorn's forwarded_allow_ips), and how.
+        allowed = list(getattr(cfg, "forwarded_allow_ips", None) or [])
+        self.trust_all = "*" in allowed
+        self.trusted = _networks(allowed)
+        self.scheme_headers = {name.lower().encode("ascii"): value.encode("latin-1") for name, value in
+                               (getattr(cfg, "secure_scheme_headers", None) or {}).items()}
         # The worker's request count (gunicorn's max_requests): False once it stops serving.
         self.count_request = count_request
         # A yield after each answer (proxy/serving.py, fair_worker_class).
         self.fair = fair
         self.server_header = server_header
+        # gunicorn's environ keys that do not depend on the request (wsgi.errors and so on).
+        self.base_environ = dict(base_environ or {})
         self.date = _Date()
 
+    def scheme_headers_of(self, addr: Any) -> Mapping[bytes, bytes]:
+        """The secure-scheme headers this peer may set: none unless gunicorn trusts it."""
+        if not self.scheme_headers:
+            return _NO_SCHEME_HEADERS
+        if self.trust_all or not isinstance(addr, tuple):  # a Unix socket: gunicorn trusts it
+            return self.scheme_headers
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return _NO_SCHEME_HEADERS
+        return self.scheme_headers if any(ip in net for net in self.trusted) else _NO_SCHEME_HEADERS
+
     def serve(self, conn: GuardedSocket, addr: Any, server: tuple) -> bytes | None:
+        scheme_headers = self.scheme_headers_of(addr)
         # A bytearray: a head trickled in byte by byte costs linear time, not quadratic.
         buffered = bytearray()
         while True:
-            if not conn.before_request():
+            if not conn.before_request(begun=bool(buffered)):
                 return None
             head_end = buffered.find(b"\r\n\r\n")
             while head_end < 0:
                 if len(buffered) > self.max_head:
                     return _handed_over(conn, bytes(buffered), NOT_PLAIN_GET)
                 data = conn.recv(READ_SIZE)
-                if not data:  # a partial head: gunicorn's parser says why
-                    return _handed_over(conn, bytes(buffered), NOT_PLAIN_GET) if buffered else None
+                if not data:  # a hang-up or a clock mid-head: gunicorn closes it as ever
+                    return _handed_over(conn, bytes(buffered), INCOMPLETE) if buffered else None
                 buffered += data
                 head_end = buffered.find(b"\r\n\r\n", max(0, len(buffered) - len(data) - 3))
-            request = plain_get(bytes(buffered[:head_end]), self.max_line, self.max_fields, self.max_field)
+            request = plain_get(bytes(buffered[:head_end]), self.max_line, self.max_fields, self.max_field,
+                                scheme_headers)
             if request is None:
                 return _handed_over(conn, bytes(buffered), NOT_PLAIN_GET)
             if request.path not in self.data_paths:
@@ -165,12 +232,16 @@ class FastLane:
             self.fair()
 
     def answer(self, conn: GuardedSocket, request: PlainGet, addr: Any, server: tuple, close: bool) -> None:
-        environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": request.path,
-                   "QUERY_STRING": request.query, "RAW_URI": request.path + ("?" + request.query if request.query else ""),
-                   "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]),
-                   "SERVER_PORT": str(server[1]), "REMOTE_ADDR": addr[0] if addr else "",
-                   "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": True,
-                   "wsgi.run_once": False, "wsgi.version": (1, 0), **request.environ_headers}
+        # The environ gunicorn would build for this request (gunicorn/http/wsgi.py, create).
+        environ = {**self.base_environ, "wsgi.input": io.BytesIO(b""), "REQUEST_METHOD": "GET",
+                   "SCRIPT_NAME": "", "PATH_INFO": request.path, "QUERY_STRING": request.query,
+                   "RAW_URI": request.path + ("?" + request.query if request.query else ""),
+                   "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
+                   "wsgi.url_scheme": request.scheme, **request.environ_headers}
+        if isinstance(addr, tuple):
+            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = addr[0], str(addr[1])
+        else:
+            environ["REMOTE_ADDR"] = addr.decode() if isinstance(addr, bytes) else str(addr or "")
         started: list[Any] = []
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -185,12 +256,18 @@ class FastLane:
             if close_chunks is not None:
                 close_chunks()
         status, headers = started
-        lines = [f"HTTP/1.1 {status}", f"Server: {self.server_header}", f"Date: {self.date()}",
-                 "Connection: close" if close else "Connection: keep-alive"]
-        lines += [f"{name}: {value}" for name, value in headers]
+        conn.sendall(self.head(status, headers, close, len(body)) + body)
+
+    def head(self, status: str, headers: list[tuple[str, str]], close: bool, length: int) -> bytes:
+        """The answer's status line and headers, checked and trimmed as gunicorn's Response does."""
+        lines = [f"{name}: {value.strip(_OWS)}" for name, value in headers if name.lower() not in _HOP_BY_HOP]
+        joined = "\r\n".join(lines)
+        if joined.count("\r") != max(len(lines) - 1, 0) or not _ANSWER_HEADERS.fullmatch(joined):
+            # A header name outside the token grammar or a control byte in a value (a line
+            # break would forge headers): never sent; the worker answers a JSON 500.
+            raise ValueError("an answer header is not valid HTTP")
         if not any(name.lower() == "content-length" for name, _ in headers):
-            lines.append(f"Content-Length: {len(body)}")
-        head = "\r\n".join(lines)
-        if head.count("\n") != len(lines) - 1:  # a header carrying a line break: never sent
-            raise ValueError("an answer header holds a line break")
-        conn.sendall((head + "\r\n\r\n").encode("latin-1") + body)
+            lines.append(f"Content-Length: {length}")
+        lines[:0] = [f"HTTP/1.1 {status}", f"Server: {self.server_header}", f"Date: {self.date()}",
+                     "Connection: close" if close else "Connection: keep-alive"]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +17,8 @@ from servers import wait_for
 from test_connections import KEY, metrics_text, read_answer
 from test_metrics import sample
 
-from proxy.connections import ConnectionGuard, GuardedSocket
-from proxy.fast_lane import NOT_DATA_ENDPOINT, NOT_PLAIN_GET, FastLane, plain_get
+from proxy.connections import HEADER_TRICKLE, MAX_HEAD_READS, ConnectionGuard, GuardedSocket
+from proxy.fast_lane import INCOMPLETE, NOT_DATA_ENDPOINT, NOT_PLAIN_GET, FastLane, plain_get
 
 LIMITS = (4094, 100, 8190)  # gunicorn's defaults: request line, header count, header line
 BRAZE = (b"GET /v1/amplitude/recommendations?rec_id=r1&user_id=u%401 HTTP/1.1\r\nHost: proxy.example\r\n"
@@ -61,9 +64,81 @@ def test_a_braze_call_is_a_plain_get():
     b"GET /v1/x?" + b"a" * 4100 + b" HTTP/1.1",              # over gunicorn's request line
     b"GET /v1/x HTTP/1.1" + b"\r\nX-A: a" * 101,             # over its header count
     b"GET /v1/x HTTP/1.1\r\nX-A: " + b"a" * 8200,            # over its header line
+    b"GET /v1/x HTTP/1.1\r\nX-A: " + b"a" * 8184,            # 8,189 bytes + CRLF: over it too
 ])
 def test_anything_else_is_left_to_gunicorn(head):
     assert plain_get(head, *LIMITS) is None
+
+
+def test_a_header_of_spaces_ending_in_a_stray_byte_is_refused_in_linear_time():
+    # Whitespace then a byte outside the grammar made the header pattern backtrack
+    # quadratically (8 KB: 160 ms of a worker per request). At 4 MB quadratic is hours and
+    # linear milliseconds: the child either finishes or the generous timeout says it hung.
+    code = ("from proxy.fast_lane import _HEADER, plain_get\n"
+            "for end in (b'\\x00', b'\\r', b'\\xe9'):\n"
+            "    for ws in (b' ', b'\\t'):\n"
+            "        assert _HEADER.match(b'X:' + ws * 4_000_000 + end) is None\n"
+            "        assert _HEADER.match(b'X: a' + ws * 4_000_000 + end) is None\n"
+            "assert plain_get(b'GET /v1/d HTTP/1.1\\r\\nX:' + b' ' * 8185 + b'\\x00', 4094, 100, 8190) is None\n"
+            "assert _HEADER.match(b'X:' + b' ' * 4_000_000).group(2) is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_limits_count_as_gunicorn_counts_them():
+    assert plain_get(b"GET /v1/x HTTP/1.1\r\nX-A: " + b"a" * 8183, *LIMITS) is not None  # 8,188 + CRLF
+    assert plain_get(b"GET /v1/x HTTP/1.1" + b"\r\nX-A: a" * 100, *LIMITS) is None       # repeated anyway
+    assert plain_get(b"GET /v1/x HTTP/1.1" + b"".join(b"\r\nX-%d: a" % i for i in range(100)), *LIMITS)
+
+
+SCHEME = {b"x-forwarded-proto": b"https", b"x-forwarded-ssl": b"on"}
+
+
+def test_scheme_headers_count_only_from_a_trusted_peer_and_must_agree():
+    said = plain_get(b"GET /v1/x HTTP/1.1\r\nX-Forwarded-Proto: https", *LIMITS, SCHEME)
+    assert said is not None and said.scheme == "https"
+    assert plain_get(b"GET /v1/x HTTP/1.1\r\nX-Forwarded-Ssl: off", *LIMITS, SCHEME).scheme == "http"
+    agreeing = plain_get(b"GET /v1/x HTTP/1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Ssl: on", *LIMITS, SCHEME)
+    assert agreeing is not None and agreeing.scheme == "https"
+    # Conflicting: gunicorn refuses the request (400), so it is gunicorn's.
+    assert plain_get(b"GET /v1/x HTTP/1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off",
+                     *LIMITS, SCHEME) is None
+    untrusted = plain_get(b"GET /v1/x HTTP/1.1\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Ssl: off", *LIMITS)
+    assert untrusted is not None and untrusted.scheme == "http"
+    assert untrusted.environ_headers["HTTP_X_FORWARDED_PROTO"] == "https"
+    cfg = SimpleNamespace(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190,
+                          forwarded_allow_ips=["127.0.0.1", "10.0.0.0/8"],
+                          secure_scheme_headers={"X-FORWARDED-PROTO": "https", "X-FORWARDED-SSL": "on"})
+    lane = FastLane(Sent(), ("/v1/d",), cfg, lambda: True, lambda: None, "g")
+    assert lane.scheme_headers_of(("10.1.2.3", 5)) == SCHEME and lane.scheme_headers_of(("127.0.0.1", 5)) == SCHEME
+    assert lane.scheme_headers_of(("192.168.1.1", 5)) == {} and lane.scheme_headers_of(("::1", 5)) == {}
+    cfg.forwarded_allow_ips = ["*"]
+    assert FastLane(Sent(), (), cfg, lambda: True, lambda: None, "g").scheme_headers_of(("8.8.8.8", 5)) == SCHEME
+
+
+def test_the_environ_has_gunicorns_keys():
+    app = Sent()
+    lane, conn, client, _ = lane_pair(app)
+    lane.base_environ = {"wsgi.errors": "errors", "SERVER_SOFTWARE": "gunicorn/x"}
+    client.sendall(b"GET /v1/d HTTP/1.1\r\nContent-Type: text/plain\r\n\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert lane.serve(conn, ("10.0.0.9", 5000), ("127.0.0.1", 8000)) is None
+    environ = app.environs[0]
+    assert environ["CONTENT_TYPE"] == "text/plain" and "HTTP_CONTENT_TYPE" not in environ
+    assert environ["wsgi.input"].read() == b"" and environ["REMOTE_PORT"] == "5000"
+    assert (environ["wsgi.errors"], environ["SERVER_SOFTWARE"], environ["wsgi.url_scheme"]) == (
+        "errors", "gunicorn/x", "http")
+
+
+def test_a_head_begun_with_the_last_one_is_on_the_header_clock():
+    app = Sent()
+    guard = ConnectionGuard(header_timeout=0.3, keepalive_timeout=60, max_connections=10)
+    server_side, client = socket.socketpair()
+    conn = GuardedSocket(server_side, guard)
+    cfg = SimpleNamespace(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190)
+    lane = FastLane(app, ("/v1/d",), cfg, lambda: True, lambda: None, "g")
+    client.sendall(b"GET /v1/d HTTP/1.1\r\n\r\nGET /v1")  # then nothing more
+    assert lane.serve(conn, ("a", 1), ("b", 2)) == b"GET /v1" and len(app.environs) == 1
+    assert guard.closed == {"header_timeout": 1} and guard.handed_over == {INCOMPLETE: 1}
 
 
 class Sent:
@@ -158,22 +233,45 @@ class OneByteAtATime(GuardedSocket):
         return super().recv(1, *flags)
 
 
-def test_a_head_trickled_byte_by_byte_is_answered_or_handed_over_whole():
-    app = Sent()
+def trickling_lane(app):
     guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10)
     server_side, client = socket.socketpair()
     conn = OneByteAtATime(server_side, guard)
     lane = FastLane(app, ("/v1/d",), SimpleNamespace(limit_request_line=4094, limit_request_fields=100,
                                                      limit_request_field_size=8190), lambda: True, lambda: None, "g")
-    long_head = b"GET /v1/d HTTP/1.1\r\n" + b"X-A: " + b"a" * 8000 + b"\r\n" + b"X_B: b\r\n\r\n"
-    client.sendall(b"GET /v1/d?a=1 HTTP/1.1\r\nHost: h\r\n\r\n" + long_head)
-    assert lane.serve(conn, ("a", 1), ("b", 2)) == long_head  # every byte, in order, after 8 KB of reads
+    return lane, conn, client, guard
+
+
+def test_a_head_trickled_byte_by_byte_is_answered_or_handed_over_whole():
+    app = Sent()
+    lane, conn, client, guard = trickling_lane(app)
+    other = b"GET /v1/d HTTP/1.1\r\nX-A: a\r\nX_B: b\r\n\r\n"
+    client.sendall(b"GET /v1/d?a=1 HTTP/1.1\r\nHost: h\r\n\r\n" + other)
+    assert lane.serve(conn, ("a", 1), ("b", 2)) == other  # every byte, in order, one read each
     assert [e["QUERY_STRING"] for e in app.environs] == ["a=1"] and guard.handed_over == {NOT_PLAIN_GET: 1}
+    assert not guard.closed
 
 
-def test_an_answer_header_with_a_line_break_is_never_sent():
+def test_a_head_in_more_pieces_than_any_client_sends_is_closed_like_a_slow_one():
+    # gunicorn's parser copies its buffer on every read: a head trickled a byte per read cost
+    # seconds of CPU. Past MAX_HEAD_READS reads the head ends as if its clock ran out.
+    lane, conn, client, guard = trickling_lane(Sent())
+    client.sendall(b"GET /v1/d HTTP/1.1\r\nX-A: " + b"a" * 8000)
+    read = lane.serve(conn, ("a", 1), ("b", 2))
+    assert read is not None and len(read) == MAX_HEAD_READS
+    assert guard.closed == {HEADER_TRICKLE: 1} and guard.handed_over == {INCOMPLETE: 1}
+    conn.hand_over(read)
+    whole = GuardedSocket.recv  # gunicorn's reads, not the trickle's
+    assert whole(conn, 65536) == read and whole(conn, 65536) == b""  # then the end, as after a clock
+
+
+@pytest.mark.parametrize("header", [
+    ("X-Evil", "a\r\nSet-Cookie: b"), ("X-Evil", "a\nb"), ("X-Evil", "a\rb"), ("X-Evil", "a\x00b"),
+    ("Bad Name", "a"), ("", "a"), ("X:Y", "a"),
+])
+def test_an_answer_header_gunicorn_would_refuse_is_never_sent(header):
     def app(environ, start_response):
-        start_response("200 OK", [("X-Evil", "a\r\nSet-Cookie: b")])
+        start_response("200 OK", [("X-Ok", "1"), header])
         return [b"{}"]
 
     lane, conn, client, _ = lane_pair(app)
@@ -183,6 +281,22 @@ def test_an_answer_header_with_a_line_break_is_never_sent():
     client.setblocking(False)
     with pytest.raises(BlockingIOError):
         client.recv(10)
+
+
+def test_hop_by_hop_answer_headers_are_dropped_and_values_trimmed_as_gunicorn_does():
+    def app(environ, start_response):
+        start_response("200 OK", [("Connection", "upgrade"), ("Server", "evil"), ("Date", "x"),
+                                  ("Transfer-Encoding", "chunked"), ("X-Ok", " 1\t"), ("Content-Length", "2")])
+        return [b"{}"]
+
+    lane, conn, client, _ = lane_pair(app)
+    client.sendall(b"GET /v1/d HTTP/1.1\r\n\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert lane.serve(conn, ("a", 1), ("b", 2)) is None
+    client.settimeout(10)
+    head = client.recv(65536).split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head == [b"HTTP/1.1 200 OK", b"Server: gunicorn", head[2], b"Connection: keep-alive",
+                    b"X-Ok: 1", b"Content-Length: 2"]
 
 
 # Live: a two-worker `ccproxy serve`, raw sockets.
