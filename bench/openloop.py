@@ -66,9 +66,13 @@ def run(url: str, rate: float, seconds: float, kind: str, connections: int, user
                 f"Host: {host}:{port}\r\n\r\n").encode()
 
     conns = [Conn(host, port) for _ in range(connections)]
-    for c in conns:  # one answer on each first, so the run measures requests, not connection set-up
+    # One answer on each first, so the run measures requests, not connection set-up: a data
+    # call, as Braze's connections make (a first /healthz sent each connection through
+    # gunicorn's parser, before serve's workers took connections back to the fast lane).
+    for c in conns:
         c.sock.setblocking(True)
-        c.sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        c.sock.sendall(f"GET /v1/amplitude/recommendations?rec_id=testRecId&user_id=warm1 HTTP/1.1\r\n"
+                       f"Host: {host}:{port}\r\n\r\n".encode())
     for c in conns:
         while answer_length(c.buf) is None:
             c.buf += c.sock.recv(65536)

@@ -205,7 +205,7 @@ class GuardedSocket:
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
     __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired", "pending",
-                 "resumed", "head_reads")
+                 "resumed", "head_reads", "taken_back")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
@@ -219,15 +219,23 @@ class GuardedSocket:
         self.pending = b""
         self.resumed = False
         self.head_reads = 0  # reads of the head being waited for (MAX_HEAD_READS)
+        # Back to the fast lane after gunicorn's answer: the bytes gunicorn read past it (None:
+        # the connection stays with gunicorn, or is over).
+        self.taken_back: bytes | None = None
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
+    def close(self) -> None:
+        """gunicorn closes the socket when its loop ends: not when the lane takes it back."""
+        if self.taken_back is None:
+            self._sock.close()
+
     def hand_over(self, read: bytes) -> None:
         """The fast lane stops here: gunicorn's parser starts with `read`, on the clock the
         request's head is already on (a slow head gets no second header timeout)."""
-        self.pending = read
+        self.pending = read + self.pending  # before any handed over earlier, still unread
         self.resumed = True
 
     def recv(self, size: int, *flags: int) -> bytes:
@@ -519,24 +527,29 @@ def guarded_worker_class(settings: Settings) -> type:
             greenlet = getcurrent()
             self.reading[greenlet] = conn
             try:
-                if self.lane is not None:
-                    client.setblocking(1)  # as gunicorn's gevent worker does
-                    read = self._fast_lane(conn, listener, addr)
-                    if read is None:
-                        util.close(client)
+                read = b""
+                while True:
+                    if self.lane is not None:
+                        client.setblocking(1)  # as gunicorn's gevent worker does
+                        handed = self._fast_lane(conn, listener, addr, read)
+                        if handed is None:
+                            util.close(client)
+                            return
+                        conn.hand_over(handed)
+                    super().handle(listener, conn, addr)
+                    if conn.taken_back is None:
                         return
-                    conn.hand_over(read)
-                super().handle(listener, conn, addr)
+                    read, conn.taken_back = conn.taken_back, None
             finally:
                 self.reading.pop(greenlet, None)
                 self.guard.leave(conn)
 
-        def _fast_lane(self, conn: GuardedSocket, listener: Any, addr: Any) -> bytes | None:
+        def _fast_lane(self, conn: GuardedSocket, listener: Any, addr: Any, read: bytes) -> bytes | None:
             """What gunicorn must take over (None: the connection is over), with gunicorn's
             handling of a client that went away and of an answer that failed."""
             assert self.lane is not None
             try:
-                return self.lane.serve(conn, addr, listener.getsockname())
+                return self.lane.serve(conn, addr, listener.getsockname(), read)
             except OSError as exc:
                 if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                     self.log.exception("Socket error processing request.")
@@ -551,7 +564,16 @@ def guarded_worker_class(settings: Settings) -> type:
         def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
             if not sock.take_body(req, settings.max_body, Body):
                 raise StopIteration  # gunicorn's keep-alive loop closes the connection quietly
-            return super().handle_request(listener_name, req, sock, addr)
+            super().handle_request(listener_name, req, sock, addr)
+            # Answered and kept alive (gunicorn raises StopIteration for a connection that
+            # closes; take_body read the body whole): the connection goes back to the fast lane
+            # with what gunicorn read past this request, so a preview or a write on a
+            # connection (a load balancer's pooled one, say) does not cost every later data
+            # call on it the lane.
+            take_buffered = getattr(req.unreader, "take_buffered", None)
+            if self.lane is not None and self.alive and take_buffered is not None:
+                sock.taken_back = take_buffered()
+                raise StopIteration  # gunicorn's loop ends; GuardedSocket.close keeps the socket
 
         def timeout_ctx(self) -> Any:
             return self.reading[getcurrent()].reading_request()

@@ -9,8 +9,9 @@ endpoint in the strict subset of HTTP/1.1 below, gives the same WSGI app the env
 envelope reads (proxy/middleware.py) and writes the answer with gunicorn's status line and
 default headers.
 
-Anything else goes to gunicorn, with the bytes read so far, for the rest of the connection:
-gunicorn then parses, answers or refuses it exactly as it did before this lane existed.
+Anything else goes to gunicorn, with the bytes read so far: gunicorn then parses, answers
+or refuses it exactly as it did before this lane existed, and a connection it keeps alive
+comes back to the lane with what it read past that request (proxy/connections.py).
 That covers every request with a body or a framing header (Content-Length,
 Transfer-Encoding), Expect, Upgrade, an unknown Connection option, HTTP/1.0, a header name
 gunicorn's policy drops or refuses (an underscore), a repeated header, a byte outside the
@@ -201,10 +202,12 @@ class FastLane:
             return _NO_SCHEME_HEADERS
         return self.scheme_headers if any(ip in net for net in self.trusted) else _NO_SCHEME_HEADERS
 
-    def serve(self, conn: GuardedSocket, addr: Any, server: tuple) -> bytes | None:
+    def serve(self, conn: GuardedSocket, addr: Any, server: tuple, read: bytes = b"") -> bytes | None:
+        """`read`: bytes already read from the connection (what gunicorn read past the
+        request it answered, when the connection comes back to the lane)."""
         scheme_headers = self.scheme_headers_of(addr)
         # A bytearray: a head trickled in byte by byte costs linear time, not quadratic.
-        buffered = bytearray()
+        buffered = bytearray(read)
         while True:
             if not conn.before_request(begun=bool(buffered)):
                 return None

@@ -168,9 +168,10 @@ class Metrics:
             ["reason"], registry=registry,
         )
         self.connections_handed_over = Counter(
-            "ccproxy_connections_handed_over", "Client connections the fast lane handed to gunicorn's "
-            "parser, by reason (not_plain_get: a request outside the lane's subset of HTTP/1.1; "
-            "not_data_endpoint: any other route)",
+            "ccproxy_connections_handed_over", "Times the fast lane handed a client connection to "
+            "gunicorn's parser (it comes back to the lane after gunicorn's answer), by reason "
+            "(not_plain_get: a request outside the lane's subset of HTTP/1.1; not_data_endpoint: any "
+            "other route; incomplete: a hang-up or a clock mid-head)",
             ["reason"], registry=registry,
         )
         self.connections = Gauge(
