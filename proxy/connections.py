@@ -71,6 +71,8 @@ TIMEOUT_REASONS = {WAITING: "header_timeout", IDLE: "keepalive_timeout", BODY: "
 # reads of even one 1,448-byte segment each cover heads far past any header a caller sends.
 MAX_HEAD_READS = 256
 HEADER_TRICKLE = "header_trickle"
+# A connection whose last this many requests all went to gunicorn stays with gunicorn.
+MAX_HANDED_IN_A_ROW = 8
 CLOSE_REASONS = (*TIMEOUT_REASONS.values(), HEADER_TRICKLE,
                  *(f"shed_{phase}" for phase in (IDLE, *_CLIENT_PACED)), "shutdown")
 # gunicorn answers requests it cannot parse itself, before the app sees them; these are its
@@ -205,7 +207,7 @@ class GuardedSocket:
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
     __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired", "pending",
-                 "resumed", "head_reads", "taken_back")
+                 "resumed", "head_reads", "taken_back", "handed_in_a_row")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
@@ -222,6 +224,7 @@ class GuardedSocket:
         # Back to the fast lane after gunicorn's answer: the bytes gunicorn read past it (None:
         # the connection stays with gunicorn, or is over).
         self.taken_back: bytes | None = None
+        self.handed_in_a_row = 0  # requests handed to gunicorn since the lane last answered one
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -237,6 +240,7 @@ class GuardedSocket:
         request's head is already on (a slow head gets no second header timeout)."""
         self.pending = read + self.pending  # before any handed over earlier, still unread
         self.resumed = True
+        self.handed_in_a_row += 1
 
     def recv(self, size: int, *flags: int) -> bytes:
         if self.pending:
@@ -353,6 +357,7 @@ class GuardedSocket:
     def start_answer(self) -> None:
         """A request without a body has been read whole: it is being answered."""
         self.requests += 1
+        self.handed_in_a_row = 0
         self.guard.move(self, ACTIVE, self.guard.body_timeout)
 
     @contextmanager
@@ -505,7 +510,9 @@ def guarded_worker_class(settings: Settings) -> type:
             services = getattr(self.wsgi, "extensions", {}).get("ccproxy")
             if services is not None:  # its metrics copy the guard's counts
                 services.connections = self.guard
-                if settings.fast_lane:
+                # The lane speaks plain HTTP/1.1 from the first byte (no PROXY protocol header,
+                # which gunicorn reads only on a connection's first request).
+                if settings.fast_lane and getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None):
                     self.lane = FastLane(self.wsgi, services.endpoints, self.cfg, self._count_request,
                                          self.after_answer, SERVER, base_environ(self.cfg))
 
@@ -570,10 +577,15 @@ def guarded_worker_class(settings: Settings) -> type:
             # with what gunicorn read past this request, so a preview or a write on a
             # connection (a load balancer's pooled one, say) does not cost every later data
             # call on it the lane.
+            # Only after an answer was written (the send phase), and not on a connection whose
+            # last requests all went to gunicorn (HTTP/1.0 keep-alive, say): there the lane
+            # would only add a head scan and a copy to each request.
             take_buffered = getattr(req.unreader, "take_buffered", None)
-            if self.lane is not None and self.alive and take_buffered is not None:
+            if (self.lane is not None and self.alive and take_buffered is not None and sock.phase == SEND
+                    and sock.handed_in_a_row < MAX_HANDED_IN_A_ROW):
                 sock.taken_back = take_buffered()
-                raise StopIteration  # gunicorn's loop ends; GuardedSocket.close keeps the socket
+                # gunicorn's loop ends here; GuardedSocket.close keeps the socket open.
+                raise StopIteration("back to the fast lane")
 
         def timeout_ctx(self) -> Any:
             return self.reading[getcurrent()].reading_request()

@@ -77,12 +77,13 @@ def _handed_over(conn: GuardedSocket, read: bytes, reason: str) -> bytes:
 class PlainGet:
     """A parsed plain GET: its path, query, headers (as WSGI environ keys) and URL scheme."""
 
-    __slots__ = ("path", "query", "environ_headers", "close", "scheme")
+    __slots__ = ("path", "query", "environ_headers", "close", "scheme", "raw_uri")
 
     def __init__(self, path: str, query: str, environ_headers: dict[str, str], close: bool,
-                 scheme: str = "http"):
+                 scheme: str = "http", raw_uri: str = ""):
         self.path = path
         self.query = query
+        self.raw_uri = raw_uri or path + ("?" + query if query else "")  # as sent ("/a?" keeps its "?")
         self.environ_headers = environ_headers
         self.close = close
         self.scheme = scheme
@@ -131,7 +132,7 @@ def plain_get(head: bytes, max_line: int, max_fields: int, max_field: int,
             return None  # gunicorn's joining (or refusing) of repeats is the reference
         headers[key] = value.decode("ascii")
     return PlainGet(first.group(1).decode("ascii"), (first.group(2) or b"").decode("ascii"), headers, close,
-                    scheme or "http")
+                    scheme or "http", lines[0][4:-9].decode("ascii"))
 
 
 def _networks(allowed: Iterable[str]) -> list[Any]:
@@ -209,7 +210,7 @@ class FastLane:
         # A bytearray: a head trickled in byte by byte costs linear time, not quadratic.
         buffered = bytearray(read)
         while True:
-            if not conn.before_request(begun=bool(buffered)):
+            if not conn.before_request(begun=bool(buffered or conn.pending)):
                 return None
             head_end = buffered.find(b"\r\n\r\n")
             while head_end < 0:
@@ -236,9 +237,9 @@ class FastLane:
 
     def answer(self, conn: GuardedSocket, request: PlainGet, addr: Any, server: tuple, close: bool) -> None:
         # The environ gunicorn would build for this request (gunicorn/http/wsgi.py, create).
-        environ = {**self.base_environ, "wsgi.input": io.BytesIO(b""), "REQUEST_METHOD": "GET",
+        environ = {**self.base_environ, "wsgi.input": io.BytesIO(b""), "wsgi.multithread": True, "REQUEST_METHOD": "GET",
                    "SCRIPT_NAME": "", "PATH_INFO": request.path, "QUERY_STRING": request.query,
-                   "RAW_URI": request.path + ("?" + request.query if request.query else ""),
+                   "RAW_URI": request.raw_uri,
                    "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]),
                    "wsgi.url_scheme": request.scheme, **request.environ_headers}
         if isinstance(addr, tuple):
