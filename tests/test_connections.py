@@ -126,6 +126,30 @@ def test_the_next_request_waits_until_the_client_took_the_answer():
     server_side.close()
 
 
+def test_an_answer_larger_than_the_socket_buffers_is_sent_whole_and_in_order():
+    # sendall's first send takes what fits; the rest follows on the same send clock.
+    import threading
+
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=60)
+    server_side, client = socket.socketpair()
+    conn = GuardedSocket(server_side, guard)
+    payload = bytes(range(256)) * 32_768  # 8 MB
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(payload):
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    conn.sendall(payload)
+    reader.join(timeout=60)
+    assert bytes(received) == payload and conn.phase == "send"
+
+
 def test_a_client_that_resets_with_its_answer_unread_is_not_waited_for():
     """The kernel keeps counting a reset connection's unsent bytes: the wait for them to be
     taken must end with the connection, not at the send clock (it held the greenlet, and a
