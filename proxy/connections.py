@@ -578,14 +578,12 @@ def guarded_worker_class(settings: Settings) -> type:
             if not sock.take_body(req, settings.max_body, Body):
                 raise StopIteration  # gunicorn's keep-alive loop closes the connection quietly
             super().handle_request(listener_name, req, sock, addr)
-            # Answered and kept alive (gunicorn raises StopIteration for a connection that
-            # closes; take_body read the body whole): the connection goes back to the fast lane
-            # with what gunicorn read past this request, so a preview or a write on a
-            # connection (a load balancer's pooled one, say) does not cost every later data
-            # call on it the lane.
-            # Only after an answer was written (the send phase), and not on a connection whose
-            # last requests all went to gunicorn (HTTP/1.0 keep-alive, say): there the lane
-            # would only add a head scan and a copy to each request.
+            # Answered (the send phase) and kept alive (gunicorn raises StopIteration for a
+            # connection that closes; take_body read the body whole): the connection goes back
+            # to the fast lane with what gunicorn read past this request, so a preview or a
+            # write on a pooled connection does not cost every later data call on it the lane.
+            # Not on a connection whose last requests all went to gunicorn (HTTP/1.0
+            # keep-alive, say): there the lane would only add a head scan and a copy to each.
             take_buffered = getattr(req.unreader, "take_buffered", None)
             if (self.lane is not None and self.alive and take_buffered is not None and sock.phase == SEND
                     and sock.handed_in_a_row < MAX_HANDED_IN_A_ROW):

@@ -69,9 +69,9 @@ NOT_PLAIN_GET, NOT_DATA_ENDPOINT, INCOMPLETE = "not_plain_get", "not_data_endpoi
 HANDED_OVER_REASONS = (NOT_PLAIN_GET, NOT_DATA_ENDPOINT, INCOMPLETE)
 
 
-def _handed_over(conn: GuardedSocket, read: bytes, reason: str) -> bytes:
+def _handed_over(conn: GuardedSocket, read: bytearray, reason: str) -> bytes:
     conn.guard.handed_over[reason] += 1
-    return read
+    return bytes(read)
 
 
 class PlainGet:
@@ -80,10 +80,10 @@ class PlainGet:
     __slots__ = ("path", "query", "environ_headers", "close", "scheme", "raw_uri")
 
     def __init__(self, path: str, query: str, environ_headers: dict[str, str], close: bool,
-                 scheme: str = "http", raw_uri: str = ""):
+                 scheme: str, raw_uri: str):
         self.path = path
         self.query = query
-        self.raw_uri = raw_uri or path + ("?" + query if query else "")  # as sent ("/a?" keeps its "?")
+        self.raw_uri = raw_uri  # the target as sent ("/a?" keeps its "?", as in gunicorn's RAW_URI)
         self.environ_headers = environ_headers
         self.close = close
         self.scheme = scheme
@@ -215,18 +215,18 @@ class FastLane:
             head_end = buffered.find(b"\r\n\r\n")
             while head_end < 0:
                 if len(buffered) > self.max_head:
-                    return _handed_over(conn, bytes(buffered), NOT_PLAIN_GET)
+                    return _handed_over(conn, buffered, NOT_PLAIN_GET)
                 data = conn.recv(READ_SIZE)
                 if not data:  # a hang-up or a clock mid-head: gunicorn closes it as ever
-                    return _handed_over(conn, bytes(buffered), INCOMPLETE) if buffered else None
+                    return _handed_over(conn, buffered, INCOMPLETE) if buffered else None
                 buffered += data
                 head_end = buffered.find(b"\r\n\r\n", max(0, len(buffered) - len(data) - 3))
             request = plain_get(bytes(buffered[:head_end]), self.max_line, self.max_fields, self.max_field,
                                 scheme_headers)
             if request is None:
-                return _handed_over(conn, bytes(buffered), NOT_PLAIN_GET)
+                return _handed_over(conn, buffered, NOT_PLAIN_GET)
             if request.path not in self.data_paths:
-                return _handed_over(conn, bytes(buffered), NOT_DATA_ENDPOINT)
+                return _handed_over(conn, buffered, NOT_DATA_ENDPOINT)
             del buffered[:head_end + 4]
             conn.start_answer()
             close = not self.count_request() or request.close

@@ -140,11 +140,7 @@ def test_the_environ_has_gunicorns_keys():
 
 def test_a_head_begun_with_the_last_one_is_on_the_header_clock():
     app = Sent()
-    guard = ConnectionGuard(header_timeout=0.3, keepalive_timeout=60, max_connections=10)
-    server_side, client = socket.socketpair()
-    conn = GuardedSocket(server_side, guard)
-    cfg = SimpleNamespace(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190)
-    lane = FastLane(app, ("/v1/d",), cfg, lambda: True, lambda: None, "g")
+    lane, conn, client, guard = lane_pair(app, header_timeout=0.3, keepalive_timeout=60)
     client.sendall(b"GET /v1/d HTTP/1.1\r\n\r\nGET /v1")  # then nothing more
     assert lane.serve(conn, ("a", 1), ("b", 2)) == b"GET /v1" and len(app.environs) == 1
     assert guard.closed == {"header_timeout": 1} and guard.handed_over == {INCOMPLETE: 1}
@@ -161,10 +157,11 @@ class Sent:
         return [body]
 
 
-def lane_pair(app, data_paths=("/v1/d",), count=lambda: True):
-    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10)
+def lane_pair(app, data_paths=("/v1/d",), count=lambda: True, socket_class=None, header_timeout=10,
+              keepalive_timeout=75):
+    guard = ConnectionGuard(header_timeout=header_timeout, keepalive_timeout=keepalive_timeout, max_connections=10)
     server_side, client = socket.socketpair()
-    conn = GuardedSocket(server_side, guard)
+    conn = (socket_class or GuardedSocket)(server_side, guard)
     cfg = SimpleNamespace(limit_request_line=4094, limit_request_fields=100, limit_request_field_size=8190)
     lane = FastLane(app, data_paths, cfg, count, lambda: None, "gunicorn")
     return lane, conn, client, guard
@@ -235,12 +232,8 @@ def test_connection_close_and_a_stopping_worker_end_the_connection_after_the_ans
 
 def test_a_head_begun_in_bytes_handed_back_is_on_the_header_clock():
     # Back from gunicorn with nothing in its read-ahead but a partial head still pending.
-    guard = ConnectionGuard(header_timeout=0.3, keepalive_timeout=60, max_connections=10)
-    server_side, client = socket.socketpair()
-    conn = GuardedSocket(server_side, guard)
+    lane, conn, _, guard = lane_pair(Sent(), header_timeout=0.3, keepalive_timeout=60)
     conn.requests, conn.pending = 1, b"GET /v1"
-    lane = FastLane(Sent(), ("/v1/d",), SimpleNamespace(limit_request_line=4094, limit_request_fields=100,
-                                                        limit_request_field_size=8190), lambda: True, lambda: None, "g")
     assert lane.serve(conn, ("a", 1), ("b", 2)) == b"GET /v1"
     assert guard.closed == {"header_timeout": 1} and guard.handed_over == {INCOMPLETE: 1}
 
@@ -254,18 +247,9 @@ class OneByteAtATime(GuardedSocket):
         return super().recv(1, *flags)
 
 
-def trickling_lane(app):
-    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10)
-    server_side, client = socket.socketpair()
-    conn = OneByteAtATime(server_side, guard)
-    lane = FastLane(app, ("/v1/d",), SimpleNamespace(limit_request_line=4094, limit_request_fields=100,
-                                                     limit_request_field_size=8190), lambda: True, lambda: None, "g")
-    return lane, conn, client, guard
-
-
 def test_a_head_trickled_byte_by_byte_is_answered_or_handed_over_whole():
     app = Sent()
-    lane, conn, client, guard = trickling_lane(app)
+    lane, conn, client, guard = lane_pair(app, socket_class=OneByteAtATime)
     other = b"GET /v1/d HTTP/1.1\r\nX-A: a\r\nX_B: b\r\n\r\n"
     client.sendall(b"GET /v1/d?a=1 HTTP/1.1\r\nHost: h\r\n\r\n" + other)
     assert lane.serve(conn, ("a", 1), ("b", 2)) == other  # every byte, in order, one read each
@@ -276,7 +260,7 @@ def test_a_head_trickled_byte_by_byte_is_answered_or_handed_over_whole():
 def test_a_head_in_more_pieces_than_any_client_sends_is_closed_like_a_slow_one():
     # gunicorn's parser copies its buffer on every read: a head trickled a byte per read cost
     # seconds of CPU. Past MAX_HEAD_READS reads the head ends as if its clock ran out.
-    lane, conn, client, guard = trickling_lane(Sent())
+    lane, conn, client, guard = lane_pair(Sent(), socket_class=OneByteAtATime)
     client.sendall(b"GET /v1/d HTTP/1.1\r\nX-A: " + b"a" * 8000)
     read = lane.serve(conn, ("a", 1), ("b", 2))
     assert read is not None and len(read) == MAX_HEAD_READS
