@@ -1,8 +1,8 @@
 """One way from a data endpoint's outcome to HTTP: `http_answer` turns a handler's `Result`
-or a `ProxyError` into status, headers and body. The WSGI fast path (GET and HEAD of the
-data endpoints, middleware.py), the in-process `call` (templates, previews, consent links)
-and Flask's error handlers (every other route, app.py) all answer through it, so the same
-outcome reads the same wherever it is asked for.
+or a `ProxyError` into status, headers and body (`http_bytes`: the body as the bytes sent).
+The WSGI fast path (GET and HEAD of the data endpoints, middleware.py), the in-process
+`call` (templates, previews, consent links) and Flask's error handlers (every other route,
+app.py) all answer through it, so the same outcome reads the same wherever it is asked for.
 
 Pure functions of their arguments: nothing here is per process or shared.
 """
@@ -17,7 +17,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest, InternalError, ProxyError, UpstreamError
-from .responses import cache_headers
+from .responses import cache_headers, json_bytes
 
 if TYPE_CHECKING:
     from .endpoints import Endpoint, Result
@@ -70,6 +70,14 @@ def http_answer(outcome: Result | ProxyError) -> tuple[int, dict[str, str], dict
     if isinstance(outcome, ProxyError):
         return outcome.status, outcome.headers(), outcome.body()
     return 200, cache_headers(outcome.lookup), outcome.final_body()
+
+
+def http_bytes(outcome: Result | ProxyError) -> tuple[int, dict[str, str], bytes]:
+    """`http_answer` with the body as the JSON bytes sent: a Result's own (`Result.payload`,
+    kept on its cached answer). Raises TypeError or ValueError for a body JSON cannot carry."""
+    if isinstance(outcome, ProxyError):
+        return outcome.status, outcome.headers(), json_bytes(outcome.body())
+    return 200, cache_headers(outcome.lookup), outcome.payload()
 
 
 @dataclass(frozen=True, slots=True)

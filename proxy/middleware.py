@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 from . import auth, dispatch, observability
 from .errors import InternalError, MethodNotAllowed, ProxyError
 from .guards import end_deadline, start_deadline
-from .responses import JSON_TYPE, json_bytes
+from .responses import JSON_TYPE
 
 if TYPE_CHECKING:
     from .services import Services
@@ -146,13 +146,11 @@ class RequestEnvelope:
 def _send(respond: Callable, outcome: Any, method: str) -> list[bytes]:
     """Send dispatch's answer for `outcome`; HEAD gets the same status and headers (its
     Content-Length included) and no body."""
-    status, headers, body = dispatch.http_answer(outcome)
     try:
-        payload = json_bytes(body)
+        status, headers, payload = dispatch.http_bytes(outcome)
     except (TypeError, ValueError):  # an answer JSON cannot carry: a JSON 500, never a traceback page
         dispatch.log.exception("answer not encodable as JSON")
-        status, headers, body = dispatch.http_answer(InternalError())
-        payload = json_bytes(body)
+        status, headers, payload = dispatch.http_bytes(InternalError())
     respond(dispatch.status_line(status), [("Content-Type", JSON_TYPE),
                                            ("Content-Length", str(len(payload))), *headers.items()])
     return [] if method == "HEAD" else [payload]

@@ -12,7 +12,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -50,6 +50,10 @@ class Answer:
 
     data: Any
     missing: bool = False
+    # This answer's JSON bytes as endpoints sent it, by shaper and arguments (endpoints.Result):
+    # kept on the cached answer, so they live and expire with its cache entry. Never encoded
+    # into a shared store (entry_codec); per process.
+    encoded: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

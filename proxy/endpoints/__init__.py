@@ -26,6 +26,7 @@ from ..cache import Lookup
 from ..clients.base import Query
 from ..config import Settings
 from ..dispatch import Call
+from ..responses import json_bytes
 
 if TYPE_CHECKING:
     from ..services import Services
@@ -33,16 +34,80 @@ if TYPE_CHECKING:
 __all__ = ["Call", "Context", "Endpoint", "Registry", "Result", "build_registry", "call", "endpoint"]
 
 
-@dataclass(frozen=True, slots=True)
+# Byte forms kept per cached answer: HTML, text and AMP renders of one message ask the same
+# URL, so one is the rule; the bound keeps an answer asked in many shapes from growing.
+ENCODED_PER_ANSWER = 4
+
+
 class Result:
-    body: Mapping[str, Any]  # one of the answer TypedDicts
-    lookup: Lookup | None = None
+    """A handler's answer: the shaped body and the lookup it came from.
+
+    `Result.shaped(lookup, shaper, *args)` is the form for a body that a pure shaper makes
+    from a cached upstream answer: its JSON bytes are kept on that answer (`Answer.encoded`),
+    so the same question asked again while the entry lives is neither shaped nor encoded
+    again. They expire with the entry itself: there is no second cache to keep in step.
+    The first answer is shaped at once, inside the handler, so a shaper that fails is the
+    handler's failure as before (dispatch.run); later ones shape only if `body` is read.
+    """
+
+    __slots__ = ("lookup", "_body", "_shaper", "_args", "_key", "_payload")
+
+    def __init__(self, body: Mapping[str, Any] | None, lookup: Lookup | None = None):
+        self.lookup = lookup
+        self._body = body  # one of the answer TypedDicts
+        self._shaper: Callable[..., Mapping[str, Any]] | None = None
+        self._args: tuple[Any, ...] = ()
+        self._key: tuple[Any, ...] | None = None
+        self._payload: bytes | None = None
+
+    @classmethod
+    def shaped(cls, lookup: Lookup, shaper: Callable[..., Mapping[str, Any]], *args: Any) -> Result:
+        """`shaper(lookup.value.data, *args)`, shaped and encoded once per cached answer."""
+        result = cls(None, lookup)
+        result._shaper, result._args = shaper, args
+        result._key = _encoded_key(shaper, args, lookup.state)
+        if result._key is not None:
+            result._payload = lookup.value.encoded.get(result._key)
+        if result._payload is None:
+            result._body = shaper(lookup.value.data, *args)
+        return result
+
+    @property
+    def body(self) -> Mapping[str, Any]:
+        if self._body is None:
+            assert self._shaper is not None and self.lookup is not None
+            self._body = self._shaper(self.lookup.value.data, *self._args)  # pure: as when encoded
+        return self._body
 
     def final_body(self) -> dict[str, Any]:
         """The answer with its provenance: `stale` (older than its TTL, served because the
         upstream is slow or failing) and `fallback` (operator default content)."""
         state = self.lookup.state if self.lookup else ""
         return {**self.body, "stale": state == "STALE", "fallback": state == "FALLBACK"}
+
+    def payload(self) -> bytes:
+        """`final_body()` as the JSON bytes sent (raises TypeError or ValueError when it is
+        not JSON, as responses.json_bytes does)."""
+        if self._payload is None:
+            self._payload = json_bytes(self.final_body())
+            if self._key is not None and self.lookup is not None:
+                encoded = self.lookup.value.encoded
+                if len(encoded) < ENCODED_PER_ANSWER:
+                    encoded[self._key] = self._payload
+        return self._payload
+
+
+def _encoded_key(shaper: Callable[..., Any], args: tuple[Any, ...], state: str) -> tuple[Any, ...] | None:
+    """What the bytes of a shaped answer depend on besides its data: the shaper, its
+    arguments (lists as tuples) and the provenance flags. None when an argument cannot be
+    a key (then the answer is shaped and encoded each time)."""
+    key = (shaper, tuple(tuple(arg) if isinstance(arg, list) else arg for arg in args),
+           state == "STALE", state == "FALLBACK")
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 Handler = Callable[["Context", Mapping[str, str]], Result]

@@ -33,7 +33,7 @@ def recommendations(ctx: Context, args: Args) -> Result:
     # "No recommendations for now": every template has that branch, and Braze's :retry
     # cannot outlast a Retry-After (README, "Rate limited recommendations").
     lookup = ctx.fetch(query, when_limited=ctx.services.settings.recommendations_rate_limit_fallback)
-    return Result(shape.recommendations(lookup.value.data, rec_ids, user_id, device_id), lookup)
+    return Result.shaped(lookup, shape.recommendations, rec_ids, user_id, device_id)
 
 
 @endpoint("/v1/amplitude/properties", "User properties (computations excluded).", USER,
@@ -42,7 +42,7 @@ def recommendations(ctx: Context, args: Args) -> Result:
 def properties(ctx: Context, args: Args) -> Result:
     user_id, device_id = params.user_ref(args)
     lookup = ctx.fetch(ctx.services.amplitude.properties(user_id, device_id))
-    return Result(shape.properties(lookup.value.data, user_id, device_id), lookup)
+    return Result.shaped(lookup, shape.properties, user_id, device_id)
 
 
 @endpoint(
@@ -57,7 +57,7 @@ def computations(ctx: Context, args: Args) -> Result:
     comp_id = params.identifier(args, "comp_id")
     user_id, device_id = params.user_ref(args)
     lookup = ctx.fetch(ctx.services.amplitude.computations(user_id, device_id, comp_id))
-    return Result(shape.computations(lookup.value.data, comp_id, user_id, device_id), lookup)
+    return Result.shaped(lookup, shape.computations, comp_id, user_id, device_id)
 
 
 @endpoint(
@@ -72,7 +72,7 @@ def cohorts(ctx: Context, args: Args) -> Result:
     cohort_id = params.identifier(args, "cohort_id")
     user_id, device_id = params.user_ref(args)
     lookup = ctx.fetch(ctx.services.amplitude.cohorts(user_id, device_id))
-    return Result(shape.cohorts(lookup.value.data, cohort_id, user_id, device_id), lookup)
+    return Result.shaped(lookup, shape.cohorts, cohort_id, user_id, device_id)
 
 
 @endpoint(
@@ -88,4 +88,4 @@ def profile(ctx: Context, args: Args) -> Result:
     rec_type = _rec_type(args) if rec_ids else None
     user_id, device_id = params.user_ref(args)
     lookup = ctx.fetch(ctx.services.amplitude.profile(user_id, device_id, rec_ids, rec_type))
-    return Result(shape.profile(lookup.value.data, rec_ids, user_id, device_id), lookup)
+    return Result.shaped(lookup, shape.profile, rec_ids, user_id, device_id)

@@ -49,7 +49,7 @@ def variants(ctx: Context, args: Mapping[str, str]) -> Result:
     if config is not None:
         return local_variants(ctx, config, user_id, device_id, flags, context, track)
     lookup = ctx.fetch(ctx.services.experiment.variants(user_id, device_id, flags, context, track))
-    return Result(shape.variants(lookup.value.data, flags, user_id, device_id, track), lookup)
+    return Result.shaped(lookup, shape.variants, flags, user_id, device_id, track)
 
 
 def local_variants(ctx: Context, config: Configuration, user_id: str, device_id: str,

@@ -22,7 +22,7 @@ Args = Mapping[str, str]
 def profile(ctx: Context, args: Args) -> Result:
     selector = params.user_point_selector(args)
     lookup = ctx.fetch(ctx.services.mediarithmics.profiles(selector))
-    return Result(shape.profile(lookup.value.data), lookup)
+    return Result.shaped(lookup, shape.profile)
 
 
 @endpoint(
@@ -37,7 +37,7 @@ def choices(ctx: Context, args: Args) -> Result:
     selector = params.user_point_selector(args)
     processing = params.processing_id(args)
     lookup = ctx.fetch(ctx.services.mediarithmics.choices(selector, processing))
-    return Result(shape.choices(lookup.value.data, processing), lookup)
+    return Result.shaped(lookup, shape.choices, processing)
 
 
 @endpoint(
@@ -54,4 +54,4 @@ def choice_history(ctx: Context, args: Args) -> Result:
     processing = params.processing_id(args, required=True)
     assert processing is not None
     lookup = ctx.fetch(ctx.services.mediarithmics.choice_history(selector, processing))
-    return Result(shape.history(lookup.value.data, processing), lookup)
+    return Result.shaped(lookup, shape.history, processing)

@@ -24,4 +24,4 @@ def profile(ctx: Context, args: Mapping[str, str]) -> Result:
     if bool(tntid) == bool(third_party_id):
         raise BadRequest("give exactly one of tntid or third_party_id", code="missing_parameter")
     lookup = ctx.fetch(ctx.services.target.profile(tntid=tntid, third_party_id=third_party_id))
-    return Result(shape.profile(lookup.value.data, tntid or "", third_party_id or ""), lookup)
+    return Result.shaped(lookup, shape.profile, tntid or "", third_party_id or "")

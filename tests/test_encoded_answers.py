@@ -1,0 +1,109 @@
+"""A cached answer keeps the JSON bytes it was sent as (endpoints.Result.shaped): asked again
+while its entry lives, it is neither shaped nor encoded again, and every form of it (flags,
+shaper arguments, the in-process call) still reads exactly as when it was first made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import upstream_calls
+
+from proxy.endpoints import ENCODED_PER_ANSWER, call
+from proxy.shape import amplitude as amplitude_shape
+
+PROPS = "/v1/amplitude/properties?user_id=testUser"
+COHORTS = "/v1/amplitude/cohorts?user_id=testUser&cohort_id="
+
+
+@pytest.fixture
+def shaped(monkeypatch):
+    """Count each amplitude shaper's calls (the handlers look them up at call time)."""
+    counts: dict[str, int] = {}
+
+    def counting(name):
+        real = getattr(amplitude_shape, name)
+
+        def shaper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return shaper
+
+    for name in ("properties", "cohorts", "recommendations"):
+        monkeypatch.setattr(amplitude_shape, name, counting(name))
+    return counts
+
+
+def test_the_same_question_is_shaped_once_per_cached_answer(client, sandboxes, shaped):
+    answers = [client.get(PROPS) for _ in range(4)]
+    assert [r.headers["X-Cache"] for r in answers] == ["MISS", "HIT", "HIT", "HIT"]
+    assert shaped["properties"] == 1 and upstream_calls(sandboxes) == 1
+    assert len({r.data for r in answers}) == 1  # the very bytes first sent
+    assert answers[0].get_json()["found"] is True
+    assert all(r.headers["Content-Length"] == str(len(r.data)) for r in answers)
+
+
+def test_head_and_in_process_calls_read_the_kept_answer(app, shaped):
+    client = app.test_client()
+    sent = client.get(PROPS).data
+    head = client.head(PROPS)
+    assert head.data == b"" and head.headers["Content-Length"] == str(len(sent))
+    with app.test_request_context():  # a template's call: the body as a mapping, shaped lazily
+        done = call(app.extensions["ccproxy"], "/v1/amplitude/properties", {"user_id": "testUser"})
+    assert {**done.body} == json.loads(sent)
+    assert shaped["properties"] == 2  # the mapping is made when asked for, from the same data
+
+
+def test_a_stale_answer_is_not_sent_as_the_fresh_one(make_app, sandboxes, clock):
+    client = make_app(cache_grace=0, cache_max_stale=600).test_client()
+    fresh = client.get(PROPS)
+    assert fresh.get_json()["stale"] is False
+    clock.advance(400)  # past the 300 s TTL: the same cached answer, now stale
+    sandboxes.state("amplitude").set_fault("error")
+    stale = client.get(PROPS)
+    assert stale.headers["X-Cache"] == "STALE" and stale.get_json()["stale"] is True
+    assert json.loads(stale.data) == {**json.loads(fresh.data), "stale": True}
+
+
+def test_a_new_upstream_answer_is_shaped_anew(client, sandboxes, clock, shaped):
+    client.get(PROPS)
+    client.get(PROPS)
+    clock.advance(301)  # past the TTL and the default grace: a new entry after the refresh
+    client.get(PROPS)
+    client.application.extensions["ccproxy"].cache.drain()
+    after = client.get(PROPS)
+    assert after.headers["X-Cache"] == "HIT" and upstream_calls(sandboxes) == 2
+    assert shaped["properties"] == 3  # first answer once, its stale form, the new answer once
+    client.get(PROPS)
+    assert shaped["properties"] == 3
+
+
+def test_shaper_arguments_keep_answers_apart_and_the_kept_forms_are_bounded(app, sandboxes, shaped):
+    """One cached cohort list answers every cohort_id: each is its own form, at most
+    ENCODED_PER_ANSWER are kept, and the rest are shaped each time, never confused."""
+    client = app.test_client()
+    ids = [f"cohort{n}" for n in range(ENCODED_PER_ANSWER + 2)]
+    first = {c: client.get(COHORTS + c).get_json() for c in ids}
+    again = {c: client.get(COHORTS + c).get_json() for c in ids}
+    assert upstream_calls(sandboxes) == 1
+    assert first == again
+    assert [c for c in ids if first[c]["member"]] == ["cohort1", "cohort3"]  # testUser's, in range
+    assert shaped["cohorts"] == len(ids) + 2  # the forms past the bound were shaped twice
+    entries = app.extensions["ccproxy"].cache.store
+    kept = [entry.value.encoded for entry in entries._data.values()]
+    assert [len(forms) for forms in kept] == [ENCODED_PER_ANSWER]
+
+
+def test_rec_id_order_is_its_own_answer(client, sandboxes):
+    recs = "/v1/amplitude/recommendations?user_id=alice&rec_id="
+    a, b = client.get(recs + "a,b").get_json(), client.get(recs + "b,a").get_json()
+    assert upstream_calls(sandboxes) == 1
+    assert (a["rec_id"], b["rec_id"]) == ("a", "b")
+    assert client.get(recs + "b,a").get_json() == b and client.get(recs + "a,b").get_json() == a
+
+
+def test_an_answer_json_cannot_carry_is_a_json_500_each_time(client, monkeypatch):
+    monkeypatch.setattr(amplitude_shape, "properties", lambda *_: {"ok": True, "when": object()})
+    for _ in range(2):  # nothing kept from a failed encoding
+        r = client.get(PROPS)
+        assert r.status_code == 500 and r.get_json()["error"]["code"] == "internal_error"
