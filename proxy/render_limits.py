@@ -9,7 +9,9 @@ python-liquid has none, so an overrunning render is killed, not asked to stop.
 
 Message templates (`/v1/render/*`, the preview page) are deployed content on the send path,
 rendered in the request's own greenlet (a normal render takes well under a millisecond).
-jinja2's `SandboxedEnvironment` keeps them from reaching Python internals; on top of it a
+jinja2's `ImmutableSandboxedEnvironment` keeps them from reaching Python internals and from
+changing what they are given (the answers are the cache's own lists and mappings, shared
+with every later answer of the send path: `items.append(...)` is refused); on top of it a
 per-render budget is checked on every loop iteration (a call compiled into each `for` body),
 every call (macros included: a macro that calls itself twice doubles its work per level)
 and every output chunk: iterations in all, output characters and wall-clock time. So a
@@ -37,7 +39,7 @@ from typing import Any
 
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from liquid.exceptions import (
     BlockNestingError,
     ContextDepthError,
@@ -288,8 +290,9 @@ _SIZES: dict[str, Callable[..., int]] = {
 }
 
 
-class BoundedEnvironment(SandboxedEnvironment):
-    """A sandboxed Jinja environment whose renders are bounded by a `RenderBudget`."""
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """A sandboxed Jinja environment whose renders are bounded by a `RenderBudget` and cannot
+    change the values they are given (cached answers)."""
 
     code_generator_class = _BudgetedCodeGenerator
     intercepted_binops = frozenset({"*", "**", "%"})

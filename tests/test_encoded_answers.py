@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import upstream_calls
 
-from proxy.endpoints import ENCODED_PER_ANSWER, call
+from proxy.endpoints import ENCODED_BYTES_PER_ANSWER, ENCODED_PER_ANSWER, call
 from proxy.shape import amplitude as amplitude_shape
 
 PROPS = "/v1/amplitude/properties?user_id=testUser"
@@ -92,6 +92,19 @@ def test_shaper_arguments_keep_answers_apart_and_the_kept_forms_are_bounded(app,
     entries = app.extensions["ccproxy"].cache.store
     kept = [entry.value.encoded for entry in entries._data.values()]
     assert [len(forms) for forms in kept] == [ENCODED_PER_ANSWER]
+
+
+def test_a_large_answer_is_not_kept(client, monkeypatch):
+    """The kept bytes are bounded in size too: an answer over ENCODED_BYTES_PER_ANSWER is
+    shaped and encoded each time (as before), never kept."""
+    real = amplitude_shape.properties
+    monkeypatch.setattr(amplitude_shape, "properties",
+                        lambda *a: {**real(*a), "blob": "x" * ENCODED_BYTES_PER_ANSWER})
+    answers = [client.get(PROPS) for _ in range(3)]
+    assert all(r.status_code == 200 and len(r.data) > ENCODED_BYTES_PER_ANSWER for r in answers)
+    assert len({r.data for r in answers}) == 1
+    store = client.application.extensions["ccproxy"].cache.store
+    assert [len(entry.value.encoded) for entry in store._data.values()] == [0]
 
 
 def test_rec_id_order_is_its_own_answer(client, sandboxes):

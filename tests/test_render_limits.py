@@ -190,3 +190,13 @@ def test_a_normal_template_renders():
 def test_bounds_must_be_positive(name):
     with pytest.raises(config.SettingsError, match=config.env_name(name)):
         config.load(environ={config.env_name(name): "0"})
+
+
+@pytest.mark.parametrize("source", ["{{ items.append(4) }}", "{{ items.pop() }}", "{{ d.update(a=2) }}",
+                                    "{{ d.setdefault('b', 1) }}", "{{ d.clear() }}"])
+def test_sandbox_refuses_changing_what_it_is_given(source):
+    items, d = [1, 2, 3], {"a": 1}
+    env = jinja(**{"t.html": source})
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        env.render_bounded("t.html", {"items": items, "d": d}, TEMPLATE_LIMITS)
+    assert (items, d) == ([1, 2, 3], {"a": 1})

@@ -133,3 +133,25 @@ def test_every_template_file_is_installed_with_the_package():
               if line.strip().startswith("templates/")}
     on_disk = {p.relative_to(root).as_posix() for p in (root / "templates").rglob("*") if p.is_file()}
     assert listed == on_disk
+
+
+def test_a_template_cannot_change_the_answers_it_is_given(make_app, tmp_path):
+    """Rendered values are the cache's own lists and mappings, shared with every later
+    answer: a template that tries to change one is a template error, and nothing changes."""
+    (tmp_path / "catalog.toml").write_text(
+        '[grows]\ndescription = "x"\nparams = ["user_id"]\ndata = { recs = "/v1/amplitude/recommendations" }\n'
+        'defaults = { rec_id = "testRecId" }\n')
+    (tmp_path / "grows.html").write_text('{{ recs["items"].append("injected") }}{{ recs.update(ok=false) }}\n')
+    client = make_app(templates_dir=str(tmp_path)).test_client()
+    sent = client.get("/v1/amplitude/recommendations?user_id=testUser&rec_id=testRecId").get_json()
+    r = client.get("/v1/render/grows?user_id=testUser")
+    assert r.status_code == 422 and r.get_json()["error"]["code"] == "template_error"
+    assert "unsafe" in r.get_json()["error"]["message"]
+    again = client.get("/v1/amplitude/recommendations?user_id=testUser&rec_id=testRecId")
+    assert again.headers["X-Cache"] == "HIT" and again.get_json() == sent
+    assert "injected" not in sent["items"]
+    with client.application.test_request_context():  # the in-process form, shaped again
+        from proxy.endpoints import call
+        done = call(client.application.extensions["ccproxy"], "/v1/amplitude/recommendations",
+                    {"user_id": "testUser", "rec_id": "testRecId"})
+    assert "injected" not in done.body["items"]

@@ -35,8 +35,10 @@ __all__ = ["Call", "Context", "Endpoint", "Registry", "Result", "build_registry"
 
 
 # Byte forms kept per cached answer: HTML, text and AMP renders of one message ask the same
-# URL, so one is the rule; the bound keeps an answer asked in many shapes from growing.
+# URL, so one is the rule; the bounds keep an answer asked in many shapes (or one very
+# large answer) from growing an entry by more than ENCODED_BYTES_PER_ANSWER.
 ENCODED_PER_ANSWER = 4
+ENCODED_BYTES_PER_ANSWER = 16 * 1024
 
 
 class Result:
@@ -92,7 +94,8 @@ class Result:
             self._payload = json_bytes(self.final_body())
             if self._key is not None and self.lookup is not None:
                 encoded = self.lookup.value.encoded
-                if len(encoded) < ENCODED_PER_ANSWER:
+                if len(encoded) < ENCODED_PER_ANSWER and len(self._payload) + sum(
+                        map(len, encoded.values())) <= ENCODED_BYTES_PER_ANSWER:
                     encoded[self._key] = self._payload
         return self._payload
 
