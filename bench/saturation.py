@@ -138,12 +138,20 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02, help="nginx upstream delay on a miss")
     parser.add_argument("--open-seconds", type=float, default=8)
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the section from the last run's saturation.json")
     args = parser.parse_args()
+    if args.report:
+        results = json.loads((Path(args.out) / "saturation.json").read_text(), object_hook=lambda d: {
+            int(k) if k.isdigit() else k: v for k, v in d.items()})  # connection counts were int keys
+        report(results, argparse.Namespace(**{**vars(args), **results.get("args", {})}))
+        return
     require_tools()
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="ccproxy-bench-"))
     started = time.monotonic()
-    results: dict = {"load": {}}
+    results: dict = {"load": {"before": load_avg()},  # other work on the machine, before ours
+                     "args": {k: getattr(args, k) for k in ("seconds", "rounds", "workers", "latency")}}
     try:
         ports = {name: free_port() for name in NAMES}
         url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
@@ -224,6 +232,7 @@ def main() -> None:
 
 def report(results: dict, args) -> None:
     closed, load = results["closed"], results["load"]
+    before = load.get("before", load["closed_start"])  # runs before "before" was recorded
     gthread = closed["bare_gthread"]
     best_bare = {c: max(closed[n][c]["rps"] for n in NAMES if n.startswith("bare")) for c in (32, 256)}
     best_name = {c: next(n for n in NAMES if n.startswith("bare") and closed[n][c]["rps"] == best_bare[c])
@@ -232,12 +241,13 @@ def report(results: dict, args) -> None:
              f"Command: `.venv/bin/python bench/saturation.py --seconds {args.seconds} --rounds {args.rounds}` "
              f"({results['seconds']} s; part of `bench/run.sh`). {args.workers} workers each; wrk 2 threads; "
              f"medians of {args.rounds} interleaved rounds; proxy upstream: nginx + echo module, "
-             f"{args.latency * 1000:.0f} ms (`slowRecId`: 1 s). The machine is shared: "
-             f"{load['closed_start']} at the start of the closed-loop rounds, {load['closed_end']} at their end. "
-             "Ratios are within this run; "
-             + ("**the load was high (above the core count): these figures need a quiet-machine rerun**."
-                if max(float(v.split()[2].rstrip(",")) for v in load.values()) > (os.cpu_count() or 1)
-                else "the load stayed below the core count."), "",
+             f"{args.latency * 1000:.0f} ms (`slowRecId`: 1 s). The machine is shared: {before} before the "
+             f"bench started anything; its own servers and wrk then count in the load ({load['closed_start']} "
+             f"at the start of the closed-loop rounds, {load['closed_end']} at their end). Ratios are within "
+             "this run; "
+             + ("**other work was running (load above the core count before the bench): these figures need "
+                "a quiet-machine rerun**." if float(before.split()[2].rstrip(",")) > (os.cpu_count() or 1)
+                else "no other work was running (load below the core count before the bench)."), "",
              "### Cache hits, closed loop (wrk)", "",
              "| server | conns | req/s | p50 ms | p75 ms | p99 ms | p99.9 ms | max ms | p99 vs gthread | req/s vs best bare |",
              "|---|---|---|---|---|---|---|---|---|---|"]
