@@ -104,7 +104,10 @@ def test_after_warm_every_worker_answers_a_hit(three_workers, sandboxes, tmp_pat
                       seconds=30, poll=0.2, what="the warm-up's lookups in /metrics")
     answers = []
     for user in users:
-        answers += fan_out(base, RECS + user, 9)
+        each = fan_out(base, RECS + user, 9)
+        # Every worker sends the same bytes for one user (each keeps its own, endpoints.Result.shaped).
+        assert len({a.content for a in each}) == 1 and each[0].json()["user_id"] == user
+        answers += each
     assert {a.status_code for a in answers} == {200}
     assert {a.headers["X-Cache"] for a in answers} == {"HIT"}
     assert upstream_calls(sandboxes) == warmed  # no worker had to ask the upstream again
