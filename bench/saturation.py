@@ -232,7 +232,8 @@ def main() -> None:
 
 def report(results: dict, args) -> None:
     closed, load = results["closed"], results["load"]
-    before = load.get("before", load["closed_start"])  # runs before "before" was recorded
+    # Runs from before "before" was recorded: the closed-loop start, said to be so.
+    before = load.get("before", load["closed_start"] + " (no earlier reading recorded; at the closed-loop start)")
     gthread = closed["bare_gthread"]
     best_bare = {c: max(closed[n][c]["rps"] for n in NAMES if n.startswith("bare")) for c in (32, 256)}
     best_name = {c: next(n for n in NAMES if n.startswith("bare") and closed[n][c]["rps"] == best_bare[c])

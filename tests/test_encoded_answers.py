@@ -54,7 +54,7 @@ def test_head_and_in_process_calls_read_the_kept_answer(app, shaped):
     assert shaped["properties"] == 2  # the mapping is made when asked for, from the same data
 
 
-def test_a_stale_answer_is_not_sent_as_the_fresh_one(make_app, sandboxes, clock):
+def test_a_stale_answer_is_not_sent_as_the_fresh_one(make_app, sandboxes, clock, shaped):
     client = make_app(cache_grace=0, cache_max_stale=600).test_client()
     fresh = client.get(PROPS)
     assert fresh.get_json()["stale"] is False
@@ -63,6 +63,8 @@ def test_a_stale_answer_is_not_sent_as_the_fresh_one(make_app, sandboxes, clock)
     stale = client.get(PROPS)
     assert stale.headers["X-Cache"] == "STALE" and stale.get_json()["stale"] is True
     assert json.loads(stale.data) == {**json.loads(fresh.data), "stale": True}
+    assert client.get(PROPS).data == stale.data  # the stale form is kept too
+    assert shaped["properties"] == 2  # once fresh, once stale
 
 
 def test_a_new_upstream_answer_is_shaped_anew(client, sandboxes, clock, shaped):
@@ -107,12 +109,26 @@ def test_a_large_answer_is_not_kept(client, monkeypatch):
     assert [len(entry.value.encoded) for entry in store._data.values()] == [0]
 
 
-def test_rec_id_order_is_its_own_answer(client, sandboxes):
+def test_the_size_bound_counts_every_kept_form(app, monkeypatch):
+    """Forms are kept while their bytes together fit ENCODED_BYTES_PER_ANSWER: two cohort
+    forms of ~0.6 of the bound each, so the first is kept and the second is not."""
+    real = amplitude_shape.cohorts
+    monkeypatch.setattr(amplitude_shape, "cohorts",
+                        lambda *a: {**real(*a), "blob": "x" * (ENCODED_BYTES_PER_ANSWER * 6 // 10)})
+    client = app.test_client()
+    first, second = client.get(COHORTS + "cohort1"), client.get(COHORTS + "cohort2")
+    assert first.get_json()["member"] is True and second.get_json()["member"] is False
+    kept = [entry.value.encoded for entry in app.extensions["ccproxy"].cache.store._data.values()]
+    assert [list(forms.values()) for forms in kept] == [[first.data]]
+
+
+def test_rec_id_order_is_its_own_answer(client, sandboxes, shaped):
     recs = "/v1/amplitude/recommendations?user_id=alice&rec_id="
     a, b = client.get(recs + "a,b").get_json(), client.get(recs + "b,a").get_json()
     assert upstream_calls(sandboxes) == 1
     assert (a["rec_id"], b["rec_id"]) == ("a", "b")
     assert client.get(recs + "b,a").get_json() == b and client.get(recs + "a,b").get_json() == a
+    assert shaped["recommendations"] == 2  # each order kept on the one cached answer
 
 
 def test_an_answer_json_cannot_carry_is_a_json_500_each_time(client, monkeypatch):

@@ -158,3 +158,18 @@ def test_instances_whose_clocks_are_apart_share_one_budget(redis_server, monkeyp
     elapsed = time.monotonic() - started
     limiter = instances[0]
     assert allowed <= limiter.capacity + limiter.refill * elapsed + 1, (allowed, elapsed)
+
+
+def test_with_redis_each_hit_is_shaped_from_a_fresh_answer_and_reads_the_same(shared_app, sandboxes, monkeypatch):
+    """README, Cache: with Redis every hit decodes its answer afresh, so no bytes are kept
+    (and no kept bytes can go stale against what Redis holds); the answers read the same."""
+    from proxy.shape import amplitude as amplitude_shape
+
+    calls = []
+    real = amplitude_shape.recommendations
+    monkeypatch.setattr(amplitude_shape, "recommendations", lambda *a: calls.append(1) or real(*a))
+    client = shared_app().test_client()
+    answers = [client.get(RECS + "redis-kept") for _ in range(3)]
+    assert [a.headers["X-Cache"] for a in answers] == ["MISS", "HIT", "HIT"]
+    assert len({a.data for a in answers}) == 1 and upstream_calls(sandboxes) == 1
+    assert len(calls) == 3
