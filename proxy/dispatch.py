@@ -76,7 +76,8 @@ def http_bytes(outcome: Result | ProxyError) -> tuple[int, dict[str, str], bytes
     """`http_answer` with the body as the JSON bytes sent: a Result's own (`Result.payload`,
     kept on its cached answer). Raises TypeError or ValueError for a body JSON cannot carry."""
     if isinstance(outcome, ProxyError):
-        return outcome.status, outcome.headers(), json_bytes(outcome.body())
+        status, headers, body = http_answer(outcome)
+        return status, headers, json_bytes(body)
     return 200, cache_headers(outcome.lookup), outcome.payload()
 
 

@@ -136,3 +136,15 @@ def test_an_answer_json_cannot_carry_is_a_json_500_each_time(client, monkeypatch
     for _ in range(2):  # nothing kept from a failed encoding
         r = client.get(PROPS)
         assert r.status_code == 500 and r.get_json()["error"]["code"] == "internal_error"
+
+
+def test_an_argument_that_cannot_be_a_key_is_shaped_each_time():
+    from proxy.cache import Lookup
+    from proxy.clients.base import Answer
+    from proxy.endpoints import Result
+
+    answer = Answer({"x": 1})
+    lookup = Lookup(answer, "HIT", 0.0, 300.0)
+    made = [Result.shaped(lookup, lambda data, extra: {**data, **extra}, {"y": 2}).payload() for _ in range(2)]
+    assert made == [b'{"x":1,"y":2,"stale":false,"fallback":false}'] * 2
+    assert answer.encoded == {}

@@ -67,9 +67,15 @@ class Result:
         """`shaper(lookup.value.data, *args)`, shaped and encoded once per cached answer."""
         result = cls(None, lookup)
         result._shaper, result._args = shaper, args
-        result._key = _encoded_key(shaper, args, lookup.state)
-        if result._key is not None:
-            result._payload = lookup.value.encoded.get(result._key)
+        # What the bytes depend on besides the data: the shaper, its arguments (lists as
+        # tuples) and the provenance flags.
+        key = (shaper, tuple(tuple(arg) if isinstance(arg, list) else arg for arg in args),
+               lookup.state == "STALE", lookup.state == "FALLBACK")
+        try:
+            result._payload = lookup.value.encoded.get(key)
+            result._key = key
+        except TypeError:  # an argument that cannot be a key: shaped and encoded each time
+            pass
         if result._payload is None:
             result._body = shaper(lookup.value.data, *args)
         return result
@@ -98,19 +104,6 @@ class Result:
                         map(len, encoded.values())) <= ENCODED_BYTES_PER_ANSWER:
                     encoded[self._key] = self._payload
         return self._payload
-
-
-def _encoded_key(shaper: Callable[..., Any], args: tuple[Any, ...], state: str) -> tuple[Any, ...] | None:
-    """What the bytes of a shaped answer depend on besides its data: the shaper, its
-    arguments (lists as tuples) and the provenance flags. None when an argument cannot be
-    a key (then the answer is shaped and encoded each time)."""
-    key = (shaper, tuple(tuple(arg) if isinstance(arg, list) else arg for arg in args),
-           state == "STALE", state == "FALLBACK")
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
 
 
 Handler = Callable[["Context", Mapping[str, str]], Result]
