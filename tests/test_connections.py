@@ -126,6 +126,63 @@ def test_the_next_request_waits_until_the_client_took_the_answer():
     server_side.close()
 
 
+def tcp_pair(guard: ConnectionGuard, rcvbuf: int | None = None) -> tuple[GuardedSocket, socket.socket]:
+    """A TCP connection (the kernel's unsent count is TCP's): (guarded server side, client)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        client.connect(listener.getsockname())
+        server_side, _ = listener.accept()
+    return GuardedSocket(server_side, guard), client
+
+
+def answered(conn: GuardedSocket, guard: ConnectionGuard, answer: bytes) -> bool:
+    """One keep-alive request on `conn`: False when its head is not read (connection over)."""
+    with conn.reading_request():
+        if not conn.phase:
+            return False
+    guard.move(conn, ACTIVE, 10)
+    conn.sendall(answer)
+    return True
+
+
+def test_the_kernel_is_asked_whether_answers_were_taken_once_their_bytes_add_up(monkeypatch):
+    """A syscall per request was 5% of a cache hit: small answers are checked by the batch."""
+    import proxy.connections as connections
+
+    asked = []
+    real = connections._unsent
+    monkeypatch.setattr(connections, "_unsent", lambda sock: asked.append(1) or real(sock))
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=5)
+    conn, client = tcp_pair(guard)
+    answer = b"a" * 2000
+    for _ in range(10):  # 20 kB: under UNCHECKED_BYTES
+        assert answered(conn, guard, answer)
+        assert client.recv(len(answer), socket.MSG_WAITALL) == answer
+    assert asked == []
+    for _ in range(10):  # past it: asked (all was taken), and the count starts again
+        assert answered(conn, guard, answer)
+        assert client.recv(len(answer), socket.MSG_WAITALL) == answer
+    assert len(asked) == 1 and conn.unchecked < connections.UNCHECKED_BYTES
+    client.close()
+    conn.close()
+
+
+def test_a_client_that_reads_none_of_many_small_answers_is_still_stopped():
+    guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=0.3)
+    conn, client = tcp_pair(guard, rcvbuf=4096)
+    answers = 0
+    try:
+        while answered(conn, guard, b"a" * 1000):  # the client asks again and again, reads nothing
+            answers += 1
+            assert answers < 10_000, "never stopped"
+    except BrokenPipeError:  # the socket buffers filled first: the send clock ran out
+        pass
+    assert guard.closed["send_timeout"] == 1 and conn.phase == ""
+    client.close()
+
+
 def test_an_answer_larger_than_the_socket_buffers_is_sent_whole_and_in_order():
     # sendall's first send takes what fits; the rest follows on the same send clock.
     import threading

@@ -71,6 +71,10 @@ def test_a_scrape_sums_every_worker(servers, sandboxes, tmp_path):
         requests.get(served.base + "/metrics", headers=AUTH, timeout=10).text, "ccproxy_breaker_open", "worker"),
         seconds=30, what="both workers' breaker states in one scrape")
 
+    # Each worker writes files of its own (named by its process id, which each worker caches).
+    names = {path.name for path in (tmp_path / "metrics").glob("*.db")}
+    assert {f"counter_{pid}.db" for pid in workers} <= names, names
+
     # A worker that dies leaves its counts but not its live gauges (gunicorn starts another).
     dead = next(iter(answered))
     os.kill(dead, signal.SIGKILL)
@@ -149,3 +153,20 @@ def test_braze_failure_reasons():
     assert [braze_failure(s, 0.1) for s in (200, 404, 400, 408, 429, 500, 503)] == \
         ["", "", "", "408", "429", "5xx", "5xx"]
     assert braze_failure(200, 2.5) == "slow" and braze_failure(503, 2.5) == "5xx"
+
+
+def test_the_cached_process_id_is_renewed_in_a_forked_child():
+    """prometheus-client names a worker's metric files by it (proxy/serving.py, process_id)."""
+    from proxy.serving import process_id
+
+    assert process_id() == os.getpid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's report is the assertion below)
+        os.write(write, str(process_id()).encode())
+        os._exit(0)
+    os.close(write)
+    reported = int(os.read(read, 32))
+    os.close(read)
+    os.waitpid(child, 0)
+    assert reported == child != os.getpid() == process_id()
