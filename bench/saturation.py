@@ -304,6 +304,7 @@ def report(results: dict, args) -> None:
               "```json", json.dumps(raw, indent=1), "```", "", "</details>", ""]
     section = "\n".join(lines)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "saturation.json").write_text(json.dumps(results, indent=1) + "\n")
     write_section(out / "RESULTS.md", SECTION, section)
     print(section)
