@@ -9,7 +9,9 @@ upstream answering fixed JSON after 20 ms (bench/saturation.py's), wrk at 256 co
 cache hits (users already cached) and on misses (a new user per request), in alternating
 rounds, and per answer: CPU microseconds of all workers, requests/s, p99. `--compare DIR` runs
 another checkout's proxy (e.g. `git archive <rev> | tar -x -C DIR`) in the same rounds, so
-the before/after ratios come from one run. Writes its section of bench/RESULTS.md and prints it.
+the before/after ratios come from one run. In the same rounds, the floor of a miss: bare
+Flask with and without one pooled upstream GET per request (bench/baseline.py --upstream),
+whose difference is what the exchange alone costs. Writes its section of bench/RESULTS.md and prints it.
 Needs wrk, nginx and libnginx-mod-http-echo (bench/run.sh installs them).
 """
 
@@ -66,6 +68,7 @@ def main() -> None:
     started = time.monotonic()
     load = {"start": load_avg()}
     runs: dict[str, dict[str, list[dict]]] = {name: {"hit": [], "miss": []} for name in sources}
+    floors: dict[str, list[dict]] = {"bare": [], "passthrough": []}  # bench/baseline.py, the floor
     try:
         upstream = start_nginx(procs, tmp, 0.02)
         servers = {}
@@ -79,18 +82,28 @@ def main() -> None:
             servers[name] = (url, workers_of(master.pid, args.workers))
             warm_keys(url, timeout=10)
             wrk(url, "hit.lua", 32, 3)  # every worker's memory warm, as in a send
+        floor_servers = {}
+        for name, extra in (("bare", []), ("passthrough", ["--upstream", upstream])):
+            port = free_port()
+            master = procs.start([PY, str(HERE / "baseline.py"), "--port", str(port),
+                                  "--workers", str(args.workers), *extra])
+            url = f"http://127.0.0.1:{port}"
+            wait_up(url + "/healthz")
+            floor_servers[name] = (url, workers_of(master.pid, args.workers))
         for _ in range(args.rounds):
             for kind in ("hit", "miss"):
                 for name, (url, pids) in servers.items():
                     runs[name][kind].append(measured(url, pids, f"{kind}.lua", args.seconds))
+            for name, (url, pids) in floor_servers.items():
+                floors[name].append(measured(url, pids, "miss.lua", args.seconds))
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     load["end"] = load_avg()
-    report(runs, load, args, round(time.monotonic() - started))
+    report(runs, floors, load, args, round(time.monotonic() - started))
 
 
-def report(runs: dict, load: dict, args, seconds: int) -> None:
+def report(runs: dict, floors: dict, load: dict, args, seconds: int) -> None:
     def med(name: str, kind: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name][kind])
 
@@ -116,9 +129,26 @@ def report(runs: dict, load: dict, args, seconds: int) -> None:
         lines += ["", f"Miss CPU per answer, this checkout vs {other}: "
                   f"**{med(this, 'miss', 'cpu_us') / med(other, 'miss', 'cpu_us'):.2f}x**; hit: "
                   f"{med(this, 'hit', 'cpu_us') / med(other, 'hit', 'cpu_us'):.2f}x."]
+    bare, through = (statistics.median(r["cpu_us"] for r in floors[name]) for name in ("bare", "passthrough"))
+    exchange = through - bare
+    hit = med(next(iter(runs)), "hit", "cpu_us")
+    errors = sum(r["errors"] + r["non_2xx"] for name in floors for r in floors[name])
+    lines += ["", "**The floor of a miss** (`bench/baseline.py`, the same rounds: Flask on gunicorn gevent, "
+              f"{args.workers} workers, no fast lane, no cache, no metric): a bare `jsonify` costs {bare:.0f} us of "
+              f"worker CPU per answer ({statistics.median(r['rps'] for r in floors['bare']):.0f} req/s); the same "
+              "with one pooled urllib3 GET to the same nginx, its JSON decoded and encoded again, "
+              f"{through:.0f} us ({statistics.median(r['rps'] for r in floors['passthrough']):.0f} req/s; "
+              f"errors {errors}); this checkout's misses answer at "
+              f"{med(next(iter(runs)), 'miss', 'rps') / statistics.median(r['rps'] for r in floors['passthrough']):.2f}x "
+              f"of that rate. The upstream exchange alone: **{exchange:.0f} us**. A miss costs at least a hit "
+              f"and that exchange, so at this checkout's hit cost ({hit:.0f} us) misses can answer at most "
+              f"**{hit / (hit + exchange):.2f}x** of the hit rate on the same CPU, before any cache, single "
+              "flight, guard or metric (goal 0.5x)."]
     lines += ["", "Each run (CPU us per answer, req/s): " + "; ".join(
         f"{name} {kind}: " + ", ".join(f"{r['cpu_us']:.0f}/{r['rps']:.0f}" for r in runs[name][kind])
-        for name in runs for kind in ("hit", "miss")) + ".", ""]
+        for name in runs for kind in ("hit", "miss")) + "; " + "; ".join(
+        f"floor {name}: " + ", ".join(f"{r['cpu_us']:.0f}/{r['rps']:.0f}" for r in floors[name])
+        for name in floors) + ".", ""]
     section = "\n".join(lines)
     write_section(Path(args.out) / "RESULTS.md", SECTION, section)
     print(section)
