@@ -18,10 +18,11 @@ This worker gives each connection one phase at a time, each on its own clock:
 - active: the request is being answered (the app runs, maybe waiting on an upstream): no
   clock of ours, never shed;
 - send: the answer must be taken by the client within `send_timeout` from its first byte;
-  a stuck send is closed. The next request (pipelined or not) is read only once the whole
-  answer is written and taken by the client (the kernel has transmitted all of it: the
-  client's receive window is open), so a client that pipelines requests and reads nothing
-  costs at most its receive buffer of answers, not megabytes of them;
+  a stuck send is closed. The next request (pipelined or not) is read only once the
+  answers before it are written and taken by the client (the kernel has transmitted all of
+  them: the client's receive window is open; asked every UNCHECKED_BYTES or
+  UNCHECKED_ANSWERS), so a client that pipelines requests and reads nothing costs at most
+  its receive buffer of answers and that much more, not megabytes of them;
 - idle: between requests a keep-alive connection may wait `keepalive_timeout` (longer than
   load balancers' idle timeouts, so they never reuse a socket we closed).
 
@@ -179,9 +180,11 @@ def _quiet_hangup(message: str) -> BrokenPipeError:
 # client's receive window is closed: it does not read). Unlike SIOCOUTQ it leaves out bytes
 # in flight, so a client across a WAN is not waited for while its ACK travels.
 SIOCOUTQNSD = 0x894B
-# Answer bytes a connection may send before the kernel is asked whether its client took
-# them (GuardedSocket.answer_taken): about ten cache hits' worth.
+# Answer bytes, and answers, a connection may send before the kernel is asked whether its
+# client took them (GuardedSocket.answer_taken): about ten cache hits' worth. The count of
+# answers bounds the ones that are mostly work, few bytes (HEAD, small errors).
 UNCHECKED_BYTES = 32 * 1024
+UNCHECKED_ANSWERS = 16
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -210,7 +213,8 @@ class GuardedSocket:
     and whose sends of an answer fail (as if the client hung up) at the send deadline."""
 
     __slots__ = ("_sock", "guard", "phase", "since", "deadline", "requests", "expired", "pending",
-                 "resumed", "head_reads", "taken_back", "handed_in_a_row", "unchecked")
+                 "resumed", "head_reads", "taken_back", "handed_in_a_row", "unchecked",
+                 "unchecked_answers")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard):
         self._sock = sock
@@ -228,7 +232,8 @@ class GuardedSocket:
         # the connection stays with gunicorn, or is over).
         self.taken_back: bytes | None = None
         self.handed_in_a_row = 0  # requests handed to gunicorn since the lane last answered one
-        self.unchecked = 0  # bytes sent since the client was last seen to have taken them all
+        # Bytes and answers sent since the client was last seen to have taken them all.
+        self.unchecked = self.unchecked_answers = 0
         guard.admit(self)
 
     def __getattr__(self, name: str) -> Any:
@@ -331,16 +336,18 @@ class GuardedSocket:
             pass
 
     def answer_taken(self) -> bool:
-        """Wait (on the send clock) until the client has taken the previous answer: the
-        kernel has transmitted all of it. A client that pipelines requests and reads nothing
+        """Wait (on the send clock) until the client has taken the answers sent so far: the
+        kernel has transmitted all of them. A client that pipelines requests and reads nothing
         would otherwise have the worker render answer after answer into socket buffers
         (megabytes each), starving every other client of the worker's CPU. Only such a
         client waits: a reading one has an open window, so nothing is left unsent.
 
-        Asked of the kernel only once UNCHECKED_BYTES were sent since it last said all was
-        taken (a syscall per request was 5% of a cache hit's CPU): a client that reads
-        nothing gets that much more than its receive buffer holds, then waits as before."""
-        if self.unchecked < UNCHECKED_BYTES:
+        Asked of the kernel only once UNCHECKED_BYTES or UNCHECKED_ANSWERS were sent since
+        it last said all was taken (a syscall per request was 5% of a cache hit's CPU): a
+        client that reads nothing gets that much more than its receive buffer holds, then
+        waits as before."""
+        self.unchecked_answers += 1
+        if self.unchecked < UNCHECKED_BYTES and self.unchecked_answers < UNCHECKED_ANSWERS:
             return True
         delay = 0.001
         while _unsent(self._sock) > 0:
@@ -352,7 +359,7 @@ class GuardedSocket:
                 return False
             time.sleep(min(delay, left))  # gevent's sleep in a worker
             delay = min(2 * delay, 0.05)
-        self.unchecked = 0
+        self.unchecked = self.unchecked_answers = 0
         return True
 
     def before_request(self, begun: bool = False) -> bool:

@@ -56,6 +56,9 @@ def gunicorn_options(host: str, port: int, workers: int, log_level: str = "info"
         "accesslog": None,
         # gunicorn 23+ opens a control socket under $HOME; the proxy writes no files there.
         "control_socket_disable": True,
+        # File answers go through the guarded socket's sendall (proxy/connections.py): its send
+        # clock and unread-answer count see every byte, which the kernel's sendfile bypasses.
+        "sendfile": False,
         # Worker heartbeat files in memory, not on disk.
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
     }
