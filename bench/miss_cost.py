@@ -129,17 +129,19 @@ def report(runs: dict, floors: dict, load: dict, args, seconds: int) -> None:
         lines += ["", f"Miss CPU per answer, this checkout vs {other}: "
                   f"**{med(this, 'miss', 'cpu_us') / med(other, 'miss', 'cpu_us'):.2f}x**; hit: "
                   f"{med(this, 'hit', 'cpu_us') / med(other, 'hit', 'cpu_us'):.2f}x."]
-    bare, through = (statistics.median(r["cpu_us"] for r in floors[name]) for name in ("bare", "passthrough"))
-    exchange = through - bare
-    hit = med(next(iter(runs)), "hit", "cpu_us")
+    def floor(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in floors[name])
+
+    this = next(iter(runs))
+    exchange = floor("passthrough", "cpu_us") - floor("bare", "cpu_us")
+    hit = med(this, "hit", "cpu_us")
     errors = sum(r["errors"] + r["non_2xx"] for name in floors for r in floors[name])
     lines += ["", "**The floor of a miss** (`bench/baseline.py`, the same rounds: Flask on gunicorn gevent, "
-              f"{args.workers} workers, no fast lane, no cache, no metric): a bare `jsonify` costs {bare:.0f} us of "
-              f"worker CPU per answer ({statistics.median(r['rps'] for r in floors['bare']):.0f} req/s); the same "
-              "with one pooled urllib3 GET to the same nginx, its JSON decoded and encoded again, "
-              f"{through:.0f} us ({statistics.median(r['rps'] for r in floors['passthrough']):.0f} req/s; "
-              f"errors {errors}); this checkout's misses answer at "
-              f"{med(next(iter(runs)), 'miss', 'rps') / statistics.median(r['rps'] for r in floors['passthrough']):.2f}x "
+              f"{args.workers} workers, no fast lane, no cache, no metric): a bare `jsonify` costs "
+              f"{floor('bare', 'cpu_us'):.0f} us of worker CPU per answer ({floor('bare', 'rps'):.0f} req/s); the "
+              "same with one pooled urllib3 GET to the same nginx, its JSON decoded and encoded again, "
+              f"{floor('passthrough', 'cpu_us'):.0f} us ({floor('passthrough', 'rps'):.0f} req/s; errors {errors}); "
+              f"this checkout's misses answer at {med(this, 'miss', 'rps') / floor('passthrough', 'rps'):.2f}x "
               f"of that rate. The upstream exchange alone: **{exchange:.0f} us**. A miss costs at least a hit "
               f"and that exchange, so at this checkout's hit cost ({hit:.0f} us) misses can answer at most "
               f"**{hit / (hit + exchange):.2f}x** of the hit rate on the same CPU, before any cache, single "

@@ -18,6 +18,7 @@ from proxy.connections import (
     IDLE,
     SEND,
     UNCHECKED_ANSWERS,
+    UNCHECKED_BYTES,
     WAITING,
     ConnectionGuard,
     GuardedSocket,
@@ -101,19 +102,26 @@ def test_an_answer_the_client_does_not_read_fails_at_the_send_deadline():
     client.close()
 
 
-def unread_answer(guard: ConnectionGuard) -> tuple[GuardedSocket, socket.socket, socket.socket]:
-    """A connection answered once with 50 kB its client has not read: (guarded, client, server side)."""
+def tcp_pair(guard: ConnectionGuard, rcvbuf: int | None = None) -> tuple[GuardedSocket, socket.socket]:
+    """A TCP connection (the kernel's unsent count is TCP's): (guarded server side, client)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if rcvbuf:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         client.connect(listener.getsockname())
         server_side, _ = listener.accept()
-    conn = GuardedSocket(server_side, guard)
+    server_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as gunicorn's sockets
+    return GuardedSocket(server_side, guard), client
+
+
+def unread_answer(guard: ConnectionGuard) -> tuple[GuardedSocket, socket.socket, socket.socket]:
+    """A connection answered once with 50 kB its client has not read: (guarded, client, server side)."""
+    conn, client = tcp_pair(guard, rcvbuf=4096)
     with conn.reading_request():
         pass
     guard.move(conn, ACTIVE, 10)
     conn.sendall(b"x" * 50_000)  # fits the kernel's buffers; the client reads none of it
-    return conn, client, server_side
+    return conn, client, conn._sock
 
 
 def test_the_next_request_waits_until_the_client_took_the_answer():
@@ -135,18 +143,6 @@ def test_the_next_request_waits_until_the_client_took_the_answer():
     server_side.close()
 
 
-def tcp_pair(guard: ConnectionGuard, rcvbuf: int | None = None) -> tuple[GuardedSocket, socket.socket]:
-    """A TCP connection (the kernel's unsent count is TCP's): (guarded server side, client)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.socket()
-        if rcvbuf:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        client.connect(listener.getsockname())
-        server_side, _ = listener.accept()
-    server_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as gunicorn's sockets
-    return GuardedSocket(server_side, guard), client
-
-
 def answered(conn: GuardedSocket, guard: ConnectionGuard, answer: bytes) -> bool:
     """One keep-alive request on `conn`: False when its head is not read (connection over)."""
     with conn.reading_request():
@@ -157,13 +153,20 @@ def answered(conn: GuardedSocket, guard: ConnectionGuard, answer: bytes) -> bool
     return True
 
 
-def test_the_kernel_is_asked_whether_answers_were_taken_once_their_bytes_add_up(monkeypatch):
-    """A syscall per request was 5% of a cache hit: small answers are checked by the batch."""
+@pytest.fixture
+def kernel_asks(monkeypatch) -> list[int]:
+    """One item per time the kernel is asked whether a connection's answers were taken."""
     import proxy.connections as connections
 
-    asked = []
+    asked: list[int] = []
     real = connections._unsent
     monkeypatch.setattr(connections, "_unsent", lambda sock: asked.append(1) or real(sock))
+    return asked
+
+
+def test_the_kernel_is_asked_whether_answers_were_taken_once_their_bytes_add_up(kernel_asks):
+    """A syscall per request was 5% of a cache hit: small answers are checked by the batch."""
+    asked = kernel_asks
     guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=5)
     conn, client = tcp_pair(guard)
     answer = b"a" * 3000
@@ -174,7 +177,7 @@ def test_the_kernel_is_asked_whether_answers_were_taken_once_their_bytes_add_up(
     for _ in range(10):  # past the bytes: asked (all was taken), and the count starts again
         assert answered(conn, guard, answer)
         assert client.recv(len(answer), socket.MSG_WAITALL) == answer
-    assert len(asked) == 1 and conn.unchecked < connections.UNCHECKED_BYTES
+    assert len(asked) == 1 and conn.unchecked < UNCHECKED_BYTES
     client.close()
     conn.close()
 
@@ -192,14 +195,10 @@ def test_a_client_that_reads_none_of_many_small_answers_is_still_stopped():
     client.close()
 
 
-def test_answers_of_few_bytes_are_checked_by_their_count(monkeypatch):
+def test_answers_of_few_bytes_are_checked_by_their_count(kernel_asks):
     """HEAD answers and small errors are mostly work: a byte budget alone would let a client
     that reads nothing have hundreds rendered before the kernel is asked."""
-    import proxy.connections as connections
-
-    asked = []
-    real = connections._unsent
-    monkeypatch.setattr(connections, "_unsent", lambda sock: asked.append(1) or real(sock))
+    asked = kernel_asks
     guard = ConnectionGuard(header_timeout=10, keepalive_timeout=75, max_connections=10, send_timeout=5)
     conn, client = tcp_pair(guard)
     answer = b"HTTP/1.1 200 OK\r\n\r\n"
